@@ -1,0 +1,200 @@
+"""Calibration data and the layer-by-layer forward pass that initialises the gates.
+
+The MoE is run one decoder layer at a time over every expert's calibration prompts: attention with the
+merged shared weights, then the gate is fitted on the FFN inputs at that layer, then the tokens are
+routed through the experts' FFNs with that gate. The hidden states that reach layer l+1 are therefore
+exactly those of the MoE being written, and only one layer's weights are in memory at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+from merge.recipe import DataSource, ExpertSpec, RecipeError
+
+BATCH = 32
+
+
+def read_prompts(expert: str, source: DataSource) -> list[str]:
+    """Prompts of one JSONL source; errors name the expert, the file and the line."""
+    if not source.path.is_file():
+        raise RecipeError(f"experts[{expert}].data: file not found: {source.path}")
+    prompts: list[str] = []
+    with open(source.path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as err:
+                raise RecipeError(f"experts[{expert}].data: {source.path}:{number} is not UTF-8") from err
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise RecipeError(
+                    f"experts[{expert}].data: {source.path}:{number} is not JSON ({err})"
+                ) from err
+            if any(str(row.get(k)) != v for k, v in source.where.items()):
+                continue
+            text = row.get(source.field)
+            if not isinstance(text, str):
+                raise RecipeError(
+                    f"experts[{expert}].data: {source.path}:{number} has no string field {source.field!r}"
+                )
+            if text.strip():
+                prompts.append(text)
+            if source.limit and len(prompts) >= source.limit:
+                break
+    if not prompts:
+        raise RecipeError(
+            f"experts[{expert}].data: no prompts in {source.path} matching {source.where or '{}'}"
+        )
+    return prompts
+
+
+def expert_prompts(expert: ExpertSpec, limit: int) -> tuple[list[str], list[str]]:
+    """(positive, negative) calibration prompts of one expert, at most `limit` positives."""
+    positive = list(expert.positive_prompts)
+    for source in expert.data:
+        positive.extend(read_prompts(expert.name, source))
+    return positive[:limit], list(expert.negative_prompts)[:limit]
+
+
+@dataclass
+class CalibrationSet:
+    """Token ids of all calibration prompts, right-padded, with each token's expert label."""
+
+    input_ids: torch.Tensor  # [B, T]
+    mask: torch.Tensor  # [B, T] bool, True on real tokens
+    labels: torch.Tensor  # [B] expert index, or −(i+1) for expert i's negative prompts
+
+    @property
+    def token_labels(self) -> torch.Tensor:
+        return self.labels.unsqueeze(1).expand_as(self.mask)[self.mask]
+
+
+def tokenize_calibration(
+    tokenizer, prompts: list[tuple[int, str]], max_tokens: int, use_chat_template: bool
+) -> CalibrationSet:
+    rows: list[list[int]] = []
+    for _, text in prompts:
+        if use_chat_template and tokenizer.chat_template:
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+            )
+            if not isinstance(ids, list):  # transformers 5 may return a BatchEncoding
+                ids = ids["input_ids"]
+        else:
+            ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        rows.append(list(ids)[:max_tokens] or [tokenizer.eos_token_id or 0])
+    width = max(len(r) for r in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = True
+    labels = torch.tensor([label for label, _ in prompts], dtype=torch.long)
+    return CalibrationSet(input_ids, mask, labels)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
+
+
+class LayerwiseForward:
+    """Runs decoder layers one at a time on the calibration set, holding only the hidden states."""
+
+    def __init__(self, dense_config: dict, calibration: CalibrationSet) -> None:
+        self.cfg = LlamaConfig.from_dict({k: v for k, v in dense_config.items() if k != "architectures"})
+        self.heads = self.cfg.num_attention_heads
+        self.kv_heads = self.cfg.num_key_value_heads or self.heads
+        self.head_dim = getattr(self.cfg, "head_dim", None) or self.cfg.hidden_size // self.heads
+        self.eps = self.cfg.rms_norm_eps
+        self.cal = calibration
+        positions = torch.arange(calibration.input_ids.shape[1]).unsqueeze(0)
+        probe = torch.zeros(1, 1, self.head_dim)
+        self.cos, self.sin = LlamaRotaryEmbedding(self.cfg)(probe, positions)
+        self.hidden: torch.Tensor | None = None
+
+    @torch.inference_mode()
+    def embed(self, embed_tokens: torch.Tensor) -> torch.Tensor:
+        self.hidden = F.embedding(self.cal.input_ids, embed_tokens)
+        return self.hidden[self.cal.mask]
+
+    def _attention(self, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = (x @ w["q_proj"].T).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = (x @ w["k_proj"].T).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = (x @ w["v_proj"].T).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, self.cos[:, :t], self.sin[:, :t])
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
+        return out.transpose(1, 2).reshape(b, t, -1) @ w["o_proj"].T
+
+    @torch.inference_mode()
+    def attention(self, shared: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Apply one layer's attention block; returns the FFN inputs of real tokens [N, H]."""
+        assert self.hidden is not None, "call embed() first"
+        outs = []
+        for start in range(0, len(self.hidden), BATCH):
+            h = self.hidden[start : start + BATCH]
+            outs.append(h + self._attention(rms_norm(h, shared["input_layernorm"], self.eps), shared))
+        self.hidden = torch.cat(outs)
+        self._ffn_in = rms_norm(self.hidden, shared["post_attention_layernorm"], self.eps)
+        return self._ffn_in[self.cal.mask]
+
+    @torch.inference_mode()
+    def route(self, gate: torch.Tensor, experts: list[dict[str, torch.Tensor]], top_k: int) -> torch.Tensor:
+        """Route every token through its top-k experts (Mixtral's renormalised softmax); returns top-1 ids."""
+        x = self._ffn_in
+        probs = torch.softmax(x @ gate.T, dim=-1)
+        weights, chosen = probs.topk(top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e, ffn in enumerate(experts):
+            hit = chosen == e  # [B, T, k]
+            token_mask = hit.any(-1)
+            if not token_mask.any():
+                continue
+            y = swiglu(x[token_mask], ffn["gate_proj"], ffn["up_proj"], ffn["down_proj"])
+            out[token_mask] += y * (weights * hit).sum(-1)[token_mask].unsqueeze(-1)
+        assert self.hidden is not None
+        self.hidden = self.hidden + out
+        return chosen[..., 0][self.cal.mask]
+
+
+def routing_shares(top1: torch.Tensor, labels: torch.Tensor, num_experts: int) -> list[list[float]]:
+    """Row i: the share of expert i's calibration tokens whose top-1 expert is j."""
+    shares = []
+    for i in range(num_experts):
+        picks = top1[labels == i]
+        if len(picks) == 0:
+            shares.append([0.0] * num_experts)
+            continue
+        counts = torch.bincount(picks, minlength=num_experts).float()
+        shares.append((counts / counts.sum()).tolist())
+    return shares
+
+
+def load_calibration_prompts(experts: list[ExpertSpec], max_prompts: int) -> list[tuple[int, str]]:
+    labelled: list[tuple[int, str]] = []
+    for index, expert in enumerate(experts):
+        positive, negative = expert_prompts(expert, max_prompts)
+        labelled += [(index, p) for p in positive] + [(-(index + 1), p) for p in negative]
+    return labelled
+
+
+def tokenizer_for(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)

@@ -1,0 +1,171 @@
+"""Reading dense checkpoints lazily and checking that a set of them can be merged.
+
+Tensors are read one at a time through safetensors' memory map, so a merge never holds a whole model.
+Only safetensors is read: pickle-based `.bin` files are refused (loading them can run code).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+# Config fields that must agree for the FFNs and shared weights to line up.
+MUST_MATCH = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "hidden_act",
+)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot take part in the merge; the message names the model and the field."""
+
+
+@dataclass
+class DenseCheckpoint:
+    """One dense model folder: its config and a lazy view of its safetensors tensors."""
+
+    name: str
+    path: Path
+    config: dict[str, Any]
+    weight_map: dict[str, Path]
+    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, name: str, path: Path) -> DenseCheckpoint:
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{name}: path {path} is not a model folder")
+        config_path = path / "config.json"
+        try:
+            config = json.loads(config_path.read_text())
+        except FileNotFoundError as err:
+            raise CheckpointError(f"{name}: no config.json in {path}") from err
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{name}: config.json in {path} is not valid JSON ({err})") from err
+        arch = (config.get("architectures") or ["<missing>"])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise CheckpointError(
+                f"{name}: architecture {arch} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        for flag in ("attention_bias", "mlp_bias"):
+            if config.get(flag):
+                raise CheckpointError(f"{name}: config {flag}=true; Mixtral has no bias terms to hold it")
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            hint = (
+                " (found pickle .bin weights, which moerge refuses to load)"
+                if list(path.glob("*.bin"))
+                else ""
+            )
+            raise CheckpointError(f"{name}: no .safetensors weights in {path}{hint}")
+        weight_map: dict[str, Path] = {}
+        for file in files:
+            try:
+                with safe_open(str(file), framework="pt") as fh:
+                    for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
+                        weight_map[key] = file
+            except Exception as err:  # safetensors raises its own error types
+                raise CheckpointError(f"{name}: cannot read {file.name}: {err}") from err
+        return cls(name=name, path=path, config=config, weight_map=weight_map)
+
+    def value(self, key: str) -> Any:
+        if key == "head_dim" and self.config.get("head_dim") is None:
+            return self.config["hidden_size"] // self.config["num_attention_heads"]
+        if key == "tie_word_embeddings":
+            return bool(self.config.get(key, False))
+        if key == "hidden_act":
+            return self.config.get(key, "silu")
+        return self.config.get(key)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """Read one tensor (float32), refusing NaN/Inf so a broken expert never poisons a merge."""
+        file = self.weight_map.get(key)
+        if file is None:
+            raise CheckpointError(f"{self.name}: tensor {key} is missing")
+        handle = self._handles.get(file)
+        if handle is None:
+            handle = self._handles[file] = safe_open(str(file), framework="pt")
+        t = handle.get_tensor(key).float()
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"{self.name}: tensor {key} contains NaN or Inf values")
+        return t
+
+    def shape(self, key: str) -> list[int]:
+        file = self.weight_map[key]
+        handle = self._handles.get(file)
+        if handle is None:
+            handle = self._handles[file] = safe_open(str(file), framework="pt")
+        return list(handle.get_slice(key).get_shape())
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _vocab(path: Path, name: str) -> dict[str, int]:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as err:  # tokenizer loading raises many error types
+        raise CheckpointError(f"{name}: cannot load the tokenizer in {path}: {err}") from err
+    return tok.get_vocab()
+
+
+def check_compatible(models: list[DenseCheckpoint]) -> None:
+    """Raise CheckpointError naming the first model and field that differ from the first model."""
+    ref = models[0]
+    for other in models[1:]:
+        for key in MUST_MATCH:
+            if ref.value(key) != other.value(key):
+                raise CheckpointError(
+                    f"{other.name}: {key}={other.value(key)} differs from {ref.name}'s {key}={ref.value(key)}"
+                )
+        ref_arch, other_arch = ref.config["architectures"][0], other.config["architectures"][0]
+        if ref_arch != other_arch:
+            raise CheckpointError(
+                f"{other.name}: architecture {other_arch} differs from {ref.name}'s {ref_arch}"
+            )
+        missing = sorted(set(ref.weight_map) - set(other.weight_map))
+        extra = sorted(set(other.weight_map) - set(ref.weight_map))
+        if missing or extra:
+            raise CheckpointError(
+                f"{other.name}: tensor names differ from {ref.name}'s (missing {missing[:3]}, extra {extra[:3]})"
+            )
+        for key in ref.weight_map:
+            if ref.shape(key) != other.shape(key):
+                raise CheckpointError(
+                    f"{other.name}: tensor {key} has shape {other.shape(key)}, {ref.name} has {ref.shape(key)}"
+                )
+    ref_vocab = _vocab(ref.path, ref.name)
+    for other in models[1:]:
+        if _vocab(other.path, other.name) != ref_vocab:
+            raise CheckpointError(f"{other.name}: tokenizer vocabulary differs from {ref.name}'s")
+    layers = ref.value("num_hidden_layers")
+    if not isinstance(layers, int) or layers <= 0 or not math.isfinite(layers):
+        raise CheckpointError(f"{ref.name}: num_hidden_layers={layers} is not a positive integer")

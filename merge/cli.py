@@ -1,0 +1,119 @@
+"""`moerge merge` and `moerge tune-gates`: the offline half of recycling experts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+err_console = Console(stderr=True)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    )
+
+
+def merge_command(
+    recipe: Path = typer.Argument(
+        ..., help="Merge recipe (YAML): base, experts, shared-weight method, gate init."
+    ),
+    out_dir: Path = typer.Argument(
+        ..., help="Output folder; written beside itself and renamed when complete."
+    ),
+    dense: bool = typer.Option(
+        False, "--dense", help="Write a dense merge (FFNs merged too) instead of an MoE."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it already exists."),
+) -> None:
+    """Merge fine-tunes of one base into a Mixtral MoE checkpoint that vLLM loads natively.
+
+    Every expert's FFN becomes one MoE expert per layer; attention, embeddings and norms are merged
+    with the recipe's method (linear, task_arithmetic, ties, dare_linear, dare_ties); each layer's gate
+    is initialised from the experts' data. Prints the merge report (also saved as merge-report.json).
+    """
+    from merge.build import merge_experts
+    from merge.checkpoint import CheckpointError
+    from merge.recipe import RecipeError, load_recipe
+
+    try:
+        spec = load_recipe(recipe)
+        with _progress() as bar:
+            task = bar.add_task("merging layers", total=None)
+
+            def tick(stage: str, done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            report = merge_experts(
+                spec, out_dir, dense=dense, overwrite=overwrite, progress=tick, recipe_text=recipe.read_text()
+            )
+    except (RecipeError, CheckpointError, FileExistsError, FileNotFoundError) as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    summary = {
+        k: report[k]
+        for k in (
+            "mode",
+            "experts",
+            "gate_init",
+            "mean_own_share",
+            "unused_experts",
+            "seconds",
+            "peak_rss_mib",
+        )
+    }
+    typer.echo(json.dumps(summary, indent=2))
+    err_console.print(f"[green]wrote[/green] {out_dir}")
+
+
+def tune_gates_command(
+    moe_dir: Path = typer.Argument(..., help="An MoE folder written by `moerge merge`."),
+    out_dir: Path = typer.Argument(..., help="Output folder for the checkpoint with tuned gates."),
+    recipe: Path = typer.Option(..., "--recipe", help="The recipe whose experts' data labels the tokens."),
+    steps: int = typer.Option(50, min=1, help="Optimizer steps."),
+    lr: float = typer.Option(1e-2, min=0.0, help="Learning rate of the gate weights."),
+    routing_weight: float = typer.Option(
+        1.0, min=0.0, help="Weight of the routing cross-entropy next to LM loss."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it already exists."),
+) -> None:
+    """Train only the gates of a merged MoE on the experts' data, everything else frozen.
+
+    MergeME's router fine-tuning baseline: language-modelling loss plus a cross-entropy that asks each
+    layer's gate to send an expert's tokens to that expert. Writes a new checkpoint; the input is untouched.
+    """
+    from merge.recipe import RecipeError, load_recipe
+    from merge.tune import tune_gates
+
+    try:
+        spec = load_recipe(recipe)
+        with _progress() as bar:
+            task = bar.add_task("tuning gates", total=steps)
+            report = tune_gates(
+                moe_dir,
+                out_dir,
+                spec,
+                steps=steps,
+                lr=lr,
+                routing_weight=routing_weight,
+                overwrite=overwrite,
+                progress=lambda done: bar.update(task, completed=done),
+            )
+    except (RecipeError, FileExistsError, FileNotFoundError, ValueError) as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    typer.echo(json.dumps(report, indent=2))
+
+
+def register_merge_commands(app: typer.Typer) -> None:
+    app.command("merge")(merge_command)
+    app.command("tune-gates")(tune_gates_command)

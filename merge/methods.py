@@ -1,0 +1,89 @@
+"""Merging one tensor from several fine-tunes: linear, task arithmetic, TIES and DARE.
+
+Task-vector methods work on τ_i = θ_i − θ_base and return θ_base + λ·merge(τ) (MergeME, TIES-Merging,
+DARE). All arithmetic runs in float32 whatever the checkpoints' dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from merge.recipe import MergeMethod
+
+
+def default_scale(method: MergeMethod, n: int) -> float:
+    """λ when the recipe gives none: 1/N where merge(τ) is a sum, 1 where it is already a mean."""
+    return 1.0 if method in {"ties", "dare_ties"} else 1.0 / n
+
+
+def linear(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    total = sum(weights)
+    out = torch.zeros_like(tensors[0], dtype=torch.float32)
+    for t, w in zip(tensors, weights, strict=True):
+        out += t.float() * (w / total)
+    return out
+
+
+def trim_by_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the `density` share of entries with the largest |τ| (ties at the threshold are kept)."""
+    if density >= 1.0:
+        return tau
+    k = int(round(density * tau.numel()))
+    if k <= 0:
+        return torch.zeros_like(tau)
+    threshold = tau.abs().flatten().kthvalue(tau.numel() - k + 1).values
+    return tau * (tau.abs() >= threshold)
+
+
+def dare_drop(tau: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """Drop each entry with probability 1 − density and rescale survivors by 1/density (DARE)."""
+    if density >= 1.0:
+        return tau
+    keep = torch.rand(tau.shape, generator=generator) < density
+    return tau * keep / density
+
+
+def sign_consensus_mean(taus: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """TIES' elect-and-disjoint-merge: per entry, the weighted mean of the τ_i agreeing with the sign of Σ τ_i."""
+    stacked = torch.stack([t * w for t, w in zip(taus, weights, strict=True)])
+    elected = torch.sign(stacked.sum(dim=0))
+    agree = (torch.sign(stacked) == elected) & (stacked != 0)
+    weight_grid = torch.tensor(weights, dtype=torch.float32).view(-1, *([1] * taus[0].dim()))
+    numerator = (stacked * agree).sum(dim=0)
+    denominator = (weight_grid * agree).sum(dim=0)
+    return torch.where(denominator > 0, numerator / denominator.clamp_min(1e-12), torch.zeros_like(numerator))
+
+
+def merge_tensor(
+    method: MergeMethod,
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    base: torch.Tensor | None,
+    *,
+    scale: float | None,
+    density: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Merge one named tensor across experts; returns float32."""
+    if method == "linear":
+        return linear(tensors, weights)
+    if base is None:
+        raise ValueError(f"method {method} needs the base tensor")
+    base32 = base.float()
+    taus = [t.float() - base32 for t in tensors]
+    lam = default_scale(method, len(tensors)) if scale is None else scale
+    if method == "task_arithmetic":
+        merged = sum(t * w for t, w in zip(taus, weights, strict=True))
+    elif method == "ties":
+        merged = sign_consensus_mean([trim_by_magnitude(t, density) for t in taus], weights)
+    elif method in {"dare_linear", "dare_ties"}:
+        if generator is None:
+            raise ValueError(f"method {method} needs a seeded generator")
+        dropped = [dare_drop(t, density, generator) for t in taus]
+        if method == "dare_linear":
+            merged = sum(t * w for t, w in zip(dropped, weights, strict=True))
+        else:
+            merged = sign_consensus_mean(dropped, weights)
+    else:  # pragma: no cover - the recipe's Literal keeps this unreachable
+        raise ValueError(f"unknown merge method {method!r}")
+    return base32 + lam * merged

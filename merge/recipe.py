@@ -1,0 +1,157 @@
+"""The merge recipe: a YAML file validated by pydantic, in the spirit of mergekit's configs.
+
+Relative paths are resolved against the recipe's own folder, so a recipe can travel with its experts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MergeMethod = Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
+GateInit = Literal["hidden", "ridge", "cheap_embed", "random", "uniform"]
+DType = Literal["float32", "bfloat16", "float16"]
+TASK_VECTOR_METHODS = {"task_arithmetic", "ties", "dare_linear", "dare_ties"}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be merged; the message names the field or expert at fault."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSource(_Strict):
+    """Prompts read from a JSONL file, optionally filtered on other fields (e.g. `domain: math`)."""
+
+    path: Path
+    field: str = "prompt"
+    where: dict[str, str] = Field(default_factory=dict)
+    limit: int | None = Field(default=None, gt=0)
+
+
+class ExpertSpec(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    path: Path
+    weight: float = Field(default=1.0, gt=0)
+    data: list[DataSource] = Field(default_factory=list)
+    positive_prompts: list[str] = Field(default_factory=list)
+    negative_prompts: list[str] = Field(default_factory=list)
+
+
+class SharedMerge(_Strict):
+    """How attention, embeddings and norms (everything but the FFN) become one shared copy."""
+
+    method: MergeMethod = "ties"
+    scale: float | None = Field(
+        default=None, gt=0, description="λ on the merged task vector; default 1/N for sums, 1 for TIES means"
+    )
+    density: float = Field(
+        default=0.8, gt=0, le=1, description="share of task-vector entries kept (TIES/DARE)"
+    )
+    seed: int = 0
+
+
+class GateSpec(_Strict):
+    init: GateInit = "ridge"
+    max_prompts: int = Field(default=64, gt=0, description="calibration prompts per expert")
+    max_tokens: int = Field(default=128, gt=1, description="tokens per calibration prompt")
+    ridge_lambda: float = Field(
+        default=1e-3, gt=0, description="ridge penalty, relative to the mean feature power"
+    )
+    use_chat_template: bool = Field(
+        default=True, description="wrap calibration prompts as the model sees them"
+    )
+    seed: int = 0
+
+
+class Recipe(_Strict):
+    base: Path | None = None
+    experts: list[ExpertSpec] = Field(min_length=1)
+    shared: SharedMerge = Field(default_factory=SharedMerge)
+    gate: GateSpec = Field(default_factory=GateSpec)
+    experts_per_token: int = Field(default=1, ge=1)
+    dtype: DType = "bfloat16"
+    base_as_expert: bool = False
+
+    @field_validator("experts")
+    @classmethod
+    def _unique_names(cls, experts: list[ExpertSpec]) -> list[ExpertSpec]:
+        names = [e.name for e in experts]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"expert names must be unique; repeated: {', '.join(dupes)}")
+        return experts
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.shared.method in TASK_VECTOR_METHODS and self.base is None:
+            raise ValueError(f"shared.method={self.shared.method} works on task vectors and needs `base`")
+        if self.base_as_expert and self.base is None:
+            raise ValueError("base_as_expert=true needs `base`")
+        if "base" in self.expert_names and self.base_as_expert:
+            raise ValueError("an expert is named 'base', which base_as_expert=true reserves")
+        if self.experts_per_token > self.num_experts:
+            raise ValueError(
+                f"experts_per_token={self.experts_per_token} exceeds the {self.num_experts} experts"
+            )
+        if self.gate.init in {"hidden", "ridge"}:
+            missing = [e.name for e in self.experts if not (e.data or e.positive_prompts)]
+            if missing:
+                raise ValueError(
+                    f"gate.init={self.gate.init} needs data or positive_prompts for every expert; "
+                    f"missing for: {', '.join(missing)}"
+                )
+        return self
+
+    @property
+    def expert_names(self) -> list[str]:
+        return [e.name for e in self.experts]
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts) + int(self.base_as_expert)
+
+    def resolve_paths(self, root: Path) -> Recipe:
+        """Return a copy whose relative paths are anchored at `root`."""
+
+        def fix(p: Path) -> Path:
+            return p if p.is_absolute() else (root / p).resolve()
+
+        data = self.model_copy(deep=True)
+        if data.base is not None:
+            data.base = fix(data.base)
+        for expert in data.experts:
+            expert.path = fix(expert.path)
+            for source in expert.data:
+                source.path = fix(source.path)
+        return data
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid recipe"]
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        lines.append(f"  {where}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def load_recipe(path: Path) -> Recipe:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise RecipeError(f"recipe file not found: {path}") from err
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(format_validation_error(err, str(path))) from err
+    return recipe.resolve_paths(path.parent.resolve())

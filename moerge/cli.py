@@ -1,0 +1,24 @@
+"""The `moerge` command line: one entry point, each package contributes its own commands.
+
+Heavy imports (torch, vLLM) happen inside the commands so `moerge --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from merge.cli import register_merge_commands
+from router.cli import router_app
+
+app = typer.Typer(
+    no_args_is_help=True,
+    help="moerge: recycle fine-tuned expert LLMs into one serving system "
+    "(merge homogeneous experts into an MoE, route between heterogeneous ones, serve over OpenAI's API).",
+    pretty_exceptions_enable=False,
+)
+register_merge_commands(app)
+app.add_typer(router_app, name="router")
+
+
+def main() -> None:  # pragma: no cover - console-script shim
+    app()

@@ -1,0 +1,1 @@
+"""router/: the learned sequence-level router that picks one heterogeneous expert per request."""

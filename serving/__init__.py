@@ -1,0 +1,1 @@
+"""serving/: the OpenAI-compatible gateway in front of vLLM backends."""

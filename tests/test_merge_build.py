@@ -1,0 +1,279 @@
+"""End-to-end merges of the tiny experts: layout, equivalence, gate quality, bad input, atomicity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from transformers import LlamaForCausalLM, MixtralForCausalLM
+
+from merge.build import merge_experts
+from merge.checkpoint import CheckpointError
+from merge.evaluate import load_causal_lm, routing_shares
+from merge.recipe import Recipe, RecipeError, load_recipe
+from merge.tiny import TINY_DOMAINS, TinyZoo, build_tokenizer, domain_prompts, tiny_config
+
+
+def recipe_dict(zoo: TinyZoo, **overrides) -> dict:
+    raw = {
+        "base": str(zoo.base),
+        "experts": [
+            {"name": d, "path": str(zoo.experts[d]), "data": [{"path": str(zoo.data[d]), "limit": 48}]}
+            for d in TINY_DOMAINS
+        ],
+        "shared": {"method": "ties"},
+        "dtype": "float32",
+    }
+    raw.update(overrides)
+    return raw
+
+
+def make_recipe(zoo: TinyZoo, **overrides) -> Recipe:
+    return Recipe.model_validate(recipe_dict(zoo, **overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_moe(tiny_zoo: TinyZoo, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("moe") / "moe"
+    merge_experts(make_recipe(tiny_zoo), out)
+    return out
+
+
+def test_moe_layout_is_vllm_native(tiny_moe: Path) -> None:
+    config = json.loads((tiny_moe / "config.json").read_text())
+    assert config["architectures"] == ["MixtralForCausalLM"]
+    assert config["num_local_experts"] == 3 and config["num_experts_per_tok"] == 1
+    names = set(json.loads((tiny_moe / "model.safetensors.index.json").read_text())["weight_map"])
+    for layer in range(2):
+        assert f"model.layers.{layer}.block_sparse_moe.gate.weight" in names
+        for e in range(3):
+            for w in ("w1", "w2", "w3"):
+                assert f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight" in names
+    assert not any(".mlp." in n for n in names), "dense FFN names must not survive"
+    for required in ("tokenizer.json", "chat_template.jinja", "generation_config.json", "README.md"):
+        assert (tiny_moe / required).is_file(), required
+    report = json.loads((tiny_moe / "merge-report.json").read_text())
+    assert report["peak_rss_mib"] > 0 and len(report["gate_stats"]) == 2
+    assert set(report["inputs"]) == {"base", "math", "code", "text", "data"}
+    card = (tiny_moe / "README.md").read_text()
+    assert report["inputs"]["math"]["model.safetensors"] in card
+
+
+def test_expert_ffns_are_copied_exactly(tiny_zoo: TinyZoo, tiny_moe: Path) -> None:
+    moe = load_file(str(tiny_moe / "model-00001.safetensors"))
+    code = load_file(str(tiny_zoo.experts["code"] / "model.safetensors"))
+    assert torch.equal(
+        moe["model.layers.1.block_sparse_moe.experts.1.w1.weight"],
+        code["model.layers.1.mlp.gate_proj.weight"],
+    )
+    assert torch.equal(
+        moe["model.layers.1.block_sparse_moe.experts.1.w2.weight"],
+        code["model.layers.1.mlp.down_proj.weight"],
+    )
+    assert torch.equal(
+        moe["model.layers.1.block_sparse_moe.experts.1.w3.weight"], code["model.layers.1.mlp.up_proj.weight"]
+    )
+
+
+def _force_expert(model: MixtralForCausalLM, expert: int) -> None:
+    """Override every layer's router output so that all tokens go to `expert` with weight 1."""
+
+    def hook(module, args, output):
+        logits = output[0]
+        forced = torch.full_like(logits, -1e4)
+        forced[:, expert] = 1e4
+        n = logits.shape[0]
+        return (
+            forced,
+            torch.ones(n, 1, dtype=output[1].dtype),
+            torch.full((n, 1), expert, dtype=output[2].dtype),
+        )
+
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("method", ["ties", "linear", "dare_ties"])
+def test_moe_with_gate_forced_to_i_equals_expert_i(
+    tiny_zoo_shared_attention: TinyZoo, tmp_path: Path, method: str
+) -> None:
+    zoo = tiny_zoo_shared_attention
+    out = tmp_path / "moe"
+    merge_experts(make_recipe(zoo, shared={"method": method}), out)
+    ids = torch.tensor([[5, 17, 42, 99, 7, 300, 12, 64]])
+    for index, domain in enumerate(TINY_DOMAINS):
+        moe = MixtralForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+        _force_expert(moe, index)
+        expert = LlamaForCausalLM.from_pretrained(str(zoo.experts[domain]), dtype=torch.float32).eval()
+        with torch.inference_mode():
+            got, want = moe(ids).logits, expert(ids).logits
+        # float32 end to end; the linear mean of three equal tensors may differ in the last bit.
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (domain, (got - want).abs().max())
+
+
+def test_data_driven_gates_beat_uniform_on_held_out_prompts(tiny_zoo: TinyZoo, tmp_path: Path) -> None:
+    held_out = {d: domain_prompts(d, 12, seed=12345) for d in TINY_DOMAINS}
+    mean_share = {}
+    for init in ("ridge", "hidden", "uniform"):
+        out = tmp_path / init
+        merge_experts(make_recipe(tiny_zoo, gate={"init": init}), out)
+        model, tok = load_causal_lm(out)
+        shares = routing_shares(model, tok, held_out)
+        mean_share[init] = sum(sum(layer.values()) for layer in shares) / (len(shares) * len(TINY_DOMAINS))
+    assert mean_share["uniform"] == pytest.approx(1 / 3, abs=1e-6)  # uniform sends everything to expert 0
+    assert mean_share["ridge"] > 0.8 > mean_share["uniform"]
+    assert mean_share["hidden"] > mean_share["uniform"]
+
+
+def test_uniform_gates_flag_unused_experts(tiny_zoo: TinyZoo, tmp_path: Path) -> None:
+    report = merge_experts(make_recipe(tiny_zoo, gate={"init": "uniform"}), tmp_path / "u")
+    assert report["unused_experts"] == ["code", "text"]
+
+
+def test_base_joins_as_expert(tiny_zoo: TinyZoo, tmp_path: Path) -> None:
+    report = merge_experts(make_recipe(tiny_zoo, base_as_expert=True, experts_per_token=2), tmp_path / "b")
+    assert report["experts"] == ["math", "code", "text", "base"]
+    model = MixtralForCausalLM.from_pretrained(str(tmp_path / "b"))
+    assert model.config.num_local_experts == 4
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"])
+def test_dense_merge_loads_as_llama(tiny_zoo: TinyZoo, tmp_path: Path, method: str) -> None:
+    merge_experts(make_recipe(tiny_zoo, shared={"method": method}), tmp_path / "d", dense=True)
+    model = LlamaForCausalLM.from_pretrained(str(tmp_path / "d"))
+    with torch.inference_mode():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_existing_output_is_refused_without_overwrite(tiny_zoo: TinyZoo, tmp_path: Path) -> None:
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        merge_experts(make_recipe(tiny_zoo), out)
+    assert (out / "keep.txt").read_text() == "mine"
+    merge_experts(make_recipe(tiny_zoo), out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+
+
+def test_crash_mid_merge_leaves_nothing(tiny_zoo: TinyZoo, tmp_path: Path) -> None:
+    def explode(stage: str, done: int, total: int) -> None:
+        if done == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        merge_experts(make_recipe(tiny_zoo), tmp_path / "out", progress=explode)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- bad input: a clear error naming the expert and the field, and nothing written ----
+
+
+def _copy_expert(zoo: TinyZoo, tmp_path: Path, domain: str = "code") -> Path:
+    dst = tmp_path / f"broken-{domain}"
+    shutil.copytree(zoo.experts[domain], dst)
+    return dst
+
+
+def _merge_expecting(zoo: TinyZoo, tmp_path: Path, broken: Path, match: str) -> None:
+    raw = recipe_dict(zoo)
+    raw["experts"][1]["path"] = str(broken)
+    out = tmp_path / "out"
+    with pytest.raises((CheckpointError, RecipeError), match=match):
+        merge_experts(Recipe.model_validate(raw), out)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_differing_hidden_size_is_refused(tiny_zoo: TinyZoo, tmp_path: Path) -> None:
+    broken = _copy_expert(tiny_zoo, tmp_path)
+    cfg = tiny_config(512)
+    cfg.hidden_size, cfg.num_attention_heads = 192, 3
+    LlamaForCausalLM(cfg).save_pretrained(broken)
+    _merge_expecting(tiny_zoo, tmp_path, broken, r"code: hidden_size=192 differs")
+
+
+def test_differing_layer_count_is_refused(tiny_zoo: TinyZoo, tmp_path: Path) -> None:
+    broken = _copy_expert(tiny_zoo, tmp_path)
+    LlamaForCausalLM(tiny_config(512, layers=3)).save_pretrained(broken)
+    _merge_expecting(tiny_zoo, tmp_path, broken, "code: num_hidden_layers=3 differs")
+
+
+def test_differing_tokenizer_is_refused(tiny_zoo: TinyZoo, tmp_path: Path) -> None:
+    broken = _copy_expert(tiny_zoo, tmp_path)
+    build_tokenizer(broken, vocab_size=400)
+    _merge_expecting(tiny_zoo, tmp_path, broken, "code: tokenizer vocabulary differs")
+
+
+def test_nan_weights_are_refused(tiny_zoo: TinyZoo, tmp_path: Path) -> None:
+    broken = _copy_expert(tiny_zoo, tmp_path)
+    tensors = load_file(str(broken / "model.safetensors"))
+    tensors["model.layers.1.self_attn.q_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    _merge_expecting(
+        tiny_zoo, tmp_path, broken, r"code: tensor model\.layers\.1\.self_attn\.q_proj\.weight contains NaN"
+    )
+
+
+def test_unsupported_architecture_lists_supported(tiny_zoo: TinyZoo, tmp_path: Path) -> None:
+    broken = _copy_expert(tiny_zoo, tmp_path)
+    config = json.loads((broken / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (broken / "config.json").write_text(json.dumps(config))
+    _merge_expecting(
+        tiny_zoo, tmp_path, broken, "code: architecture GPT2LMHeadModel is not supported; supported: Llama"
+    )
+
+
+def test_missing_weights_and_pickle_are_refused(tiny_zoo: TinyZoo, tmp_path: Path) -> None:
+    broken = _copy_expert(tiny_zoo, tmp_path)
+    (broken / "model.safetensors").rename(broken / "pytorch_model.bin")
+    _merge_expecting(tiny_zoo, tmp_path, broken, "code: no .safetensors weights .*pickle")
+
+
+def test_missing_expert_folder(tiny_zoo: TinyZoo, tmp_path: Path) -> None:
+    _merge_expecting(tiny_zoo, tmp_path, tmp_path / "nowhere", "code: path .* is not a model folder")
+
+
+def test_unreadable_data_is_refused(tiny_zoo: TinyZoo, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "ok"}\n\xff\xfe not utf8\n')
+    raw = recipe_dict(tiny_zoo)
+    raw["experts"][2]["data"] = [{"path": str(bad)}]
+    with pytest.raises(RecipeError, match=r"experts\[text\]\.data: .*bad\.jsonl:2 is not UTF-8"):
+        merge_experts(Recipe.model_validate(raw), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"shared": {"method": "slerp"}}, "shared.method"),
+        ({"shared": {"method": "ties", "density": 1.5}}, "shared.density"),
+        ({"experts_per_token": 9}, "experts_per_token=9 exceeds"),
+        ({"gate": {"init": "magic"}}, "gate.init"),
+        ({"base": None}, "needs `base`"),
+        ({"surprise": 1}, "surprise"),
+    ],
+)
+def test_recipe_errors_name_the_field(tiny_zoo: TinyZoo, tmp_path: Path, patch: dict, message: str) -> None:
+    raw = recipe_dict(tiny_zoo)
+    raw.update(patch)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path)
+
+
+def test_duplicate_expert_names(tiny_zoo: TinyZoo, tmp_path: Path) -> None:
+    raw = recipe_dict(tiny_zoo)
+    raw["experts"][1]["name"] = "math"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(RecipeError, match="repeated: math"):
+        load_recipe(path)
