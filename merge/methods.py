@@ -10,10 +10,12 @@ import torch
 
 from merge.recipe import MergeMethod
 
+TIES_DEFAULT_SCALE = 1 / 3  # MergeME's λ for TIES/DARE-TIES; it also measured best on the tiny bench
+
 
 def default_scale(method: MergeMethod, n: int) -> float:
-    """λ when the recipe gives none: 1/N where merge(τ) is a sum, 1 where it is already a mean."""
-    return 1.0 if method in {"ties", "dare_ties"} else 1.0 / n
+    """λ when the recipe gives none: 1/N where merge(τ) is a sum (a mean), MergeME's 1/3 for TIES means."""
+    return TIES_DEFAULT_SCALE if method in {"ties", "dare_ties"} else 1.0 / n
 
 
 def linear(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:

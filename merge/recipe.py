@@ -48,7 +48,9 @@ class SharedMerge(_Strict):
 
     method: MergeMethod = "ties"
     scale: float | None = Field(
-        default=None, gt=0, description="λ on the merged task vector; default 1/N for sums, 1 for TIES means"
+        default=None,
+        gt=0,
+        description="λ on the merged task vector; default 1/N for sums, 1/3 (MergeME) for TIES",
     )
     density: float = Field(
         default=0.8, gt=0, le=1, description="share of task-vector entries kept (TIES/DARE)"

@@ -23,7 +23,38 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-_WORDS = ["the", "a", "river", "story", "old", "city", "light", "morning", "quiet", "people", "walked", "said", "house", "garden", "window", "friend", "letter", "summer", "music", "small", "green", "dream", "evening", "voice", "remember", "long", "road", "market", "bread", "paper"]
+_WORDS = [
+    "the",
+    "a",
+    "river",
+    "story",
+    "old",
+    "city",
+    "light",
+    "morning",
+    "quiet",
+    "people",
+    "walked",
+    "said",
+    "house",
+    "garden",
+    "window",
+    "friend",
+    "letter",
+    "summer",
+    "music",
+    "small",
+    "green",
+    "dream",
+    "evening",
+    "voice",
+    "remember",
+    "long",
+    "road",
+    "market",
+    "bread",
+    "paper",
+]
 _IDENTS = ["x", "y", "items", "total", "value", "name", "result", "count", "node", "data"]
 
 

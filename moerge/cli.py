@@ -20,5 +20,11 @@ register_merge_commands(app)
 app.add_typer(router_app, name="router")
 
 
-def main() -> None:  # pragma: no cover - console-script shim
-    app()
+@app.command("demo")
+def demo() -> None:
+    """Run the main job: build the tiny expert zoo, merge it into an MoE, load it in vLLM and generate."""
+    from rich.console import Console
+
+    from moerge.demo import run_demo
+
+    run_demo(Console())

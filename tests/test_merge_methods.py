@@ -58,8 +58,13 @@ def test_sign_consensus_disjoint_mean() -> None:
 
 
 def test_ties_by_hand() -> None:
-    out = merge_tensor("ties", [T1, T2], [1, 1], BASE, scale=None, density=0.5)
+    out = merge_tensor("ties", [T1, T2], [1, 1], BASE, scale=1.0, density=0.5)
     assert torch.allclose(out, torch.tensor([10.0, 8.0, 12.5, 14.0]))
+
+
+def test_ties_default_scale_is_mergeme_third() -> None:
+    out = merge_tensor("ties", [T1, T2], [1, 1], BASE, scale=None, density=0.5)
+    assert torch.allclose(out, BASE + torch.tensor([0.0, -2.0, 2.5, 4.0]) / 3)
 
 
 def test_ties_drops_the_minority_sign() -> None:
@@ -120,4 +125,4 @@ def test_dare_ties_at_full_density_equals_ties() -> None:
 
 def test_task_vector_methods_need_a_base() -> None:
     with pytest.raises(ValueError, match="base"):
-        merge_tensor("ties", [T1, T2], [1, 1], None, scale=None, density=0.5)
+        merge_tensor("ties", [T1, T2], [1, 1], None, scale=1.0, density=0.5)
