@@ -27,12 +27,13 @@ from merge.card import input_hashes, write_model_card
 from merge.checkpoint import TOKENIZER_FILES, DenseCheckpoint, check_compatible
 from merge.gates import init_gate
 from merge.layout import expert_name, gate_name, is_ffn, layer_of, mixtral_config
-from merge.methods import merge_tensor
+from merge.methods import merge_tensor, trim_threshold
 from merge.recipe import Recipe
 from merge.resources import PeakRSS
-from merge.writer import ShardWriter, atomic_output_dir, check_output_dir
+from merge.writer import DTYPES, ShardWriter, atomic_output_dir, check_output_dir
 
 FFN_PROJS = ("gate_proj", "up_proj", "down_proj")
+CHUNK_ELEMENTS = 4 * 1024 * 1024  # rows of a big matrix merged at once (16 MiB per float32 copy)
 UNUSED_SHARE = 0.01  # an expert getting under 1% of a layer's calibration tokens is flagged as unused
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -70,9 +71,30 @@ class SharedMerger:
         self.generator = torch.Generator().manual_seed(recipe.shared.seed)
 
     def __call__(self, name: str) -> torch.Tensor:
+        shape = self.inputs.reference.shape(name)
+        if len(shape) != 2 or shape[0] * shape[1] <= CHUNK_ELEMENTS:
+            return self._merge(name, None, None)
+        # Big matrices (embeddings, lm_head) are merged in row chunks so that N float32 copies of them
+        # never sit in memory together; TIES gets each expert's whole-tensor trim threshold first.
+        thresholds = None
+        if self.recipe.shared.method == "ties" and self.recipe.shared.density < 1.0:
+            base = self.inputs.base
+            assert base is not None, "TIES needs the base (checked by the recipe)"
+            thresholds = [
+                trim_threshold(e.tensor(name) - base.tensor(name), self.recipe.shared.density)
+                for e in self.inputs.experts
+            ]
+        step = max(1, CHUNK_ELEMENTS // shape[1])
+        out = torch.empty(shape, dtype=DTYPES[self.recipe.dtype])
+        for start in range(0, shape[0], step):
+            rows = (start, min(start + step, shape[0]))
+            out[rows[0] : rows[1]] = self._merge(name, rows, thresholds)
+        return out
+
+    def _merge(self, name: str, rows: tuple[int, int] | None, thresholds: list[float] | None) -> torch.Tensor:
         spec = self.recipe.shared
-        tensors = [e.tensor(name) for e in self.inputs.experts]
-        base = self.inputs.base.tensor(name) if self.inputs.base is not None else None
+        tensors = [e.tensor(name, rows) for e in self.inputs.experts]
+        base = self.inputs.base.tensor(name, rows) if self.inputs.base is not None else None
         return merge_tensor(
             spec.method,
             tensors,
@@ -81,6 +103,7 @@ class SharedMerger:
             scale=spec.scale,
             density=spec.density,
             generator=self.generator,
+            trim_thresholds=thresholds,
         )
 
 
@@ -123,7 +146,8 @@ def merge_experts(
             calibration = tokenize_calibration(
                 tokenizer, prompts, recipe.gate.max_tokens, recipe.gate.use_chat_template
             )
-            forward = LayerwiseForward(ref.config, calibration)
+            compute = torch.float32 if recipe.dtype == "float32" else torch.bfloat16
+            forward = LayerwiseForward(ref.config, calibration, compute)
             token_labels = calibration.token_labels
         elif not dense and recipe.gate.init not in {"random", "uniform"}:
             raise ValueError(f"gate.init={recipe.gate.init} needs calibration data")
@@ -223,8 +247,6 @@ def merge_experts(
             report["rss_before_mib"] = round(rss.start_mib, 1)
             (tmp / "merge-report.json").write_text(json.dumps(report, indent=2))
             write_model_card(tmp, recipe, report, recipe_text)
-        for ckpt in inputs.ffn_sources:
-            ckpt.close()
     report["peak_rss_mib"] = round(rss.peak_mib, 1)
     return report
 

@@ -109,13 +109,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
+    dtype = x.dtype
+    return (F.silu(x @ gate.to(dtype).T) * (x @ up.to(dtype).T)) @ down.to(dtype).T
 
 
 class LayerwiseForward:
     """Runs decoder layers one at a time on the calibration set, holding only the hidden states."""
 
-    def __init__(self, dense_config: dict, calibration: CalibrationSet) -> None:
+    def __init__(self, dense_config: dict, calibration: CalibrationSet, compute_dtype: torch.dtype) -> None:
+        """`compute_dtype` is that of the checkpoint being written (bf16 for a bf16 MoE): the gates are fitted
+        on the hidden states the served model will produce, and bf16 matmuls are ~2x faster on this CPU."""
+        self.compute_dtype = compute_dtype
         self.cfg = LlamaConfig.from_dict({k: v for k, v in dense_config.items() if k != "architectures"})
         self.heads = self.cfg.num_attention_heads
         self.kv_heads = self.cfg.num_key_value_heads or self.heads
@@ -129,17 +133,19 @@ class LayerwiseForward:
 
     @torch.inference_mode()
     def embed(self, embed_tokens: torch.Tensor) -> torch.Tensor:
-        self.hidden = F.embedding(self.cal.input_ids, embed_tokens)
+        self.hidden = F.embedding(self.cal.input_ids, embed_tokens).float()
         return self.hidden[self.cal.mask]
 
     def _attention(self, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
         b, t, _ = x.shape
+        x = x.to(self.compute_dtype)
+        w = {k: v.to(self.compute_dtype) for k, v in w.items()}
         q = (x @ w["q_proj"].T).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = (x @ w["k_proj"].T).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = (x @ w["v_proj"].T).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, self.cos[:, :t], self.sin[:, :t])
+        q, k = apply_rotary_pos_emb(q, k, self.cos[:, :t].to(x.dtype), self.sin[:, :t].to(x.dtype))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
-        return out.transpose(1, 2).reshape(b, t, -1) @ w["o_proj"].T
+        return (out.transpose(1, 2).reshape(b, t, -1) @ w["o_proj"].T).float()
 
     @torch.inference_mode()
     def attention(self, shared: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -163,10 +169,12 @@ class LayerwiseForward:
         out = torch.zeros_like(x)
         for e, ffn in enumerate(experts):
             hit = chosen == e  # [B, T, k]
-            token_mask = hit.any(-1)
+            token_mask = hit.any(-1) & self.cal.mask  # padding never reaches an expert
             if not token_mask.any():
                 continue
-            y = swiglu(x[token_mask], ffn["gate_proj"], ffn["up_proj"], ffn["down_proj"])
+            y = swiglu(
+                x[token_mask].to(self.compute_dtype), ffn["gate_proj"], ffn["up_proj"], ffn["down_proj"]
+            ).float()
             out[token_mask] += y * (weights * hit).sum(-1)[token_mask].unsqueeze(-1)
         assert self.hidden is not None
         self.hidden = self.hidden + out

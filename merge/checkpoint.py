@@ -54,7 +54,7 @@ class DenseCheckpoint:
     path: Path
     config: dict[str, Any]
     weight_map: dict[str, Path]
-    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
+    _shapes: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, name: str, path: Path) -> DenseCheckpoint:
@@ -103,28 +103,30 @@ class DenseCheckpoint:
             return self.config.get(key, "silu")
         return self.config.get(key)
 
-    def tensor(self, key: str) -> torch.Tensor:
-        """Read one tensor (float32), refusing NaN/Inf so a broken expert never poisons a merge."""
+    def tensor(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read one tensor, or rows [start, stop) of it, as float32; NaN/Inf are refused.
+
+        The file is mapped only for the read: a long-lived map would keep every page already read
+        resident, and peak memory would grow to the size of all inputs.
+        """
         file = self.weight_map.get(key)
         if file is None:
             raise CheckpointError(f"{self.name}: tensor {key} is missing")
-        handle = self._handles.get(file)
-        if handle is None:
-            handle = self._handles[file] = safe_open(str(file), framework="pt")
-        t = handle.get_tensor(key).float()
-        if not torch.isfinite(t).all():
+        with safe_open(str(file), framework="pt") as handle:
+            t = (handle.get_tensor(key) if rows is None else handle.get_slice(key)[rows[0] : rows[1]]).float()
+        # A sum is finite iff every entry is (barring overflow near 3e38, which the full check catches).
+        if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
             raise CheckpointError(f"{self.name}: tensor {key} contains NaN or Inf values")
         return t
 
     def shape(self, key: str) -> list[int]:
-        file = self.weight_map[key]
-        handle = self._handles.get(file)
-        if handle is None:
-            handle = self._handles[file] = safe_open(str(file), framework="pt")
-        return list(handle.get_slice(key).get_shape())
-
-    def close(self) -> None:
-        self._handles.clear()
+        shape = self._shapes.get(key)
+        if shape is None:
+            with safe_open(str(self.weight_map[key]), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    self._shapes[name] = list(handle.get_slice(name).get_shape())
+            shape = self._shapes[key]
+        return shape
 
 
 def _vocab(path: Path, name: str) -> dict[str, int]:

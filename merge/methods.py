@@ -26,15 +26,30 @@ def linear(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     return out
 
 
-def trim_by_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the `density` share of entries with the largest |τ| (ties at the threshold are kept)."""
+def trim_threshold(tau: torch.Tensor, density: float) -> float:
+    """The |τ| at or above which the `density` share of largest entries lies (TIES' trim step)."""
     if density >= 1.0:
-        return tau
+        return 0.0
     k = int(round(density * tau.numel()))
     if k <= 0:
-        return torch.zeros_like(tau)
-    threshold = tau.abs().flatten().kthvalue(tau.numel() - k + 1).values
-    return tau * (tau.abs() >= threshold)
+        return float("inf")
+    return float(tau.abs().flatten().kthvalue(tau.numel() - k + 1).values)
+
+
+def trim_by_magnitude(tau: torch.Tensor, density: float, threshold: float | None = None) -> torch.Tensor:
+    """Keep the `density` share of entries with the largest |τ| (ties at the threshold are kept).
+
+    `threshold` lets a caller merging a big tensor in row chunks apply the whole tensor's threshold.
+    """
+    if density >= 1.0:
+        return tau
+    magnitude = tau.abs()
+    if threshold is None:
+        k = int(round(density * tau.numel()))
+        if k <= 0:
+            return torch.zeros_like(tau)
+        threshold = float(magnitude.flatten().kthvalue(tau.numel() - k + 1).values)
+    return tau * (magnitude >= threshold)
 
 
 def dare_drop(tau: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
@@ -48,12 +63,12 @@ def dare_drop(tau: torch.Tensor, density: float, generator: torch.Generator) -> 
 def sign_consensus_mean(taus: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """TIES' elect-and-disjoint-merge: per entry, the weighted mean of the τ_i agreeing with the sign of Σ τ_i."""
     stacked = torch.stack([t * w for t, w in zip(taus, weights, strict=True)])
-    elected = torch.sign(stacked.sum(dim=0))
-    agree = (torch.sign(stacked) == elected) & (stacked != 0)
+    total = stacked.sum(dim=0)
+    agree = (stacked * total) > 0  # same sign as the elected one, and neither is zero
     weight_grid = torch.tensor(weights, dtype=torch.float32).view(-1, *([1] * taus[0].dim()))
     numerator = (stacked * agree).sum(dim=0)
     denominator = (weight_grid * agree).sum(dim=0)
-    return torch.where(denominator > 0, numerator / denominator.clamp_min(1e-12), torch.zeros_like(numerator))
+    return numerator / denominator.clamp_min(1e-12)  # 0 where nobody agrees: numerator is 0 there
 
 
 def merge_tensor(
@@ -65,8 +80,9 @@ def merge_tensor(
     scale: float | None,
     density: float,
     generator: torch.Generator | None = None,
+    trim_thresholds: list[float] | None = None,
 ) -> torch.Tensor:
-    """Merge one named tensor across experts; returns float32."""
+    """Merge one named tensor (or a row chunk of it, with the whole tensor's trim thresholds); float32."""
     if method == "linear":
         return linear(tensors, weights)
     if base is None:
@@ -77,7 +93,10 @@ def merge_tensor(
     if method == "task_arithmetic":
         merged = sum(t * w for t, w in zip(taus, weights, strict=True))
     elif method == "ties":
-        merged = sign_consensus_mean([trim_by_magnitude(t, density) for t in taus], weights)
+        cuts = trim_thresholds or [None] * len(taus)
+        merged = sign_consensus_mean(
+            [trim_by_magnitude(t, density, c) for t, c in zip(taus, cuts, strict=True)], weights
+        )
     elif method in {"dare_linear", "dare_ties"}:
         if generator is None:
             raise ValueError(f"method {method} needs a seeded generator")

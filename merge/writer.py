@@ -22,9 +22,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class ShardWriter:
-    """Buffers tensors and writes a safetensors shard whenever `max_shard_bytes` is reached."""
+    """Buffers tensors and writes a safetensors shard whenever `max_shard_bytes` is reached.
 
-    def __init__(self, folder: Path, dtype: str, max_shard_bytes: int = 2 * 1024**3) -> None:
+    Shards are small (256 MiB) because the buffer is what a merge holds in memory beyond one layer.
+    """
+
+    def __init__(self, folder: Path, dtype: str, max_shard_bytes: int = 256 * 1024**2) -> None:
         self.folder = folder
         self.dtype = DTYPES[dtype]
         self.max_shard_bytes = max_shard_bytes

@@ -277,3 +277,21 @@ def test_duplicate_expert_names(tiny_zoo: TinyZoo, tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(RecipeError, match="repeated: math"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("method", ["ties", "linear", "task_arithmetic"])
+def test_row_chunked_merge_equals_whole_tensor_merge(
+    tiny_zoo: TinyZoo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """Big matrices are merged in row chunks to bound memory; the result must not change."""
+    import merge.build
+
+    recipe = make_recipe(tiny_zoo, shared={"method": method, "density": 0.5})
+    merge_experts(recipe, tmp_path / "whole", dense=True)
+    monkeypatch.setattr(merge.build, "CHUNK_ELEMENTS", 5000)  # the 512x128 embedding → 14 chunks
+    merge_experts(recipe, tmp_path / "chunked", dense=True)
+    whole = load_file(str(tmp_path / "whole" / "model-00001.safetensors"))
+    chunked = load_file(str(tmp_path / "chunked" / "model-00001.safetensors"))
+    assert whole.keys() == chunked.keys()
+    for name in whole:
+        assert torch.equal(whole[name], chunked[name]), name
