@@ -70,12 +70,19 @@ def register(kind: str) -> Callable[[RouterFactory], RouterFactory]:
     return wrap
 
 
+def _load_builtin_kinds() -> None:
+    """Import the module that registers every built-in kind (lazily: base must not import its users)."""
+    import router.builtin  # noqa: F401
+
+
 def router_kinds() -> list[str]:
+    _load_builtin_kinds()
     return sorted(_REGISTRY)
 
 
 def create_router(kind: str, **params: Any) -> Router:
     """Build a router by kind name (`fixed`, `random`, ..., or a trained kind with an artifact)."""
+    _load_builtin_kinds()
     if kind not in _REGISTRY:
         raise ValueError(f"unknown router kind {kind!r}; known kinds: {', '.join(router_kinds())}")
     return _REGISTRY[kind](**params)

@@ -20,9 +20,7 @@ class FixedRouter(Router):
 
     def decide_batch(self, requests: Sequence[RoutingRequest]) -> list[Decision]:
         scores = {e: float(e == self.expert) for e in self.experts}
-        return [
-            Decision(self.expert, dict(scores), 1.0, self.name, self.version, "fixed") for _ in requests
-        ]
+        return [Decision(self.expert, dict(scores), 1.0, self.name, self.version, "fixed") for _ in requests]
 
 
 @register("random")

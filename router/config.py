@@ -1,0 +1,184 @@
+"""The training config (`moerge router train CONFIG.yaml`), validated by pydantic with extra fields forbidden.
+
+Errors name the field path and what was expected, e.g.
+`experts.math.holdout.fraction: Input should be less than 1 (got 1.5)`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from router.scorers import LEARNED_KINDS
+
+LearnedKind = Literal["hybrid", "classifier", "token-gates", "centroid", "knn"]
+assert set(LEARNED_KINDS) == {"hybrid", "classifier", "token-gates", "centroid", "knn"}
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read or does not validate; the message names the field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GroupHoldout(Strict):
+    """Hold out whole groups: every row whose `field` takes one of the chosen values."""
+
+    field: str = Field(description="row field naming the group, e.g. subject, dataset, source")
+    fraction: float = Field(gt=0, lt=1, description="share of the group values held out whole")
+
+
+class Holdout(Strict):
+    groups: list[GroupHoldout] = Field(default_factory=list, description="applied in order")
+    fraction: float = Field(0.1, ge=0, lt=1, description="share of the remaining rows held out at random")
+
+
+class ExpertData(Strict):
+    files: list[Path] = Field(min_length=1, description="JSONL files with a `prompt` field")
+    where: dict[str, str | int | bool] = Field(
+        default_factory=dict, description="keep rows with these values"
+    )
+    holdout: Holdout = Holdout()
+    max_train: int | None = Field(None, ge=1, description="cap on training rows (deterministic sample)")
+
+
+class EncoderConfig(Strict):
+    model: str = Field(
+        "bundled", description="'bundled' (all-MiniLM-L6-v2) or a local sentence-transformers path"
+    )
+    max_seq_length: int = Field(128, ge=8, le=512)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    batch_size: int = Field(64, ge=1, le=4096)
+    layers: int | None = Field(None, ge=1, description="use only the first N transformer layers (faster)")
+    truncation: Literal["head+tail", "head"] = Field(
+        "head+tail", description="which tokens of a long prompt are kept: first and last, or first only"
+    )
+
+
+class ClassifierConfig(Strict):
+    model: Literal["logreg", "linear-svm", "ridge"] = "logreg"
+    C: float = Field(1.0, gt=0)
+    class_weight: Literal["balanced", "none"] = "balanced"
+
+
+class TokenGatesConfig(Strict):
+    aggregate: Literal["mean", "max", "votes"] = "mean"
+    top_k: int = Field(1, ge=1)
+
+
+class HybridConfig(Strict):
+    combine: Literal["features", "tiebreak", "auto"] = Field(
+        "auto", description="auto: the better of the two on the validation split"
+    )
+    tie_margin: float = Field(0.2, ge=0, le=1)
+
+
+class KnnConfig(Strict):
+    k: int = Field(10, ge=1)
+    max_examples: int = Field(20000, ge=1)
+
+
+class PolicyConfig(Strict):
+    confidence_floor: float = Field(0.0, ge=0, le=1)
+    fallback: str | None = Field(None, description="expert below the floor; default: the largest class")
+    stickiness: float = Field(0.25, ge=0, lt=1, description="weight of the previous expert as a prior")
+    context_threshold: float = Field(
+        0.8, ge=0, le=1, description="below this top probability, re-score with earlier user turns appended"
+    )
+    context_turns: int = Field(1, ge=0, description="earlier user turns appended when re-scoring (0: never)")
+
+
+class TrainConfig(Strict):
+    kind: LearnedKind = "hybrid"
+    experts: dict[str, ExpertData]
+    encoder: EncoderConfig = EncoderConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
+    token_gates: TokenGatesConfig = TokenGatesConfig()
+    hybrid: HybridConfig = HybridConfig()
+    knn: KnnConfig = KnnConfig()
+    policy: PolicyConfig = PolicyConfig()
+    seed: int = 0
+    min_examples: int = Field(20, ge=1, description="fewest training rows an expert may have")
+    validation_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="share of training rows (plus the hold-out's groups) used for calibration",
+    )
+    on_bad_rows: Literal["error", "skip"] = "error"
+    all_heads: bool = Field(True, description="also train every other kind's head (for ablations)")
+    label_field: str = Field("domain", description="the eval data's field naming the true class")
+    label_map: dict[str, str] | None = Field(
+        None, description="label value → expert; default: expert names and their `where` on label_field"
+    )
+
+    @field_validator("experts")
+    @classmethod
+    def _two_experts(cls, experts: dict[str, ExpertData]) -> dict[str, ExpertData]:
+        if len(experts) < 2:
+            raise ValueError(f"a learned router needs at least 2 experts, got {len(experts)}")
+        for name in experts:
+            if not name.strip():
+                raise ValueError("expert names must not be empty")
+        return experts
+
+    @model_validator(mode="after")
+    def _names_known(self) -> TrainConfig:
+        if self.policy.fallback is not None and self.policy.fallback not in self.experts:
+            raise ValueError(f"policy.fallback {self.policy.fallback!r} is not one of {list(self.experts)}")
+        for label, expert in (self.label_map or {}).items():
+            if expert not in self.experts:
+                raise ValueError(f"label_map[{label!r}] = {expert!r} is not one of {list(self.experts)}")
+        return self
+
+    def resolved_label_map(self) -> dict[str, str]:
+        if self.label_map is not None:
+            return dict(self.label_map)
+        mapping = {name: name for name in self.experts}
+        for name, spec in self.experts.items():
+            if self.label_field in spec.where:
+                mapping[str(spec.where[self.label_field])] = name
+        return mapping
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        got = item.get("input")
+        shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+        lines.append(f"{where}: {item['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(data: object, base_dir: Path) -> TrainConfig:
+    """Validate a parsed YAML mapping; file paths are taken relative to `base_dir` (the config's folder)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"the config must be a YAML mapping, got {type(data).__name__}")
+    try:
+        config = TrainConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError("invalid router config:\n" + _format_errors(error)) from None
+    experts = {
+        name: spec.model_copy(update={"files": [(base_dir / f).resolve() for f in spec.files]})
+        for name, spec in config.experts.items()
+    }
+    encoder = config.encoder
+    if encoder.model not in ("bundled",) and not encoder.model.startswith("bundled:"):
+        encoder = encoder.model_copy(update={"model": str((base_dir / encoder.model).resolve())})
+    return config.model_copy(update={"experts": experts, "encoder": encoder})
+
+
+def load_config(path: Path) -> TrainConfig:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    return parse_config(data, Path(path).resolve().parent)

@@ -1,0 +1,178 @@
+"""The learned routers (`hybrid`, `classifier`, `token-gates`, `centroid`, `knn`) at serving time.
+
+One class serves every learned kind: encode the latest user turn once (sentence embedding and, where the
+head needs them, token-gate aggregates), score it with the kind's head, and apply the Policy. Repeated
+prompts hit an LRU cache of probabilities. `decide_batch` never raises: any failure becomes a fallback
+decision whose reason and details say what went wrong.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from router.base import Decision, Router, RoutingRequest
+from router.encoder import Encoder
+from router.gates import TokenGates
+from router.policy import DecisionMaker, Policy
+from router.scorers import Features, Head
+from router.text import CHARS_PER_TOKEN_CAP, RoutingText, context_text, routing_text
+
+
+class LearnedRouter(Router):
+    def __init__(
+        self,
+        experts: Sequence[str],
+        kind: str,
+        encoder: Encoder,
+        heads: dict[str, Head],
+        gates: TokenGates | None,
+        policy: Policy,
+        version: str,
+        cache_size: int = 4096,
+        batch_size: int = 64,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(experts)
+        if kind not in heads:
+            raise ValueError(f"this artifact has no {kind!r} head; it has: {', '.join(sorted(heads))}")
+        self.name, self.kind, self.version = kind, kind, version
+        self.encoder, self.heads, self.gates, self.policy = encoder, heads, gates, policy
+        self.head = heads[kind]
+        if self.head.needs_tokens and gates is None:
+            raise ValueError(f"the {kind!r} head needs token gates, which this artifact lacks")
+        self.cache_size, self.batch_size = cache_size, batch_size
+        self._cache: OrderedDict[str, tuple[np.ndarray, bool]] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._maker = DecisionMaker(policy, kind, version)
+        self.max_chars = encoder.max_seq_length * CHARS_PER_TOKEN_CAP
+        self.meta = meta or {}
+        self._self_check()
+
+    def _self_check(self) -> None:
+        """Score one all-zero feature row with every head: shapes that disagree fail at load, not later."""
+        n = len(self.experts)
+        probe = Features(np.zeros((1, self.encoder.dim), np.float32), np.zeros((1, 3 * n), np.float32))
+        if self.gates is not None and self.gates.vectors.shape != (n, self.encoder.dim):
+            raise ValueError(
+                f"gate vectors have shape {self.gates.vectors.shape}, expected {(n, self.encoder.dim)}"
+            )
+        for kind, head in self.heads.items():
+            shape = head.proba(probe).shape
+            if shape != (1, n):
+                raise ValueError(f"head {kind!r} scores {shape[-1]} classes, the artifact names {n} experts")
+
+    def training_counts(self) -> dict[str, int]:
+        data = self.meta.get("training", {}).get("data", {})
+        return {e: int(data.get(e, {}).get("train_rows", 0)) for e in self.experts}
+
+    # -- features and probabilities (shared with the eval harness) --------------------------------
+    def features(self, texts: Sequence[str], needs_tokens: bool | None = None) -> tuple[Features, np.ndarray]:
+        """Encode texts → (Features, truncated flags). Token aggregates only when some head needs them."""
+        if needs_tokens is None:
+            needs_tokens = self.head.needs_tokens
+        n = len(texts)
+        sentence = np.zeros((n, self.encoder.dim), dtype=np.float32)
+        tokens = np.zeros((n, 3 * len(self.experts)), dtype=np.float32) if needs_tokens else None
+        truncated = np.zeros(n, dtype=bool)
+        for index, chunk in self.encoder.encode(texts, batch_size=self.batch_size):
+            sentence[index] = chunk.sentence
+            truncated[index] = chunk.truncated
+            if tokens is not None and self.gates is not None:
+                tokens[index] = self.gates.aggregate(chunk.tokens, chunk.mask)
+        return Features(sentence, tokens), truncated
+
+    def _probabilities(self, texts: list[str], use_cache: bool) -> list[tuple[np.ndarray, bool]]:
+        results: list[tuple[np.ndarray, bool] | None] = [None] * len(texts)
+        missing: dict[str, list[int]] = {}
+        with self._cache_lock:
+            for i, text in enumerate(texts):
+                hit = self._cache.get(text) if use_cache else None
+                if hit is not None:
+                    self._cache.move_to_end(text)
+                    results[i] = hit
+                else:
+                    missing.setdefault(text, []).append(i)
+        if missing:
+            unique = list(missing)
+            feats, truncated = self.features(unique)
+            probs = self.head.proba(feats)
+            with self._cache_lock:
+                for j, text in enumerate(unique):
+                    entry = (probs[j], bool(truncated[j]))
+                    for i in missing[text]:
+                        results[i] = entry
+                    if use_cache and self.cache_size > 0:
+                        self._cache[text] = entry
+                        if len(self._cache) > self.cache_size:
+                            self._cache.popitem(last=False)
+        return [r for r in results if r is not None]
+
+    def clear_cache(self) -> None:
+        with self._cache_lock:
+            self._cache.clear()
+
+    # -- decisions --------------------------------------------------------------------------------
+    def decide_batch(self, requests: Sequence[RoutingRequest], use_cache: bool = True) -> list[Decision]:
+        try:
+            return self._decide_batch(requests, use_cache)
+        except Exception as error:  # noqa: BLE001 - routing must never fail a request
+            details: dict[str, Any] = {"error": repr(error)[:300]}
+            return [self._maker.no_text(_previous(r), dict(details), why="router-error") for r in requests]
+
+    def _decide_batch(self, requests: Sequence[RoutingRequest], use_cache: bool) -> list[Decision]:
+        texts = [routing_text(r, self.max_chars) for r in requests]
+        scored = [i for i, t in enumerate(texts) if not t.empty]
+        probs = self._probabilities([texts[i].text for i in scored], use_cache) if scored else []
+        by_index = dict(zip(scored, probs, strict=True))
+        with_context = self._rescore_with_context(requests, by_index, use_cache)
+        out = []
+        for i, (request, text) in enumerate(zip(requests, texts, strict=True)):
+            previous = _previous(request)
+            details: dict[str, Any] = dict(text.notes)
+            if i not in by_index:
+                out.append(self._maker.no_text(previous, details))
+                continue
+            reason = self.kind
+            p, truncated = by_index[i]
+            if i in with_context:
+                p, truncated, context = with_context[i]
+                details.update({k: v for k, v in context.notes.items() if k not in details})
+                details["context_turns"] = self.policy.context_turns
+                reason = f"{self.kind}+context"
+            if truncated or "chars_cut" in details:
+                details["truncated"] = True
+                details["max_seq_length"] = self.encoder.max_seq_length
+            out.append(self._maker.decide(p, previous, reason, details))
+        return out
+
+    def _rescore_with_context(
+        self,
+        requests: Sequence[RoutingRequest],
+        by_index: dict[int, tuple[np.ndarray, bool]],
+        use_cache: bool,
+    ) -> dict[int, tuple[np.ndarray, bool, RoutingText]]:
+        """Multi-turn step 2: undecided latest turns are scored again with earlier user turns appended."""
+        policy = self.policy
+        if policy.context_turns <= 0 or policy.context_threshold <= 0:
+            return {}
+        contexts: dict[int, RoutingText] = {}
+        catch_all = self.experts.index(policy.fallback)
+        for i, (p, _) in by_index.items():
+            if float(p.max()) < policy.context_threshold or int(p.argmax()) == catch_all:
+                context = context_text(requests[i], policy.context_turns, self.max_chars)
+                if context is not None and not context.empty:
+                    contexts[i] = context
+        if not contexts:
+            return {}
+        rescored = self._probabilities([c.text for c in contexts.values()], use_cache)
+        return {i: (p, t, c) for (i, c), (p, t) in zip(contexts.items(), rescored, strict=True)}
+
+
+def _previous(request: Any) -> str | None:
+    previous = getattr(request, "previous_expert", None)
+    return previous if isinstance(previous, str) else None

@@ -1,0 +1,94 @@
+"""From calibrated probabilities to a Decision: the multi-turn prior, the confidence floor, fallbacks.
+
+Multi-turn policy (the router applies steps 1–2, this module 3–4):
+1. Score the latest user turn alone.
+2. If that is not decisive (top probability < `context_threshold`, or the top expert is the fallback,
+   i.e. the catch-all) and the conversation has earlier user turns, score the latest turn followed by up
+   to `context_turns` earlier user turns instead: a short follow-up such as "and in Java?" or "say more"
+   inherits its conversation's topic (the reason gains `+context`).
+3. If the conversation's previous expert is known, mix in a point mass on it,
+   p' = (1 − s)·p + s·onehot(previous), s = `stickiness`: the conversation switches expert only when
+   the new turn clearly belongs elsewhere (p_new − p_prev > s / (1 − s)).
+4. Below the confidence floor the previous expert keeps the conversation; without one, the configured
+   fallback expert serves. Empty turns behave the same way.
+Every deviation from the plain argmax is named in the decision's reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from router.base import Decision
+
+
+@dataclass(frozen=True)
+class Policy:
+    experts: Sequence[str]
+    fallback: str
+    confidence_floor: float = 0.0
+    stickiness: float = 0.0
+    context_threshold: float = 0.0
+    context_turns: int = 1
+
+    def __post_init__(self) -> None:
+        if self.fallback not in self.experts:
+            raise ValueError(f"fallback {self.fallback!r} is not one of the experts {list(self.experts)}")
+        if not 0.0 <= self.confidence_floor <= 1.0:
+            raise ValueError(f"confidence_floor must be in [0, 1], got {self.confidence_floor}")
+        if not 0.0 <= self.context_threshold <= 1.0 or self.context_turns < 0:
+            raise ValueError("context_threshold must be in [0, 1] and context_turns ≥ 0")
+        if not 0.0 <= self.stickiness < 1.0:
+            raise ValueError(f"stickiness must be in [0, 1), got {self.stickiness}")
+
+
+@dataclass
+class DecisionMaker:
+    """Turns one row of probabilities into a Decision under a Policy, for one router name/version."""
+
+    policy: Policy
+    router: str
+    version: str
+    index: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.index = {e: i for i, e in enumerate(self.policy.experts)}
+
+    def _make(self, expert: str, p: np.ndarray, confidence: float, reason: str, details: dict) -> Decision:
+        scores = {e: round(float(x), 6) for e, x in zip(self.policy.experts, p, strict=True)}
+        return Decision(
+            expert, scores, round(float(confidence), 6), self.router, self.version, reason, details
+        )
+
+    def no_text(self, previous: str | None, details: dict[str, Any], why: str = "empty-prompt") -> Decision:
+        """No usable text: keep the conversation's expert, else the fallback."""
+        n = len(self.policy.experts)
+        p = np.full(n, 1.0 / n)
+        if previous in self.index:
+            return self._make(previous, p, 0.0, f"{why}→previous-expert", details)
+        return self._make(self.policy.fallback, p, 0.0, f"{why}→fallback", details)
+
+    def decide(
+        self, p: np.ndarray, previous: str | None, base_reason: str, details: dict[str, Any]
+    ) -> Decision:
+        policy = self.policy
+        reason = base_reason
+        if previous in self.index and policy.stickiness > 0:
+            prior = np.zeros_like(p)
+            prior[self.index[previous]] = 1.0
+            unbiased = int(np.argmax(p))
+            p = (1.0 - policy.stickiness) * p + policy.stickiness * prior
+            details = {**details, "prior": previous}
+            if int(np.argmax(p)) != unbiased:
+                reason = f"{base_reason}+previous-expert-prior"
+        best = int(np.argmax(p))
+        confidence = float(p[best])
+        if confidence < policy.confidence_floor:
+            details = {**details, "would_be": policy.experts[best]}
+            if previous in self.index:
+                return self._make(previous, p, confidence, "below-floor→previous-expert", details)
+            return self._make(policy.fallback, p, confidence, "below-floor→fallback", details)
+        return self._make(policy.experts[best], p, confidence, reason, details)

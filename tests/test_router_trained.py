@@ -1,0 +1,388 @@
+"""The learned router end to end: a small real router trained once per session on ../shared/data.
+
+No mocks: real MiniLM, real scikit-learn, real artifacts on disk, the real CLI (through typer's runner).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from router.artifact import ArtifactError, load_router, manifest_version, verify_artifact
+from router.base import RoutingRequest, create_router
+from router.cli import router_app
+from router.learned import LearnedRouter
+from router.scorers import LEARNED_KINDS
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DOMAINS = ("math", "code", "knowledge", "text", "general")
+runner = CliRunner()
+
+
+def small_config(data: Path, **overrides: object) -> dict:
+    experts = {
+        d: {
+            "files": [str(data / f"{d}.jsonl")],
+            "where": {"domain": d},
+            "max_train": 70,
+            "holdout": {"fraction": 0.02},
+        }
+        for d in DOMAINS
+    }
+    experts["general"]["holdout"] = {"fraction": 0.2}
+    experts["knowledge"]["holdout"] = {"groups": [{"field": "subject", "fraction": 0.05}], "fraction": 0.01}
+    return {
+        "kind": "hybrid",
+        "experts": experts,
+        "encoder": {"max_seq_length": 64},
+        "policy": {"fallback": "general", "confidence_floor": 0.3, "stickiness": 0.25},
+        "validation_fraction": 0.15,
+        **overrides,
+    }
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA} (CI places ../shared beside the checkout)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def artifact(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Train through the real CLI: ~350 prompts, 64-token encoder, every head."""
+    root = tmp_path_factory.mktemp("router")
+    config = root / "router.yaml"
+    config.write_text(yaml.safe_dump(small_config(data_dir), sort_keys=False))
+    result = runner.invoke(router_app, ["train", str(config), str(root / "artifact")])
+    assert result.exit_code == 0, result.output
+    return root / "artifact"
+
+
+@pytest.fixture(scope="session")
+def router(artifact: Path) -> LearnedRouter:
+    loaded = load_router(artifact)
+    assert isinstance(loaded, LearnedRouter)
+    return loaded
+
+
+@pytest.fixture(scope="session")
+def heldout_sample(artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """30 held-out rows per domain (a fixed sample), as a JSONL file for eval."""
+    rows = [json.loads(line) for line in (artifact / "heldout.jsonl").read_text().splitlines()]
+    rng = random.Random(0)
+    sample = []
+    for d in DOMAINS:
+        own = [r for r in rows if r["domain"] == d]
+        sample += rng.sample(own, min(30, len(own)))
+    path = tmp_path_factory.mktemp("eval") / "heldout-sample.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in sample))
+    return path
+
+
+def _prompts(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# -- the artifact ---------------------------------------------------------------------------------------
+def test_artifact_is_safe_and_self_describing(artifact: Path) -> None:
+    names = {p.name for p in artifact.iterdir()}
+    assert names == {"router.json", "weights.safetensors", "heldout.jsonl", "manifest.json"}
+    spec = verify_artifact(artifact)
+    assert spec["experts"] == list(DOMAINS) and spec["kind"] == "hybrid"
+    assert len(spec["encoder"]["sha256"]) == 64 and spec["encoder"]["max_seq_length"] == 64
+    assert set(spec["heads"]) == set(LEARNED_KINDS)
+    assert spec["training"]["data"]["general"]["train_rows"] == 70
+    assert spec["training"]["validation_rows"] > 0
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(artifact / "weights.safetensors"))
+    assert tensors["gates.vectors"].shape == (5, 384)
+    held = {json.loads(line)["id"] for line in (artifact / "heldout.jsonl").read_text().splitlines()}
+    assert held and spec["training"]["data"]["knowledge"]["heldout_groups"]["subject"]
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert set(manifest["files"]) == names - {"manifest.json"}
+
+
+def _copy(artifact: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(artifact, target)
+    return target
+
+
+def test_tampered_or_truncated_artifact_is_refused(artifact: Path, tmp_path: Path) -> None:
+    bad = _copy(artifact, tmp_path)
+    weights = bytearray((bad / "weights.safetensors").read_bytes())
+    weights[-1] ^= 0xFF
+    (bad / "weights.safetensors").write_bytes(bytes(weights))
+    with pytest.raises(ArtifactError, match="weights.safetensors does not match its sha256"):
+        load_router(bad)
+    (bad / "weights.safetensors").write_bytes(bytes(weights[:-100]))
+    with pytest.raises(ArtifactError, match="truncated or modified"):
+        load_router(bad)
+    (bad / "weights.safetensors").unlink()
+    with pytest.raises(ArtifactError, match="weights.safetensors listed in the manifest is missing"):
+        load_router(bad)
+    (bad / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        load_router(bad)
+    with pytest.raises(ArtifactError, match="not a router artifact directory"):
+        load_router(tmp_path / "nowhere")
+
+
+def test_encoder_mismatch_is_refused(artifact: Path, tmp_path: Path) -> None:
+    """Even with a consistent manifest, an artifact whose encoder hash differs is not loaded."""
+    bad = _copy(artifact, tmp_path)
+    spec = json.loads((bad / "router.json").read_text())
+    spec["encoder"]["sha256"] = "0" * 64
+    (bad / "router.json").write_text(json.dumps(spec))
+    manifest = json.loads((bad / "manifest.json").read_text())
+    import hashlib
+
+    content = (bad / "router.json").read_bytes()
+    manifest["files"]["router.json"] = {"sha256": hashlib.sha256(content).hexdigest(), "bytes": len(content)}
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="encoder at .* has sha256 .* refusing"):
+        load_router(bad)
+    assert load_router(bad, verify_encoder=False).version == manifest_version(manifest)
+
+
+# -- decisions ----------------------------------------------------------------------------------------
+def test_quality_on_held_out_sample(router: LearnedRouter, heldout_sample: Path) -> None:
+    rows = _prompts(heldout_sample)
+    decisions = router.decide_batch([RoutingRequest.from_prompt(r["prompt"]) for r in rows])
+    accuracy = sum(d.expert == r["domain"] for d, r in zip(decisions, rows, strict=True)) / len(rows)
+    assert accuracy >= 0.75, f"hybrid accuracy {accuracy:.3f} on {len(rows)} held-out prompts"
+    for d in decisions:
+        assert d.router == "hybrid" and d.version == router.version
+        assert set(d.scores) == set(DOMAINS) and abs(sum(d.scores.values()) - 1) < 1e-4
+        assert 0 <= d.confidence <= 1 and d.reason in {"hybrid", "below-floor→fallback"}
+
+
+def test_every_head_decides_and_create_router_finds_it(artifact: Path, heldout_sample: Path) -> None:
+    rows = _prompts(heldout_sample)[::10]
+    for kind in LEARNED_KINDS:
+        by_kind = create_router(kind, experts=list(DOMAINS), artifact=artifact)
+        decisions = by_kind.decide_batch([RoutingRequest.from_prompt(r["prompt"]) for r in rows])
+        assert all(d.router == kind and d.expert in DOMAINS for d in decisions)
+    with pytest.raises(ValueError, match="routes to"):
+        create_router("hybrid", experts=["a", "b"], artifact=artifact)
+
+
+BAD_INPUTS: list[object] = [
+    "",
+    "   \n\t ",
+    "lone surrogate \ud800 here",
+    "\x00\x01\x02",
+    "🙂" * 50,
+    "word " * 50_000,
+    "x" * 1_000_000,
+    "def f(x):\n    return x" * 2000,
+]
+
+
+def test_router_never_raises_on_any_string(router: LearnedRouter) -> None:
+    requests = [RoutingRequest.from_prompt(s) for s in BAD_INPUTS]  # type: ignore[arg-type]
+    requests += [
+        RoutingRequest([]),
+        RoutingRequest([{"role": "user", "content": None}]),
+        RoutingRequest([{"role": "user", "content": [{"type": "text", "text": 42}]}]),
+        RoutingRequest([{"role": "user"}, "junk", 7]),  # type: ignore[list-item]
+        RoutingRequest("not a message list"),  # type: ignore[arg-type]
+        RoutingRequest([{"role": "user", "content": "2+2?"}], previous_expert=123),  # type: ignore[arg-type]
+    ]
+    decisions = router.decide_batch(requests)
+    assert len(decisions) == len(requests)
+    assert all(d.expert in DOMAINS for d in decisions)
+    assert decisions[0].reason == "empty-prompt→fallback" and decisions[0].expert == "general"
+    assert decisions[1].reason == "empty-prompt→fallback"
+    assert decisions[2].details.get("replaced_invalid_code_points")
+    for long_one in decisions[5:8]:
+        assert long_one.details["truncated"] is True and long_one.details["max_seq_length"] == 64
+    assert "truncated" not in decisions[4].details or decisions[4].details["truncated"]
+    assert all(router.decide(r).expert in DOMAINS for r in requests[-6:])
+
+
+def test_multi_turn_policy(router: LearnedRouter) -> None:
+    follow_up = [
+        {"role": "user", "content": "Write a Python function that reverses a linked list."},
+        {"role": "assistant", "content": "def reverse(head): ..."},
+        {"role": "user", "content": "Thanks! Could you say a bit more about that?"},
+    ]
+    sticky = router.decide(RoutingRequest(follow_up, previous_expert="code"))
+    assert sticky.expert == "code", sticky
+    assert sticky.reason.startswith("hybrid+context") and sticky.details["prior"] == "code"
+    alone = router.decide(RoutingRequest(follow_up[-1:]))  # the same words without their conversation
+    assert alone.reason != "hybrid+context" and alone.scores["code"] < sticky.scores["code"]
+    switch = follow_up + [
+        {"role": "assistant", "content": "Sure."},
+        {
+            "role": "user",
+            "content": "Janet has 3 boxes of 12 apples and gives away 7 apples. How many apples does she have left?",
+        },
+    ]
+    switched = router.decide(RoutingRequest(switch, previous_expert="code"))
+    assert switched.expert == "math", switched
+    empty_turn = router.decide(
+        RoutingRequest(follow_up + [{"role": "user", "content": " "}], previous_expert="code")
+    )
+    assert (empty_turn.expert, empty_turn.reason) == ("code", "empty-prompt→previous-expert")
+    unknown_previous = router.decide(RoutingRequest(switch, previous_expert="retired-expert"))
+    assert unknown_previous.expert == "math" and "prior" not in unknown_previous.details
+
+
+def test_concurrent_batches_match_serial(router: LearnedRouter, heldout_sample: Path) -> None:
+    prompts = [r["prompt"] for r in _prompts(heldout_sample)][:40]
+    requests = [RoutingRequest.from_prompt(p) for p in prompts]
+    serial = [d.expert for d in router.decide_batch(requests, use_cache=False)]
+    results: dict[int, list[str]] = {}
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            chunk = requests[i::4]
+            results[i] = [d.expert for d in router.decide_batch(chunk, use_cache=i % 2 == 0)]
+        except BaseException as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in range(4):
+        assert results[i] == serial[i::4]
+    cached = router.decide(requests[0])
+    assert cached.expert == serial[0] and cached == router.decide(requests[0])
+
+
+# -- the eval harness -------------------------------------------------------------------------------------
+def test_eval_cli_reports_metrics_and_png(artifact: Path, heldout_sample: Path, tmp_path: Path) -> None:
+    png = tmp_path / "cm.png"
+    args = [
+        "eval",
+        str(artifact),
+        str(heldout_sample),
+        "--compare",
+        "--png",
+        str(png),
+        "--latency-samples",
+        "5",
+        "--group-field",
+        "heldout",
+    ]
+    result = runner.invoke(router_app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    for key in (
+        "accuracy",
+        "macro_f1",
+        "per_class",
+        "confusion_matrix",
+        "ece",
+        "latency_ms",
+        "throughput_per_s",
+    ):
+        assert key in report
+    assert report["n"] == 150 and report["router"] == "hybrid"
+    assert set(report["per_class"]["math"]) == {"precision", "recall", "f1", "support"}
+    assert sum(map(sum, report["confusion_matrix"]["rows_true_cols_predicted"])) == 150
+    assert report["latency_ms"]["p99"] >= report["latency_ms"]["p50"] > 0
+    assert {"majority", "random", *LEARNED_KINDS} <= set(report["compare"])
+    assert report["compare"]["hybrid"]["accuracy"] > report["compare"]["majority"]["accuracy"] + 0.4
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the harness scores exactly what serving decides
+    rows = _prompts(heldout_sample)
+    served = load_router(artifact).decide_batch([RoutingRequest.from_prompt(r["prompt"]) for r in rows])
+    served_accuracy = sum(d.expert == r["domain"] for d, r in zip(served, rows, strict=True)) / len(rows)
+    assert abs(served_accuracy - report["accuracy"]) < 1e-3
+
+
+def test_eval_cli_unknown_labels(artifact: Path, tmp_path: Path) -> None:
+    data = tmp_path / "odd.jsonl"
+    data.write_text(
+        json.dumps({"prompt": "What is 2+2?", "domain": "arithmetic"})
+        + "\n"
+        + json.dumps({"prompt": "Tell me a joke.", "domain": "general"})
+        + "\n"
+    )
+    refused = runner.invoke(router_app, ["eval", str(artifact), str(data), "--latency-samples", "0"])
+    assert refused.exit_code == 2 and "map to no expert" in refused.output and "arithmetic" in refused.output
+    mapped = runner.invoke(
+        router_app,
+        [
+            "eval",
+            str(artifact),
+            str(data),
+            "--map",
+            "arithmetic=math",
+            "--latency-samples",
+            "0",
+            "--png",
+            str(tmp_path / "x.png"),
+        ],
+    )
+    assert mapped.exit_code == 0, mapped.output
+    assert json.loads(mapped.stdout)["n"] == 2
+    skipped = runner.invoke(
+        router_app,
+        [
+            "eval",
+            str(artifact),
+            str(data),
+            "--skip-unknown",
+            "--latency-samples",
+            "0",
+            "--png",
+            str(tmp_path / "y.png"),
+        ],
+    )
+    assert json.loads(skipped.stdout)["skipped_unknown_labels"] == {"arithmetic": 1}
+
+
+# -- training-time errors (all fail before the encoder loads) ---------------------------------------------
+def _train(tmp_path: Path, config: dict) -> tuple[int, str]:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    result = runner.invoke(router_app, ["train", str(path), str(tmp_path / "out")])
+    return result.exit_code, result.output
+
+
+def test_training_errors_are_clear(data_dir: Path, tmp_path: Path) -> None:
+    config = small_config(data_dir)
+    config["experts"]["math"]["where"] = {"domain": "maths"}
+    code, output = _train(tmp_path, config)
+    assert code == 2 and "expert 'math': no row" in output and "maths" in output
+
+    config = small_config(data_dir, min_examples=500)
+    code, output = _train(tmp_path, config)
+    assert code == 2 and "has 70 training rows" in output and "min_examples=500" in output
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    config = small_config(data_dir)
+    config["experts"]["general"]["files"] = [str(empty)]
+    code, output = _train(tmp_path, config)
+    assert code == 2 and "empty.jsonl: no usable rows" in output
+
+    config = small_config(data_dir)
+    config["encoder"]["max_seq_lenght"] = 64
+    code, output = _train(tmp_path, config)
+    assert code == 2 and "encoder.max_seq_lenght" in output
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_long_prompts_keep_head_and_tail(router: LearnedRouter) -> None:
+    """Truncation keeps the first and last tokens (answer formats and instructions often sit at the end)."""
+    inputs, truncated = router.encoder._tokenize(["start " + "filler " * 500 + "finale", "short"])
+    tokens = router.encoder._tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
+    assert list(truncated) == [True, False]
+    assert tokens[:2] == ["[CLS]", "start"] and tokens[-2:] == ["finale", "[SEP]"] and len(tokens) == 64
