@@ -9,6 +9,7 @@ import typer
 
 from merge.cli import register_merge_commands
 from router.cli import router_app
+from serving.cli import register_serve_commands
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -18,6 +19,7 @@ app = typer.Typer(
 )
 register_merge_commands(app)
 app.add_typer(router_app, name="router")
+register_serve_commands(app)
 
 
 @app.command("demo")

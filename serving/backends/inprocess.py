@@ -1,0 +1,195 @@
+"""An expert served by vLLM's async engine inside the gateway process (the embedded default).
+
+Rather than re-implement chat templating, sampling-parameter mapping, tool calls, structured output and
+logprobs, this reuses vLLM's own OpenAI serving classes (`OpenAIServingChat`, `OpenAIServingCompletion`)
+over an `AsyncLLM`, set up exactly as `vllm serve` sets them up: the request is validated by vLLM's
+protocol models and every field reaches the engine as it would through `vllm serve`. The engine core
+runs in its own process (vLLM spawns it), so generation does not compete with the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from contextlib import AsyncExitStack
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.datastructures import State
+from starlette.requests import Request
+
+from serving.backends.base import (
+    Backend,
+    BackendStreamError,
+    BackendUnavailable,
+    Endpoint,
+    JSONResult,
+    StreamResult,
+    is_error_event,
+)
+from serving.errors import error_body, validation_message
+
+log = logging.getLogger("moerge.serving")
+
+# Defaults that suit an embedded engine; the expert's engine_args override them.
+_DEFAULT_ENGINE_ARGS: dict[str, Any] = {"disable_log_stats": True}
+
+
+def engine_argv(model: str, served_name: str, engine_args: dict[str, Any]) -> list[str]:
+    """`vllm serve` command-line flags for the engine args of the config (the way vLLM reads YAML configs)."""
+    argv = ["--model", model, "--served-model-name", served_name]
+    for key, value in {**_DEFAULT_ENGINE_ARGS, **engine_args}.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        elif isinstance(value, dict):
+            argv += [flag, json.dumps(value)]
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def parse_engine_args(model: str, served_name: str, engine_args: dict[str, Any]) -> Any:
+    """vLLM's own parser over the flags: unknown or malformed engine args fail here, by name."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="moerge-engine", exit_on_error=False))
+    try:
+        args = parser.parse_args(engine_argv(model, served_name, engine_args))
+        validate_parsed_serve_args(args)
+    except (SystemExit, Exception) as err:  # argparse exits on errors even with exit_on_error=False
+        raise ValueError(f"invalid engine_args for expert {served_name!r}: {err}") from None
+    if getattr(args, "trust_remote_code", False):
+        raise ValueError("trust_remote_code is refused")
+    return args
+
+
+class InProcessBackend(Backend):
+    kind = "vllm"
+
+    def __init__(self, name: str, model: str, engine_args: dict[str, Any]) -> None:
+        super().__init__(name)
+        self.model = model
+        self.engine_args = engine_args
+        self.engine: Any = None
+        self.state = State()
+        self._stack = AsyncExitStack()
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.kind, "model": self.model}
+
+    async def start(self) -> None:
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+
+        args = parse_engine_args(self.model, self.name, self.engine_args)
+        self.engine = await self._stack.enter_async_context(build_async_engine_client(args))
+        tasks = await self.engine.get_supported_tasks()
+        await init_app_state(self.engine, self.state, args, tasks)
+        if getattr(self.state, "openai_serving_chat", None) is None:
+            raise ValueError(f"expert {self.name!r}: the model does not support text generation")
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+        self._protocol = {"chat": ChatCompletionRequest, "completions": CompletionRequest}
+        self._error_type = ErrorResponse
+        self._create_error = create_error_response
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+        self.engine = None
+        self.state = State()  # drop the serving objects so the shut-down engine is collected now
+
+    async def health(self) -> bool:
+        if self.engine is None or self.engine.errored:
+            return False
+        try:
+            await self.engine.check_health()
+        except Exception:
+            return False
+        return True
+
+    def unfinished_requests(self) -> int:
+        return 0 if self.engine is None else self.engine.get_num_unfinished_requests()
+
+    async def request(
+        self, endpoint: Endpoint, payload: dict[str, Any], raw: Request | None, *, first_token_s: float,
+        total_s: float,
+    ) -> JSONResult | StreamResult:
+        if self.engine is None:
+            raise BackendUnavailable(f"{self.name}: engine not running")
+        payload["model"] = self.name
+        try:
+            req = self._protocol[endpoint].model_validate(payload)
+        except ValidationError as err:
+            message, param, code = validation_message(_public_errors(err))
+            return JSONResult(400, error_body(message, "invalid_request_error", param, code))
+        except Exception as err:  # vLLM's validators also raise its own errors (VLLMValidationError...)
+            error = self._create_error(err)
+            return JSONResult(int(error.error.code), error.model_dump())
+        serving = self.state.openai_serving_chat if endpoint == "chat" else self.state.openai_serving_completion
+        call = serving.create_chat_completion if endpoint == "chat" else serving.create_completion
+        stream = bool(payload.get("stream"))
+        result: Any = None
+        try:
+            async with asyncio.timeout(first_token_s if stream else total_s):
+                result = await call(req, raw)
+                if stream and not isinstance(result, self._error_type):
+                    first = await _first_event(result)
+        except TimeoutError:
+            if hasattr(result, "aclose"):
+                await result.aclose()  # aborts the engine request
+            raise BackendUnavailable(f"{self.name}: no answer within the deadline") from None
+        except BackendUnavailable:
+            raise
+        except Exception as err:
+            result = self._create_error(err)
+        if isinstance(result, self._error_type):
+            status = int(result.error.code)
+            if status >= 500:
+                raise BackendUnavailable(f"{self.name}: {result.error.message}")
+            return JSONResult(status, result.model_dump())
+        if not stream:
+            return JSONResult(200, result.model_dump(exclude_none=False))
+        if (err := is_error_event(first)) is not None and int(err.get("code") or 0) >= 500:
+            await result.aclose()
+            raise BackendUnavailable(f"{self.name}: error before the first token: {err.get('message')}")
+        return StreamResult(first=first, rest=_events(result), close=result.aclose)
+
+
+async def _first_event(gen: Any) -> bytes:
+    try:
+        event = await anext(gen)
+    except StopAsyncIteration:
+        raise BackendUnavailable("stream ended before its first event") from None
+    except Exception as err:
+        await gen.aclose()
+        raise BackendUnavailable(f"{type(err).__name__}: {err}") from None
+    return event.encode() if isinstance(event, str) else event
+
+
+async def _events(gen: Any) -> Any:
+    try:
+        async for event in gen:
+            yield event.encode() if isinstance(event, str) else event
+    except Exception as err:
+        raise BackendStreamError(f"{type(err).__name__}: {err}") from None
+
+
+_INTERNAL = {"function-wrap", "function-after", "function-before", "function-plain", "tagged-union", "union",
+             "chain", "nullable", "default", "lax-or-strict", "json-or-python"}
+
+
+def _public_errors(err: ValidationError) -> list[dict[str, Any]]:
+    """Pydantic errors with pydantic-internal location segments (`function-after[...]`) removed."""
+    out = []
+    for e in err.errors(include_input=False, include_url=False):
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p in _INTERNAL)))
+        out.append({**e, "loc": loc})
+    return out

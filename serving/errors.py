@@ -1,0 +1,118 @@
+"""Errors in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the matching status.
+
+Every failure a client can cause or see goes through here, so clients written for OpenAI parse them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    502: "server_error",
+    503: "server_error",
+    504: "server_error",
+}
+
+
+class OpenAIError(Exception):
+    """Raise anywhere in a request to answer with an OpenAI-shaped error."""
+
+    def __init__(
+        self, status: int, message: str, *, type: str | None = None, param: str | None = None,
+        code: str | int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+_OPENAI_TYPES = {"invalid_request_error", "authentication_error", "permission_error", "not_found_error",
+                 "rate_limit_error", "server_error", "api_error", "insufficient_quota"}
+
+
+def normalize_error(status: int, body: Any) -> dict[str, Any]:
+    """Coerce a backend's error body into OpenAI's shape and type vocabulary, keeping its message."""
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict):
+        message = str(err.get("message") or f"backend answered {status}")
+        kind = err.get("type")
+        if kind not in _OPENAI_TYPES:
+            kind = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+        param = err.get("param")
+        out = error_body(message, kind, param if isinstance(param, str) else None, err.get("code", status))
+        if "context length" in message or "context_length" in message:
+            out["error"]["code"] = "context_length_exceeded"
+        return out
+    if isinstance(err, str):
+        return error_body(err, _TYPES.get(status, "server_error"), None, status)
+    text = body if isinstance(body, str) else json.dumps(body)[:500]
+    return error_body(text or f"backend answered {status}", _TYPES.get(status, "server_error"), None, status)
+
+
+def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None, str]:
+    """(message, param, code) for pydantic errors, naming the first offending field."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "invalid"}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    kind = str(first.get("type", ""))
+    if kind == "json_invalid":
+        return "We could not parse the JSON body of your request: " + str(first.get("msg")), None, "invalid_json"
+    if kind == "missing":
+        return f"Missing required parameter: '{param}'.", param, "missing_required_parameter"
+    msg = str(first.get("msg", "invalid value"))
+    if len(errors) > 1:
+        msg += f" (and {len(errors) - 1} more error(s))"
+    return f"Invalid value for '{param}': {msg}" if param else msg, param, "invalid_value"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """OpenAI-shaped answers for framework errors: bad JSON, wrong fields, unknown routes, crashes."""
+
+    @app.exception_handler(OpenAIError)
+    async def _openai(_: Request, exc: OpenAIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param, code = validation_message(list(exc.errors()))
+        return JSONResponse(error_body(message, "invalid_request_error", param, code), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            error_body(str(exc.detail), _TYPES.get(exc.status_code, "invalid_request_error"), None, exc.status_code),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _crash(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(error_body("internal error in the gateway", "server_error", None, 500), status_code=500)

@@ -1,0 +1,128 @@
+"""The request bodies the gateway checks before routing: OpenAI's standard fields, typed and bounded.
+
+Only what OpenAI documents is checked here (so a bad request fails fast, with the field named, before
+a router or backend sees it); every field, including engine-specific extensions such as vLLM's
+`top_k`, is passed through to the backend unchanged, and the backend validates the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
+
+from serving.errors import OpenAIError, validation_message
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Open):
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
+
+
+class ChatMessage(_Open):
+    role: str = Field(min_length=1)
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class _Sampling(_Open):
+    model: str = Field(min_length=1, max_length=256, description="an expert, or a routing model such as `auto`")
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    max_tokens: int | None = Field(None, ge=0)
+    n: int | None = Field(None, ge=1, le=128)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="text, texts, or token ids")
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=128)
+
+
+def prompt_messages(prompt: Any) -> list[dict[str, Any]]:
+    """What a router sees of a completions prompt: the (first) text as one user turn."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    return [{"role": "user", "content": prompt if isinstance(prompt, str) else ""}]
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def parse_body(request: Request, model: type[Body]) -> tuple[dict[str, Any], Body]:
+    """The raw JSON object (forwarded as is) and its checked view; 400 in OpenAI's shape otherwise.
+
+    Parsed by hand rather than by FastAPI so that any content type is accepted (curl's default form
+    type included) and the backend receives exactly the client's fields.
+    """
+    raw = await request.body()
+    try:
+        payload = json.loads(raw, parse_constant=_no_constants)
+    except (ValueError, RecursionError) as err:
+        raise OpenAIError(400, f"We could not parse the JSON body of your request: {err}",
+                          code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
+    try:
+        body = model.model_validate(payload)
+    except ValidationError as err:
+        message, param, code = validation_message(list(err.errors(include_url=False, include_input=False)))
+        raise OpenAIError(400, message, param=param, code=code) from None
+    return payload, body
+
+
+def request_body(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI for a body parsed by hand: a reference to the model's schema (see install_openapi_schemas)."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def install_openapi_schemas(app: FastAPI, models: list[type[BaseModel]]) -> None:
+    """Add the request models (and their nested models) to the app's OpenAPI components."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(js.pop("$defs", {}))
+                components[model.__name__] = js
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,116 @@
+"""Routing: turn the `model` a client sent into a Decision, off the event loop and in micro-batches.
+
+A client naming an expert goes direct. A client naming a routing model (`auto`, ...) gets its router's
+decision. Routers are CPU-bound (sentence embeddings), so each runs in its own worker thread; requests
+that arrive while a batch is being decided queue up and are decided together in the next
+`decide_batch` call: under load one encoder call serves many requests, and a lone request waits for
+nothing (unless `max_wait_ms` asks to grow batches).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from router.base import Decision, Router, RoutingRequest, create_router
+from serving.config import RouterConfig
+
+log = logging.getLogger("moerge.serving")
+
+
+def load_router(name: str, cfg: RouterConfig, experts: Sequence[str]) -> Router:
+    """A built-in kind over the configured experts, or a trained artifact (its experts must be served)."""
+    if cfg.artifact is not None:
+        from router.artifact import load_router as load_artifact  # lazy: trained routers pull in torch & co
+
+        router = load_artifact(Path(cfg.artifact))
+    else:
+        importlib.import_module("router.fixed")  # registers the built-in kinds
+        assert cfg.kind is not None
+        router = create_router(cfg.kind, experts=list(cfg.experts or experts), **cfg.params)
+    unknown = sorted(set(router.experts) - set(experts))
+    if unknown:
+        raise ValueError(f"routers.{name}: the router chooses experts that are not served: {unknown}")
+    return router
+
+
+def direct_decision(expert: str) -> Decision:
+    return Decision(expert, {expert: 1.0}, 1.0, "direct", "1", "direct")
+
+
+class MicroBatcher:
+    """Collects concurrent routing requests for one router and decides them in batches on a worker thread.
+
+    A router that has never needed more than `inline_below_s` for a batch of this size (a rule, a coin)
+    is called on the loop directly: a thread hop would cost more than the decision, and it cannot block
+    the loop for long. The first batch always goes to the thread, to measure.
+    """
+
+    def __init__(self, name: str, router: Router, fallback: str, max_batch: int = 64, max_wait_ms: float = 0.0,
+                 observe: Any = None, inline_below_s: float = 0.0002) -> None:
+        self.name = name
+        self.router = router
+        self.fallback = fallback
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000
+        self.observe = observe  # callable(batch_size, seconds) for metrics
+        self._queue: list[tuple[RoutingRequest, asyncio.Future[Decision]]] = []
+        self._worker: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"router-{name}")
+        self.inline_below_s = inline_below_s
+        self._slowest = float("inf")  # the router's slowest time per request so far; inf until measured
+
+    async def decide(self, request: RoutingRequest) -> Decision:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Decision] = loop.create_future()
+        self._queue.append((request, fut))
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._queue:
+            if self.max_wait_s and len(self._queue) < self.max_batch:
+                await asyncio.sleep(self.max_wait_s)
+            batch = self._queue[: self.max_batch]
+            del self._queue[: self.max_batch]
+            requests = [r for r, _ in batch]
+            start = time.perf_counter()
+            try:
+                if self._slowest * len(requests) < self.inline_below_s:
+                    decisions, own = self._timed(requests)
+                else:
+                    decisions, own = await loop.run_in_executor(self._executor, self._timed, requests)
+                if len(decisions) != len(requests):
+                    raise RuntimeError(f"decide_batch returned {len(decisions)} decisions for {len(requests)}")
+                per_request = own / len(requests)
+                self._slowest = per_request if self._slowest == float("inf") else max(self._slowest, per_request)
+            except Exception as err:  # a router must not raise; if it does, serve from its fallback expert
+                log.exception("router %s failed on a batch of %d", self.name, len(requests))
+                decisions = [self._fallback_decision(err) for _ in requests]
+            elapsed = time.perf_counter() - start
+            if self.observe is not None:
+                self.observe(len(requests), elapsed)
+            for (_, fut), decision in zip(batch, decisions, strict=True):
+                if not fut.done():
+                    fut.set_result(decision)
+
+    def _timed(self, requests: list[RoutingRequest]) -> tuple[list[Decision], float]:
+        start = time.perf_counter()
+        decisions = self.router.decide_batch(requests)
+        return decisions, time.perf_counter() - start
+
+    def _fallback_decision(self, err: Exception) -> Decision:
+        return Decision(self.fallback, {}, 0.0, getattr(self.router, "name", self.name),
+                        getattr(self.router, "version", "?"), "router-error→fallback",
+                        {"error": type(err).__name__})
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

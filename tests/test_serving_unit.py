@@ -1,0 +1,401 @@
+"""Serving pieces without a vLLM engine: config, breaker, micro-batching, errors, limits, dispatch rules."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import typer
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from typer.testing import CliRunner
+
+from router.base import Decision, Router, RoutingRequest
+from serving.backends.inprocess import engine_argv
+from serving.cli import register_serve_commands
+from serving.config import ConfigError, load_config, missing_paths, parse_config
+from serving.health import BreakerState, CircuitBreaker
+from serving.routing import MicroBatcher
+from serving.testing import LOOPBACK, ThreadedServer, free_port
+
+pytestmark = pytest.mark.timeout(120)
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("serve*.yaml"))
+
+
+def remote(url: str, **kw: Any) -> dict[str, Any]:
+    return {"backend": "openai", "url": url, **kw}
+
+
+# -- config -----------------------------------------------------------------------------------------
+def test_examples_exist() -> None:
+    assert EXAMPLES, "examples/serve*.yaml missing"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_configs_validate(path: Path) -> None:
+    config = load_config(path)
+    assert config.experts
+    for expert in config.experts.values():
+        if expert.backend == "vllm":
+            assert Path(expert.model).is_absolute(), "relative model paths resolve against the config file"
+    assert isinstance(missing_paths(config), list)  # existence is a separate check
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"experts": {"a": {"backend": "ollama", "model": "x"}}}, "experts.a"),
+        ({"experts": {"a": {"backend": "vllm"}}}, "experts.a.vllm.model"),
+        ({"experts": {"a": {"backend": "vllm", "model": "m", "fallback": "zz"}}}, "experts.a.fallback"),
+        ({"experts": {"a": {"backend": "vllm", "model": "m", "fallback": "a"}}}, "experts.a.fallback"),
+        ({"experts": {"a": {"backend": "vllm", "model": "m", "engine_args": {"trust_remote_code": True}}}},
+         "trust_remote_code"),
+        ({"experts": {"a": {"backend": "vllm", "model": "m", "engine_args": {"served-model-name": "x"}}}},
+         "served_model_name"),
+        ({"experts": {"a": {"backend": "openai", "url": "not a url"}}}, "experts.a.openai.url"),
+        ({"server": {"port": 70000}}, "server.port"),
+        ({"server": {"prot": 1}}, "server.prot"),
+        ({"routers": {"r": {"kind": "fixed", "artifact": "/x"}}}, "routers.r"),
+        ({"routers": {"r": {"kind": "fixed"}}, "routing_models": {"auto": "nope"}}, "routing_models.auto"),
+        ({"routers": {"r": {"kind": "fixed"}}, "routing_models": {"a": "r"}}, "routing_models.a"),
+        ({"experts": {}}, "experts"),
+        ({"timeouts": {"first_token_s": -1}}, "timeouts.first_token_s"),
+    ],
+)
+def test_config_errors_name_the_field(patch: dict[str, Any], field: str) -> None:
+    data: dict[str, Any] = {"experts": {"a": {"backend": "vllm", "model": "m"}}}
+    data.update(patch)
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert field in str(err.value)
+
+
+def test_config_defaults_and_paths(tmp_path: Path) -> None:
+    (tmp_path / "cfg").mkdir()
+    path = tmp_path / "cfg" / "serve.yaml"
+    path.write_text(
+        "experts:\n  a: {backend: vllm, model: ../models/a}\n  b: {backend: openai, url: 'http://127.0.0.1:1/v1'}\n"
+        "routers:\n  r: {kind: fixed}\n"
+    )
+    config = load_config(path)
+    assert config.routing_models == {"auto": "r"}
+    assert config.experts["a"].model == str((tmp_path / "models" / "a").resolve())
+    assert missing_paths(config) == [f"experts.a.model: {(tmp_path / 'models' / 'a').resolve()}"]
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_engine_argv_uses_vllm_flag_conventions() -> None:
+    argv = engine_argv("/m", "math", {"max_model_len": 256, "enforce_eager": True, "enable_prefix_caching": False,
+                                      "override_generation_config": {"temperature": 0.5}})
+    assert argv[:4] == ["--model", "/m", "--served-model-name", "math"]
+    assert "--enforce-eager" in argv and "--no-enable-prefix-caching" in argv
+    assert argv[argv.index("--max-model-len") + 1] == "256"
+    assert json.loads(argv[argv.index("--override-generation-config") + 1]) == {"temperature": 0.5}
+
+
+# -- circuit breaker --------------------------------------------------------------------------------
+def test_circuit_breaker_opens_half_opens_and_closes() -> None:
+    now = [0.0]
+    cb = CircuitBreaker(failure_threshold=2, reset_after_s=10, clock=lambda: now[0])
+    assert cb.allow() and cb.state is BreakerState.CLOSED
+    cb.record_failure("x")
+    assert cb.state is BreakerState.CLOSED
+    cb.record_failure("y")
+    assert cb.state is BreakerState.OPEN and not cb.allow() and not cb.up
+    now[0] = 10.5
+    assert cb.state is BreakerState.HALF_OPEN
+    assert cb.allow() and not cb.allow(), "half-open lets one trial through"
+    cb.record_failure("z")
+    assert cb.state is BreakerState.OPEN
+    now[0] = 21
+    assert cb.allow()
+    cb.record_success()
+    assert cb.state is BreakerState.CLOSED and cb.up
+    cb.record_probe(False)
+    assert cb.state is BreakerState.OPEN and not cb.up
+    cb.record_probe(True)
+    assert cb.state is BreakerState.CLOSED and cb.up
+
+
+# -- micro-batching ---------------------------------------------------------------------------------
+class RecordingRouter(Router):
+    name = "recording"
+
+    def __init__(self, experts: Sequence[str], fail: bool = False) -> None:
+        super().__init__(experts)
+        self.batches: list[int] = []
+        self.threads: set[int] = set()
+        self.fail = fail
+        self.gate = threading.Event()
+
+    def decide_batch(self, requests: Sequence[RoutingRequest]) -> list[Decision]:
+        self.gate.wait(5)  # holds the first batch so the others queue up behind it
+        self.threads.add(threading.get_ident())
+        self.batches.append(len(requests))
+        if self.fail:
+            raise RuntimeError("boom")
+        out = []
+        for r in requests:
+            text = r.messages[-1]["content"]
+            out.append(Decision(self.experts[len(text) % 2], {}, 1.0, self.name, "1", "len"))
+        return out
+
+
+async def test_micro_batcher_batches_concurrent_requests_off_the_loop() -> None:
+    router = RecordingRouter(["even", "odd"])
+    batcher = MicroBatcher("r", router, fallback="even")
+    loop_thread = threading.get_ident()
+    prompts = ["x" * i for i in range(40)]
+    tasks = [asyncio.create_task(batcher.decide(RoutingRequest.from_prompt(p))) for p in prompts]
+    await asyncio.sleep(0.05)
+    router.gate.set()
+    decisions = await asyncio.gather(*tasks)
+    assert [d.expert for d in decisions] == [["even", "odd"][len(p) % 2] for p in prompts]
+    assert sum(router.batches) == 40 and len(router.batches) < 40, router.batches
+    assert loop_thread not in router.threads
+    batcher.close()
+
+
+async def test_micro_batcher_calls_cheap_routers_inline() -> None:
+    router = RecordingRouter(["a", "b"])
+    router.gate.set()
+    batcher = MicroBatcher("r", router, fallback="a", inline_below_s=10.0)
+    for _ in range(3):
+        await batcher.decide(RoutingRequest.from_prompt("hi"))
+    assert threading.get_ident() in router.threads and len(router.threads) == 2  # measured on the thread first
+    slow = MicroBatcher("r", RecordingRouter(["a", "b"]), fallback="a", inline_below_s=0.0)
+    slow.router.gate.set()
+    for _ in range(3):
+        await slow.decide(RoutingRequest.from_prompt("hi"))
+    assert threading.get_ident() not in slow.router.threads
+    batcher.close()
+    slow.close()
+
+
+async def test_micro_batcher_router_failure_falls_back() -> None:
+    router = RecordingRouter(["a", "b"], fail=True)
+    router.gate.set()
+    batcher = MicroBatcher("r", router, fallback="b")
+    decision = await batcher.decide(RoutingRequest.from_prompt("hi"))
+    assert decision.expert == "b" and decision.reason == "router-error→fallback"
+    batcher.close()
+
+
+# -- the HTTP surface with misbehaving fake backends (dispatch rules) --------------------------------
+def chunk_of(body: dict[str, Any]) -> dict[str, Any]:
+    return {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": "ok"}, "finish_reason": None}]}
+
+
+def fake_backend(mode: str) -> FastAPI:
+    """A stand-in OpenAI server for one dispatch rule: `ok`, `fail500`, or `hang` (never answers)."""
+    app = FastAPI()
+    calls = {"n": 0}
+    app.state.calls = calls
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        calls["n"] += 1
+        body = await request.json()
+        if mode == "fail500":
+            return JSONResponse({"error": {"message": "engine exploded", "type": "server_error"}}, 500)
+        if mode == "hang":
+            await asyncio.sleep(3600)
+        if mode == "cut":  # one event, then the connection drops mid-stream
+            async def cut() -> Any:
+                yield f"data: {json.dumps(chunk_of(body))}\n\n"
+                await asyncio.sleep(0.05)
+                raise RuntimeError("backend died")
+
+            return StreamingResponse(cut(), media_type="text/event-stream")
+        chunk = chunk_of(body)
+        if body.get("stream"):
+            async def events() -> Any:
+                yield f"data: {json.dumps(chunk)}\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        return {"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def fakes() -> Iterator[dict[str, ThreadedServer]]:
+    servers = {m: ThreadedServer(fake_backend(m)).start() for m in ("ok", "fail500", "hang", "cut")}
+    yield servers
+    for s in servers.values():
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(fakes: dict[str, ThreadedServer]) -> Iterator[str]:
+    from serving.app import create_app
+
+    dead = f"http://{LOOPBACK}:{free_port()}/v1"
+    config = parse_config({
+        "server": {"max_body_bytes": 4096},
+        "experts": {
+            "good": remote(fakes["ok"].url + "/v1"),
+            "ghost": remote(dead, fallback="good"),
+            "broken": remote(fakes["fail500"].url + "/v1", fallback="good"),
+            "slow": remote(fakes["hang"].url + "/v1", fallback="good"),
+            "lonely": remote(dead),
+            "flaky": remote(fakes["cut"].url + "/v1", fallback="good"),
+        },
+        "routers": {"r": {"kind": "fixed", "params": {"expert": "ghost"}}},
+        "timeouts": {"first_token_s": 1, "total_s": 1, "connect_s": 1},
+        "retry": {"attempts": 1, "backoff_s": 0.01},
+        "circuit_breaker": {"failure_threshold": 50, "health_interval_s": 0.5},
+    })
+    with ThreadedServer(create_app(config)) as server:
+        yield server.url
+
+
+def post(url: str, body: Any, **kw: Any) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(url + "/v1/chat/completions", content=content, timeout=30, **kw)
+
+
+def msg(model: str, **kw: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **kw}
+
+
+def assert_openai_error(resp: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param
+    return err
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        (b"{not json", 400, None),
+        (b"[1, 2]", 400, None),
+        (b"\xff\xfe", 400, None),
+        (b'{"model": "good", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400, None),
+        (b"[" * 100_0 + b"]" * 100_0, 400, None),
+        ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
+        ({"model": "good"}, 400, "messages"),
+        ({"model": "good", "messages": []}, 400, "messages"),
+        ({"model": "good", "messages": [{"content": "x"}]}, 400, "messages.0.role"),
+        (msg("good", temperature="hot"), 400, "temperature"),
+        (msg("good", temperature=3), 400, "temperature"),
+        (msg("good", n=0), 400, "n"),
+        (msg("good", top_logprobs=99), 400, "top_logprobs"),
+        (msg("good", stream="maybe"), 400, "stream"),
+        (msg("nope"), 404, "model"),
+    ],
+)
+def test_bad_requests_get_openai_errors(gateway: str, body: Any, status: int, param: str | None) -> None:
+    assert_openai_error(post(gateway, body), status, param)
+
+
+def test_oversize_body_is_413(gateway: str) -> None:
+    big = msg("good", messages=[{"role": "user", "content": "x" * 10_000}])
+    assert_openai_error(post(gateway, big), 413)
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"model": "good", "messages": [{"role": "user", "content": "'
+        yield b"x" * 10_000
+        yield b'"}]}'
+
+    assert_openai_error(httpx.post(gateway + "/v1/chat/completions", content=chunks(), timeout=30), 413)
+
+
+def test_unknown_route_and_method_are_openai_shaped(gateway: str) -> None:
+    assert_openai_error(httpx.get(gateway + "/v1/nothing"), 404)
+    assert_openai_error(httpx.get(gateway + "/v1/chat/completions"), 405)
+
+
+def test_models_health_ready_metrics_openapi(gateway: str) -> None:
+    models = httpx.get(gateway + "/v1/models").json()
+    ids = {m["id"]: m["moerge"]["type"] for m in models["data"]}
+    assert ids == {"good": "expert", "ghost": "expert", "broken": "expert", "slow": "expert", "lonely": "expert",
+                   "flaky": "expert", "auto": "routing"}
+    assert httpx.get(gateway + "/health").status_code == 200
+    ready = httpx.get(gateway + "/ready")
+    assert ready.status_code == 503 and ready.json()["backends"]["ghost"]["up"] is False
+    assert ready.json()["backends"]["good"]["up"] is True
+    metrics = httpx.get(gateway + "/metrics").text
+    assert 'moerge_backend_up{expert="good"} 1.0' in metrics and 'moerge_backend_up{expert="ghost"} 0.0' in metrics
+    schema = httpx.get(gateway + "/openapi.json").json()
+    assert "ChatCompletionRequest" in schema["components"]["schemas"]
+
+
+@pytest.mark.parametrize("expert", ["ghost", "broken", "slow"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_failures_before_first_token_fall_back(gateway: str, expert: str, stream: bool) -> None:
+    resp = post(gateway, msg(expert, stream=stream))
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-moerge-expert"] == "good" and resp.headers["x-moerge-routed-expert"] == expert
+    if stream:
+        first = json.loads(resp.text.split("\n\n")[0][len("data: "):])
+        assert first["moerge"]["fallback"] is True and resp.text.rstrip().endswith("data: [DONE]")
+    else:
+        ext = resp.json()["moerge"]
+        # ghost is known down (health probe opened its breaker): skipped; the others are retried once
+        assert ext["expert"] == "good" and ext["fallback"] is True
+        assert ext["attempts"] == (1 if expert == "ghost" else 3)
+
+
+def test_routed_request_falls_back_and_reports_decision(gateway: str) -> None:
+    resp = post(gateway, msg("auto"))
+    assert resp.status_code == 200
+    assert resp.headers["x-moerge-router"] == "fixed" and resp.headers["x-moerge-routed-expert"] == "ghost"
+    assert float(resp.headers["x-moerge-confidence"]) == 1.0
+
+
+def test_failure_after_first_token_ends_stream_with_error_event(gateway: str) -> None:
+    resp = post(gateway, msg("flaky", stream=True))
+    assert resp.status_code == 200 and resp.headers["x-moerge-expert"] == "flaky"  # no fallback mid-stream
+    events = [e for e in resp.text.split("\n\n") if e]
+    assert json.loads(events[0][len("data: "):])["choices"][0]["delta"]["content"] == "ok"
+    error = json.loads(events[-2][len("data: "):])["error"]
+    assert error["code"] == "backend_stream_error" and "mid-stream" in error["message"]
+    assert events[-1] == "data: [DONE]"
+
+
+def test_no_backend_left_is_503(gateway: str) -> None:
+    err = assert_openai_error(post(gateway, msg("lonely")), 503)
+    assert err["code"] == "backend_unavailable"
+
+
+def test_cli_check(tmp_path: Path) -> None:
+    app = typer.Typer()
+    register_serve_commands(app)
+
+    @app.callback()
+    def main() -> None: ...
+
+    good = tmp_path / "ok.yaml"
+    good.write_text("experts:\n  a: {backend: openai, url: 'http://127.0.0.1:9/v1'}\n")
+    result = CliRunner().invoke(app, ["serve", str(good), "--check"])
+    assert result.exit_code == 0, result.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experts:\n  a: {backend: openai}\n")
+    result = CliRunner().invoke(app, ["serve", str(bad), "--check"])
+    assert result.exit_code == 2 and "experts.a.openai.url" in result.output
+
+
+def test_port_helpers_bind_loopback_only() -> None:
+    port = free_port()
+    with socket.socket() as s:
+        s.bind((LOOPBACK, port))
