@@ -57,8 +57,13 @@ class Level:
         lat = sorted(self.latencies)
         ttft = sorted(self.ttfts)
         return {
-            "target": self.target, "mode": self.mode, "concurrency": self.concurrency, "requests": len(lat),
-            "errors": self.errors, "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3,
+            "target": self.target,
+            "mode": self.mode,
+            "concurrency": self.concurrency,
+            "requests": len(lat),
+            "errors": self.errors,
+            "p50_ms": pct(lat, 50) * 1e3,
+            "p99_ms": pct(lat, 99) * 1e3,
             "ttft_p50_ms": pct(ttft, 50) * 1e3 if ttft else None,
             "req_per_s": len(lat) / self.wall if self.wall else 0.0,
             "tok_per_s": self.tokens / self.wall if self.wall else 0.0,
@@ -72,10 +77,22 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
 
 
-async def one_request(session: aiohttp.ClientSession, url: str, model: str, prompt: str, stream: bool,
-                      max_tokens: int, level: Level) -> None:
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": stream}
+async def one_request(
+    session: aiohttp.ClientSession,
+    url: str,
+    model: str,
+    prompt: str,
+    stream: bool,
+    max_tokens: int,
+    level: Level,
+) -> None:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+    }
     if stream:
         body["stream_options"] = {"include_usage": True}
     start = time.perf_counter()
@@ -98,7 +115,9 @@ async def one_request(session: aiohttp.ClientSession, url: str, model: str, prom
                         if not event.startswith(b"data: {"):
                             continue
                         data = json.loads(event[6:])
-                        if first is None and any(c.get("delta", {}).get("content") for c in data.get("choices", [])):
+                        if first is None and any(
+                            c.get("delta", {}).get("content") for c in data.get("choices", [])
+                        ):
                             first = time.perf_counter()
                         if data.get("usage"):
                             level.tokens += data["usage"]["completion_tokens"]
@@ -113,12 +132,17 @@ async def one_request(session: aiohttp.ClientSession, url: str, model: str, prom
 async def run_level(url: str, model: str, level: Level, n: int, max_tokens: int) -> None:
     stream = level.mode == "stream"
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300),
-                                     headers=AUTH) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=300), headers=AUTH
+    ) as session:
         # warm-up: one round at this concurrency, not measured
         warm = Level(level.target, level.mode, level.concurrency)
-        await asyncio.gather(*(one_request(session, url, model, PROMPTS[i % len(PROMPTS)], stream, max_tokens, warm)
-                               for i in range(level.concurrency)))
+        await asyncio.gather(
+            *(
+                one_request(session, url, model, PROMPTS[i % len(PROMPTS)], stream, max_tokens, warm)
+                for i in range(level.concurrency)
+            )
+        )
         counter = iter(range(n))
 
         async def worker() -> None:
@@ -130,26 +154,30 @@ async def run_level(url: str, model: str, level: Level, n: int, max_tokens: int)
         level.wall = time.perf_counter() - start
 
 
-async def run_paired(targets: dict[str, tuple[str, str]], levels: dict[str, Level], n: int,
-                     max_tokens: int) -> dict[str, list[float]]:
+async def run_paired(
+    targets: dict[str, tuple[str, str]], levels: dict[str, Level], n: int, max_tokens: int
+) -> dict[str, list[float]]:
     """Concurrency 1, requests interleaved across targets (rotating order): each moerge/LiteLLM request has a
     direct request next to it in time, so machine noise hits both alike; returns the per-pair differences."""
     names = list(targets)
     stream = next(iter(levels.values())).mode == "stream"
     diffs: dict[str, list[float]] = {name: [] for name in names if name != "direct"}
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=AUTH,
-                                     timeout=aiohttp.ClientTimeout(total=300)) as session:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), headers=AUTH, timeout=aiohttp.ClientTimeout(total=300)
+    ) as session:
         for name in names:  # warm-up
             url, model = targets[name]
             await one_request(session, url, model, PROMPTS[0], stream, max_tokens, Level(name, "warm", 1))
         start = time.perf_counter()
         for i in range(n):
-            order = names[i % len(names):] + names[: i % len(names)]
+            order = names[i % len(names) :] + names[: i % len(names)]
             got: dict[str, float] = {}
             for name in order:
                 url, model = targets[name]
                 before = len(levels[name].latencies)
-                await one_request(session, url, model, PROMPTS[i % len(PROMPTS)], stream, max_tokens, levels[name])
+                await one_request(
+                    session, url, model, PROMPTS[i % len(PROMPTS)], stream, max_tokens, levels[name]
+                )
                 if len(levels[name].latencies) > before:
                     got[name] = levels[name].latencies[-1]
             for name in diffs:
@@ -165,16 +193,23 @@ def start_moerge(backend_url: str, workdir: Path) -> tuple[subprocess.Popen[byte
     port = free_port()
     config = {
         "server": {"host": LOOPBACK, "port": port, "log_level": "info"},
-        "experts": {"a": {"backend": "openai", "url": backend_url + "/v1"},
-                    "b": {"backend": "openai", "url": backend_url + "/v1"}},
+        "experts": {
+            "a": {"backend": "openai", "url": backend_url + "/v1"},
+            "b": {"backend": "openai", "url": backend_url + "/v1"},
+        },
         "routers": {"rand": {"kind": "random", "params": {"seed": 0}}},
         "routing_models": {"auto": "rand"},
     }
     path = workdir / "moerge.yaml"
     path.write_text(yaml.safe_dump(config))
     with open(workdir / "moerge.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "serving", "serve", str(path)], cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "serving", "serve", str(path)],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://{LOOPBACK}:{port}"
     wait_http_ok(url + "/ready", 120, proc)
     return proc, url
@@ -182,16 +217,30 @@ def start_moerge(backend_url: str, workdir: Path) -> tuple[subprocess.Popen[byte
 
 def start_litellm(binary: str, backend_url: str, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    config = {"model_list": [{"model_name": "auto", "litellm_params": {
-        "model": "hosted_vllm/a", "api_base": backend_url + "/v1", "api_key": "none"}}],
-        "litellm_settings": {"drop_params": True, "set_verbose": False}}
+    config = {
+        "model_list": [
+            {
+                "model_name": "auto",
+                "litellm_params": {
+                    "model": "hosted_vllm/a",
+                    "api_base": backend_url + "/v1",
+                    "api_key": "none",
+                },
+            }
+        ],
+        "litellm_settings": {"drop_params": True, "set_verbose": False},
+    }
     path = workdir / "litellm.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_MASTER_KEY": KEY}
     with open(workdir / "litellm.log", "wb") as log:
-        proc = subprocess.Popen([binary, "--config", str(path), "--host", LOOPBACK, "--port", str(port),
-                                 "--num_workers", "1"], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [binary, "--config", str(path), "--host", LOOPBACK, "--port", str(port), "--num_workers", "1"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     url = f"http://{LOOPBACK}:{port}"
     wait_http_ok(url + "/health/liveliness", 180, proc)
     return proc, url
@@ -224,28 +273,67 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 def vllm_bench(base_url: str, model: str, tokenizer: str, workdir: Path, label: str) -> str:
     """vLLM's own load generator (`vllm bench serve`), unchanged, against `base_url`."""
-    code = ("import sys; from vllm.benchmarks.serve import add_cli_args, main; "
-            "from vllm.utils.argparse_utils import FlexibleArgumentParser as P; p = P(); add_cli_args(p); "
-            "main(p.parse_args(sys.argv[1:]))")
-    argv = [sys.executable, "-c", code, "--backend", "openai-chat", "--base-url", base_url,
-            "--endpoint", "/v1/chat/completions", "--model", model, "--tokenizer", tokenizer,
-            "--dataset-name", "random", "--random-input-len", "24", "--random-output-len", "16",
-            "--num-prompts", "64", "--max-concurrency", "8", "--seed", "0", "--save-result",
-            "--result-dir", str(workdir), "--result-filename", f"vllm-bench-{label}.json"]
+    code = (
+        "import sys; from vllm.benchmarks.serve import add_cli_args, main; "
+        "from vllm.utils.argparse_utils import FlexibleArgumentParser as P; p = P(); add_cli_args(p); "
+        "main(p.parse_args(sys.argv[1:]))"
+    )
+    argv = [
+        sys.executable,
+        "-c",
+        code,
+        "--backend",
+        "openai-chat",
+        "--base-url",
+        base_url,
+        "--endpoint",
+        "/v1/chat/completions",
+        "--model",
+        model,
+        "--tokenizer",
+        tokenizer,
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        "24",
+        "--random-output-len",
+        "16",
+        "--num-prompts",
+        "64",
+        "--max-concurrency",
+        "8",
+        "--seed",
+        "0",
+        "--save-result",
+        "--result-dir",
+        str(workdir),
+        "--result-filename",
+        f"vllm-bench-{label}.json",
+    ]
     out = subprocess.run(argv, cwd=workdir, capture_output=True, text=True, timeout=600)
     result = workdir / f"vllm-bench-{label}.json"
     if out.returncode != 0 or not result.exists():
         tail = "\n".join((out.stdout + out.stderr).splitlines()[-30:])
         return f"vllm bench serve against {label} FAILED (rc={out.returncode}):\n{tail}"
     data = json.loads(result.read_text())
-    keys = ["completed", "failed", "request_throughput", "output_throughput", "median_ttft_ms", "median_tpot_ms",
-            "median_e2el_ms"]
+    keys = [
+        "completed",
+        "failed",
+        "request_throughput",
+        "output_throughput",
+        "median_ttft_ms",
+        "median_tpot_ms",
+        "median_e2el_ms",
+    ]
     return f"vllm bench serve against {label}: " + json.dumps({k: data[k] for k in keys if k in data})
 
 
 def report(rows: list[dict[str, Any]]) -> str:
-    lines = ["| mode | conc | target | p50 ms | p99 ms | added p50 ms | added p99 ms | TTFT p50 ms | TTFT ratio "
-             "| req/s | throughput ratio | proxy CPU ms/req | errors |", "|" + "---|" * 13]
+    lines = [
+        "| mode | conc | target | p50 ms | p99 ms | added p50 ms | added p99 ms | TTFT p50 ms | TTFT ratio "
+        "| req/s | throughput ratio | proxy CPU ms/req | errors |",
+        "|" + "---|" * 13,
+    ]
     direct = {(r["mode"], r["concurrency"]): r for r in rows if r["target"] == "direct"}
     for r in rows:
         d = direct[(r["mode"], r["concurrency"])]
@@ -259,10 +347,12 @@ def report(rows: list[dict[str, Any]]) -> str:
             f"{'' if ttft_ratio is None else f'{ttft_ratio:.3f}'} | {r['req_per_s']:.1f} | "
             f"{r['req_per_s'] / d['req_per_s']:.3f} | {cpu} | {r['errors']} |"
         )
-    lines.append("\nAt concurrency 1, requests to the targets are interleaved and `added p50` is the median of "
-                 "paired differences (target − the direct request next to it); elsewhere it is p50(target) − "
-                 "p50(direct). Throughput ratio = req/s ÷ direct req/s. Proxy CPU ms/req: user+system CPU time of the "
-                 "proxy process (warm-up included) per measured request — independent of scheduling noise.")
+    lines.append(
+        "\nAt concurrency 1, requests to the targets are interleaved and `added p50` is the median of "
+        "paired differences (target − the direct request next to it); elsewhere it is p50(target) − "
+        "p50(direct). Throughput ratio = req/s ÷ direct req/s. Proxy CPU ms/req: user+system CPU time of the "
+        "proxy process (warm-up included) per measured request — independent of scheduling noise."
+    )
     return "\n".join(lines)
 
 
@@ -270,9 +360,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="checkpoint served by vllm serve (default: the tiny zoo's math expert)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--requests", type=int, default=0, help="requests per level (default: max(100, 10 x conc))")
+    ap.add_argument(
+        "--requests", type=int, default=0, help="requests per level (default: max(100, 10 x conc))"
+    )
     ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=2, help="repeat each level this many times, rotating targets")
+    ap.add_argument(
+        "--rounds", type=int, default=2, help="repeat each level this many times, rotating targets"
+    )
     ap.add_argument("--modes", nargs="+", default=["nonstream", "stream"])
     ap.add_argument("--litellm", help="path to LiteLLM's `litellm` binary (its own virtualenv)")
     ap.add_argument("--vllm-bench", action="store_true", help="also run `vllm bench serve` against moerge")
@@ -315,11 +409,13 @@ def main() -> None:
                             lv[name].cpu_s = cpu_seconds(pids[name]) - cpu0[name]
                     for name, d in diffs.items():
                         paired[(name, mode)] = d
-                        print(f"{mode:9s} c=1   paired   {name:8s} added p50={pct(sorted(d), 50) * 1e3:+.2f} ms",
-                              flush=True)
+                        print(
+                            f"{mode:9s} c=1   paired   {name:8s} added p50={pct(sorted(d), 50) * 1e3:+.2f} ms",
+                            flush=True,
+                        )
                     continue
                 for rnd in range(args.rounds):
-                    order = names[rnd % len(names):] + names[: rnd % len(names)]
+                    order = names[rnd % len(names) :] + names[: rnd % len(names)]
                     for name in order:
                         url, model_name = targets[name]
                         level = levels.setdefault((name, mode, conc), Level(name, mode, conc))
@@ -333,9 +429,12 @@ def main() -> None:
                         level.tokens += part.tokens
                         level.errors += part.errors
                         level.wall += part.wall
-                        print(f"{mode:9s} c={conc:<3d} round {rnd} {name:8s} "
-                              f"p50={pct(sorted(part.latencies), 50) * 1e3:7.2f} ms "
-                              f"req/s={len(part.latencies) / part.wall:7.1f} errors={part.errors}", flush=True)
+                        print(
+                            f"{mode:9s} c={conc:<3d} round {rnd} {name:8s} "
+                            f"p50={pct(sorted(part.latencies), 50) * 1e3:7.2f} ms "
+                            f"req/s={len(part.latencies) / part.wall:7.1f} errors={part.errors}",
+                            flush=True,
+                        )
         rows = [lv.summary() for lv in levels.values()]
         for row in rows:
             d = paired.get((row["target"], row["mode"]))
@@ -348,8 +447,13 @@ def main() -> None:
         if args.vllm_bench:
             extra = "\n\n```\n" + vllm_bench(moerge_url, "auto", model, out, "moerge") + "\n```\n"
             extra += "\n```\n" + vllm_bench(backend.url, "a", model, out, "direct") + "\n```\n"
-        meta = {"model": model, "max_tokens": args.max_tokens, "rounds": args.rounds, "cpus": os.cpu_count(),
-                "litellm": bool(args.litellm)}
+        meta = {
+            "model": model,
+            "max_tokens": args.max_tokens,
+            "rounds": args.rounds,
+            "cpus": os.cpu_count(),
+            "litellm": bool(args.litellm),
+        }
         (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
         (out / "results.md").write_text(f"# serving overhead\n\n{json.dumps(meta)}\n\n{table}\n{extra}")
         print(table)

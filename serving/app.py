@@ -60,7 +60,9 @@ def create_app(config: ServeConfig, metrics: Metrics | None = None) -> FastAPI:
             await gateway.close()
 
     app = FastAPI(
-        title="moerge", version="0.1.0", lifespan=lifespan,
+        title="moerge",
+        version="0.1.0",
+        lifespan=lifespan,
         description="OpenAI-compatible gateway routing each request to a recycled expert LLM.",
     )
     app.state.gateway = gateway
@@ -76,7 +78,9 @@ def create_app(config: ServeConfig, metrics: Metrics | None = None) -> FastAPI:
     @app.post("/v1/completions", responses=_ERRORS, openapi_extra=request_body(CompletionRequest))
     async def completions(request: Request) -> Response:
         payload, body = await parse_body(request, CompletionRequest)
-        return await _serve(gateway, request, "completions", body.model, payload, prompt_messages(body.prompt))
+        return await _serve(
+            gateway, request, "completions", body.model, payload, prompt_messages(body.prompt)
+        )
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -130,7 +134,11 @@ def extension(decision: Decision, served: Served, requested: str) -> dict[str, A
 
 
 async def _serve(
-    gateway: Gateway, request: Request, endpoint: Endpoint, model: str, payload: dict[str, Any],
+    gateway: Gateway,
+    request: Request,
+    endpoint: Endpoint,
+    model: str,
+    payload: dict[str, Any],
     messages: list[dict[str, Any]],
 ) -> Response:
     start = time.perf_counter()
@@ -139,7 +147,9 @@ async def _serve(
     _log_decision(gateway, request, model, decision, messages)
     # Until the first event (streaming) or the full answer, a client that leaves cancels the backend
     # request; once streaming, Starlette's own disconnect watch cancels the relay, which closes it.
-    served = await _cancel_on_disconnect(request, gateway.dispatch(endpoint, payload, request, decision.expert))
+    served = await _cancel_on_disconnect(
+        request, gateway.dispatch(endpoint, payload, request, decision.expert)
+    )
     if served is None:  # the client left; the backend request was cancelled, which aborts it
         m.requests.labels(endpoint, model, decision.expert, "499").inc()
         return Response(status_code=499)
@@ -154,16 +164,28 @@ async def _serve(
             result.body["moerge"] = ext
             body = result.body
         elif status == 200:  # a 200 that is not a JSON object: the backend is not speaking OpenAI
-            status, body = 502, error_body(f"The expert `{served.expert}` sent an invalid answer.", "server_error",
-                                           None, "bad_backend_response")
+            status, body = (
+                502,
+                error_body(
+                    f"The expert `{served.expert}` sent an invalid answer.",
+                    "server_error",
+                    None,
+                    "bad_backend_response",
+                ),
+            )
         else:
             body = normalize_error(status, result.body)
-        return Response(json.dumps(body, separators=_SEP).encode(), status_code=status, media_type="application/json",
-                        headers=headers)
+        return Response(
+            json.dumps(body, separators=_SEP).encode(),
+            status_code=status,
+            media_type="application/json",
+            headers=headers,
+        )
     m.requests.labels(endpoint, model, served.expert, "200").inc()
     return ClosingStreamingResponse(
         _relay(gateway, endpoint, served.expert, result, ext, start),
-        media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"},
+        media_type="text/event-stream",
+        headers={**headers, "cache-control": "no-cache"},
     )
 
 
@@ -207,8 +229,9 @@ async def _relay(
         reason = "no event within the idle timeout" if isinstance(err, TimeoutError) else str(err)
         log.warning("stream from expert %s failed after the first event: %s", expert, reason)
         gateway.record_stream_failure(expert, reason)
-        body = error_body(f"The expert `{expert}` failed mid-stream: {reason}", "server_error", None,
-                          "backend_stream_error")
+        body = error_body(
+            f"The expert `{expert}` failed mid-stream: {reason}", "server_error", None, "backend_stream_error"
+        )
         yield b"data: " + json.dumps(body).encode() + b"\n\n"
         yield _DONE
     finally:
@@ -256,13 +279,22 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def _log_decision(gateway: Gateway, request: Request, model: str, decision: Decision,
-                  messages: list[dict[str, Any]]) -> None:
+def _log_decision(
+    gateway: Gateway, request: Request, model: str, decision: Decision, messages: list[dict[str, Any]]
+) -> None:
     if not gateway.config.server.log_decisions or not log.isEnabledFor(logging.INFO):
         return
     rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:12]
     extra = ""
     if gateway.config.server.log_prompts:
         extra = f" prompt={latest_user_text(messages)[:500]!r}"
-    log.info("route id=%s model=%s expert=%s router=%s confidence=%.3f reason=%s%s", rid, model,
-             decision.expert, decision.router, decision.confidence, decision.reason, extra)
+    log.info(
+        "route id=%s model=%s expert=%s router=%s confidence=%.3f reason=%s%s",
+        rid,
+        model,
+        decision.expert,
+        decision.router,
+        decision.confidence,
+        decision.reason,
+        extra,
+    )

@@ -32,8 +32,10 @@ def register_serve_commands(app: typer.Typer) -> None:
             typer.echo("missing paths:\n" + "\n".join(missing), err=True)
             raise typer.Exit(2)
         if check:
-            typer.echo(f"{config}: ok ({len(cfg.experts)} experts, routing models: "
-                       f"{', '.join(cfg.routing_models) or 'none'})")
+            typer.echo(
+                f"{config}: ok ({len(cfg.experts)} experts, routing models: "
+                f"{', '.join(cfg.routing_models) or 'none'})"
+            )
             return
         from serving.server import run
 

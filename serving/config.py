@@ -28,7 +28,9 @@ class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger request bodies get a 413")
-    log_decisions: bool = Field(False, description="log one line per routing decision (metrics count them anyway)")
+    log_decisions: bool = Field(
+        False, description="log one line per routing decision (metrics count them anyway)"
+    )
     log_prompts: bool = Field(False, description="include the prompt in decision logs (off: privacy)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = False
@@ -84,7 +86,9 @@ class VllmExpert(_ExpertBase):
             raise ValueError("engine_args.trust_remote_code is refused: moerge never runs model code")
         reserved = sorted(keys & {"model", "served_model_name", "host", "port", "model_tag"})
         if reserved:
-            raise ValueError(f"engine_args: {', '.join(reserved)} are set by moerge (use `model` and the expert name)")
+            raise ValueError(
+                f"engine_args: {', '.join(reserved)} are set by moerge (use `model` and the expert name)"
+            )
         return self
 
 
@@ -112,13 +116,17 @@ class RouterConfig(_Strict):
     kind: str | None = None
     artifact: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
-    experts: list[Name] | None = Field(None, description="experts a built-in kind chooses from (default: all)")
+    experts: list[Name] | None = Field(
+        None, description="experts a built-in kind chooses from (default: all)"
+    )
     fallback: Name | None = Field(None, description="expert used if the router itself fails")
 
     @model_validator(mode="after")
     def _one_source(self) -> RouterConfig:
         if (self.kind is None) == (self.artifact is None):
-            raise ValueError("give exactly one of `kind` (built-in router) or `artifact` (trained router path)")
+            raise ValueError(
+                "give exactly one of `kind` (built-in router) or `artifact` (trained router path)"
+            )
         return self
 
 
@@ -207,7 +215,11 @@ def missing_paths(config: ServeConfig) -> list[str]:
     """Local model and artifact paths that do not exist, as `field: path` lines."""
     out = []
     for name, expert in config.experts.items():
-        if isinstance(expert, VllmExpert) and expert.model.startswith("/") and not Path(expert.model).exists():
+        if (
+            isinstance(expert, VllmExpert)
+            and expert.model.startswith("/")
+            and not Path(expert.model).exists()
+        ):
             out.append(f"experts.{name}.model: {expert.model}")
     for name, router in config.routers.items():
         if router.artifact is not None and not Path(router.artifact).exists():

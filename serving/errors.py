@@ -33,7 +33,12 @@ class OpenAIError(Exception):
     """Raise anywhere in a request to answer with an OpenAI-shaped error."""
 
     def __init__(
-        self, status: int, message: str, *, type: str | None = None, param: str | None = None,
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,
+        param: str | None = None,
         code: str | int | None = None,
     ) -> None:
         super().__init__(message)
@@ -50,12 +55,22 @@ class OpenAIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
-def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, type: str, param: str | None = None, code: str | int | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-_OPENAI_TYPES = {"invalid_request_error", "authentication_error", "permission_error", "not_found_error",
-                 "rate_limit_error", "server_error", "api_error", "insufficient_quota"}
+_OPENAI_TYPES = {
+    "invalid_request_error",
+    "authentication_error",
+    "permission_error",
+    "not_found_error",
+    "rate_limit_error",
+    "server_error",
+    "api_error",
+    "insufficient_quota",
+}
 
 
 def normalize_error(status: int, body: Any) -> dict[str, Any]:
@@ -84,7 +99,11 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None, s
     param = ".".join(loc) or None
     kind = str(first.get("type", ""))
     if kind == "json_invalid":
-        return "We could not parse the JSON body of your request: " + str(first.get("msg")), None, "invalid_json"
+        return (
+            "We could not parse the JSON body of your request: " + str(first.get("msg")),
+            None,
+            "invalid_json",
+        )
     if kind == "missing":
         return f"Missing required parameter: '{param}'.", param, "missing_required_parameter"
     msg = str(first.get("msg", "invalid value"))
@@ -108,11 +127,15 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(
-            error_body(str(exc.detail), _TYPES.get(exc.status_code, "invalid_request_error"), None, exc.status_code),
+            error_body(
+                str(exc.detail), _TYPES.get(exc.status_code, "invalid_request_error"), None, exc.status_code
+            ),
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )
 
     @app.exception_handler(Exception)
     async def _crash(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(error_body("internal error in the gateway", "server_error", None, 500), status_code=500)
+        return JSONResponse(
+            error_body("internal error in the gateway", "server_error", None, 500), status_code=500
+        )

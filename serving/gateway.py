@@ -57,7 +57,9 @@ class Gateway:
             name: build_backend(name, cfg, self.client) for name, cfg in config.experts.items()
         }
         cb = config.circuit_breaker
-        self.breakers = {name: CircuitBreaker(cb.failure_threshold, cb.reset_after_s) for name in self.backends}
+        self.breakers = {
+            name: CircuitBreaker(cb.failure_threshold, cb.reset_after_s) for name in self.backends
+        }
         self.batchers: dict[str, MicroBatcher] = {}
         self.created = int(time.time())
         self._health_task: asyncio.Task[None] | None = None
@@ -70,7 +72,11 @@ class Gateway:
             router = await asyncio.to_thread(load_router, name, rcfg, experts)
             fallback = rcfg.fallback or router.experts[0]
             self.batchers[name] = MicroBatcher(
-                name, router, fallback, self.config.batching.max_batch, self.config.batching.max_wait_ms,
+                name,
+                router,
+                fallback,
+                self.config.batching.max_batch,
+                self.config.batching.max_wait_ms,
                 observe=self._observe_batch(name),
             )
         for backend in self.backends.values():
@@ -135,17 +141,31 @@ class Gateway:
     # -- routing -------------------------------------------------------------------------------------
     def models(self) -> list[dict[str, Any]]:
         out = [
-            {"id": name, "object": "model", "created": self.created, "owned_by": "moerge",
-             "moerge": {"type": "expert", "backend": b.kind}}
+            {
+                "id": name,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "moerge",
+                "moerge": {"type": "expert", "backend": b.kind},
+            }
             for name, b in self.backends.items()
         ]
         for model, router_name in self.config.routing_models.items():
             router = self.batchers[router_name].router if router_name in self.batchers else None
-            out.append({
-                "id": model, "object": "model", "created": self.created, "owned_by": "moerge",
-                "moerge": {"type": "routing", "router": router_name,
-                           "kind": getattr(router, "name", None), "experts": getattr(router, "experts", None)},
-            })
+            out.append(
+                {
+                    "id": model,
+                    "object": "model",
+                    "created": self.created,
+                    "owned_by": "moerge",
+                    "moerge": {
+                        "type": "routing",
+                        "router": router_name,
+                        "kind": getattr(router, "name", None),
+                        "experts": getattr(router, "experts", None),
+                    },
+                }
+            )
         return out
 
     async def decide(self, model: str, messages: list[dict[str, Any]], previous: str | None) -> Decision:
@@ -155,9 +175,11 @@ class Gateway:
             router_name = self.config.routing_models.get(model)
             if router_name is None:
                 raise OpenAIError(
-                    404, f"The model `{model}` does not exist. Known models: "
+                    404,
+                    f"The model `{model}` does not exist. Known models: "
                     + ", ".join([*self.backends, *self.config.routing_models]),
-                    param="model", code="model_not_found",
+                    param="model",
+                    code="model_not_found",
                 )
             batcher = self.batchers[router_name]
             decision = await batcher.decide(RoutingRequest(messages, previous))
@@ -211,8 +233,10 @@ class Gateway:
             failed.append(name)
         self.update_gauges()
         raise OpenAIError(
-            503, f"No backend could serve expert `{expert}`: " + "; ".join(errors[-4:]),
-            type="server_error", code="backend_unavailable",
+            503,
+            f"No backend could serve expert `{expert}`: " + "; ".join(errors[-4:]),
+            type="server_error",
+            code="backend_unavailable",
         )
 
     def record_stream_failure(self, expert: str, error: str) -> None:

@@ -69,6 +69,11 @@ class BodySizeLimit:
 
 async def _reject(send: Send, status: int, message: str, code: str) -> None:
     body = json.dumps(error_body(message, "invalid_request_error", None, code)).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -17,34 +17,54 @@ class Metrics:
         )
         self.in_flight = Gauge("moerge_requests_in_flight", "Requests being served", ["endpoint"], registry=r)
         self.latency = Histogram(
-            "moerge_request_seconds", "Request latency until the full answer (non-streaming) or the end "
-            "of the stream", ["endpoint", "expert", "stream"], buckets=_LATENCY, registry=r,
+            "moerge_request_seconds",
+            "Request latency until the full answer (non-streaming) or the end of the stream",
+            ["endpoint", "expert", "stream"],
+            buckets=_LATENCY,
+            registry=r,
         )
         self.ttft = Histogram(
-            "moerge_time_to_first_event_seconds", "Request received → first streamed event sent",
-            ["expert"], buckets=_LATENCY, registry=r,
+            "moerge_time_to_first_event_seconds",
+            "Request received → first streamed event sent",
+            ["expert"],
+            buckets=_LATENCY,
+            registry=r,
         )
         self.decisions = Counter(
             "moerge_routing_decisions", "Routing decisions", ["router", "expert", "reason"], registry=r
         )
         self.router_batch = Histogram(
-            "moerge_router_batch_size", "Requests decided per decide_batch call", ["router"],
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r,
+            "moerge_router_batch_size",
+            "Requests decided per decide_batch call",
+            ["router"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
         )
         self.router_seconds = Histogram(
-            "moerge_router_batch_seconds", "Time of one decide_batch call", ["router"], buckets=_FAST, registry=r
+            "moerge_router_batch_seconds",
+            "Time of one decide_batch call",
+            ["router"],
+            buckets=_FAST,
+            registry=r,
         )
         self.attempts = Counter(
             "moerge_backend_attempts", "Backend attempts by outcome", ["expert", "outcome"], registry=r
         )
         self.fallbacks = Counter(
-            "moerge_fallbacks", "Requests served by a fallback expert", ["from_expert", "to_expert"], registry=r
-        )
-        self.stream_errors = Counter(
-            "moerge_stream_errors", "Streams ended with an error event after the first token", ["expert"],
+            "moerge_fallbacks",
+            "Requests served by a fallback expert",
+            ["from_expert", "to_expert"],
             registry=r,
         )
-        self.backend_up = Gauge("moerge_backend_up", "1 if the backend is up (probe and breaker)", ["expert"],
-                                registry=r)
-        self.breaker_open = Gauge("moerge_backend_breaker_open", "1 if the circuit breaker is open",
-                                  ["expert"], registry=r)
+        self.stream_errors = Counter(
+            "moerge_stream_errors",
+            "Streams ended with an error event after the first token",
+            ["expert"],
+            registry=r,
+        )
+        self.backend_up = Gauge(
+            "moerge_backend_up", "1 if the backend is up (probe and breaker)", ["expert"], registry=r
+        )
+        self.breaker_open = Gauge(
+            "moerge_backend_breaker_open", "1 if the circuit breaker is open", ["expert"], registry=r
+        )

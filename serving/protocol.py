@@ -34,7 +34,9 @@ class ChatMessage(_Open):
 
 
 class _Sampling(_Open):
-    model: str = Field(min_length=1, max_length=256, description="an expert, or a routing model such as `auto`")
+    model: str = Field(
+        min_length=1, max_length=256, description="an expert, or a routing model such as `auto`"
+    )
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
@@ -92,8 +94,9 @@ async def parse_body(request: Request, model: type[Body]) -> tuple[dict[str, Any
     try:
         payload = json.loads(raw, parse_constant=_no_constants)
     except (ValueError, RecursionError) as err:
-        raise OpenAIError(400, f"We could not parse the JSON body of your request: {err}",
-                          code="invalid_json") from None
+        raise OpenAIError(
+            400, f"We could not parse the JSON body of your request: {err}", code="invalid_json"
+        ) from None
     if not isinstance(payload, dict):
         raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
     try:
@@ -115,8 +118,9 @@ def install_openapi_schemas(app: FastAPI, models: list[type[BaseModel]]) -> None
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes)
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             for model in models:
                 js = model.model_json_schema(ref_template="#/components/schemas/{model}")

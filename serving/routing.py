@@ -52,8 +52,16 @@ class MicroBatcher:
     the loop for long. The first batch always goes to the thread, to measure.
     """
 
-    def __init__(self, name: str, router: Router, fallback: str, max_batch: int = 64, max_wait_ms: float = 0.0,
-                 observe: Any = None, inline_below_s: float = 0.0002) -> None:
+    def __init__(
+        self,
+        name: str,
+        router: Router,
+        fallback: str,
+        max_batch: int = 64,
+        max_wait_ms: float = 0.0,
+        observe: Any = None,
+        inline_below_s: float = 0.0002,
+    ) -> None:
         self.name = name
         self.router = router
         self.fallback = fallback
@@ -89,9 +97,13 @@ class MicroBatcher:
                 else:
                     decisions, own = await loop.run_in_executor(self._executor, self._timed, requests)
                 if len(decisions) != len(requests):
-                    raise RuntimeError(f"decide_batch returned {len(decisions)} decisions for {len(requests)}")
+                    raise RuntimeError(
+                        f"decide_batch returned {len(decisions)} decisions for {len(requests)}"
+                    )
                 per_request = own / len(requests)
-                self._slowest = per_request if self._slowest == float("inf") else max(self._slowest, per_request)
+                self._slowest = (
+                    per_request if self._slowest == float("inf") else max(self._slowest, per_request)
+                )
             except Exception as err:  # a router must not raise; if it does, serve from its fallback expert
                 log.exception("router %s failed on a batch of %d", self.name, len(requests))
                 decisions = [self._fallback_decision(err) for _ in requests]
@@ -108,9 +120,15 @@ class MicroBatcher:
         return decisions, time.perf_counter() - start
 
     def _fallback_decision(self, err: Exception) -> Decision:
-        return Decision(self.fallback, {}, 0.0, getattr(self.router, "name", self.name),
-                        getattr(self.router, "version", "?"), "router-error→fallback",
-                        {"error": type(err).__name__})
+        return Decision(
+            self.fallback,
+            {},
+            0.0,
+            getattr(self.router, "name", self.name),
+            getattr(self.router, "version", "?"),
+            "router-error→fallback",
+            {"error": type(err).__name__},
+        )
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

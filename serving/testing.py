@@ -51,25 +51,48 @@ class VllmServer:
     server module that `vllm serve` runs is started directly.
     """
 
-    def __init__(self, model: str | Path, served_names: list[str], *, max_model_len: int = 256,
-                 extra_args: list[str] | None = None, env: dict[str, str] | None = None,
-                 log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        model: str | Path,
+        served_names: list[str],
+        *,
+        max_model_len: int = 256,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        log_path: Path | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
         self.argv = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-            "--served-model-name", *served_names, "--host", LOOPBACK, "--port", str(self.port),
-            "--enforce-eager", "--max-model-len", str(max_model_len), *(extra_args or []),
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model),
+            "--served-model-name",
+            *served_names,
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(self.port),
+            "--enforce-eager",
+            "--max-model-len",
+            str(max_model_len),
+            *(extra_args or []),
         ]
-        self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-                    **(env or {})}
+        self.env = {
+            **os.environ,
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+            **(env or {}),
+        }
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> VllmServer:
         out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         return self
 
     def wait_ready(self, timeout_s: float = 240) -> VllmServer:
@@ -103,8 +126,14 @@ class ThreadedServer:
         self.app = app
         self.port = port or free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
-        config = uvicorn.Config(app, host=LOOPBACK, port=self.port, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=5)
+        config = uvicorn.Config(
+            app,
+            host=LOOPBACK,
+            port=self.port,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=5,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="moerge-gateway", daemon=True)
 

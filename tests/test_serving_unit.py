@@ -55,10 +55,14 @@ def test_example_configs_validate(path: Path) -> None:
         ({"experts": {"a": {"backend": "vllm"}}}, "experts.a.vllm.model"),
         ({"experts": {"a": {"backend": "vllm", "model": "m", "fallback": "zz"}}}, "experts.a.fallback"),
         ({"experts": {"a": {"backend": "vllm", "model": "m", "fallback": "a"}}}, "experts.a.fallback"),
-        ({"experts": {"a": {"backend": "vllm", "model": "m", "engine_args": {"trust_remote_code": True}}}},
-         "trust_remote_code"),
-        ({"experts": {"a": {"backend": "vllm", "model": "m", "engine_args": {"served-model-name": "x"}}}},
-         "served_model_name"),
+        (
+            {"experts": {"a": {"backend": "vllm", "model": "m", "engine_args": {"trust_remote_code": True}}}},
+            "trust_remote_code",
+        ),
+        (
+            {"experts": {"a": {"backend": "vllm", "model": "m", "engine_args": {"served-model-name": "x"}}}},
+            "served_model_name",
+        ),
         ({"experts": {"a": {"backend": "openai", "url": "not a url"}}}, "experts.a.openai.url"),
         ({"server": {"port": 70000}}, "server.port"),
         ({"server": {"prot": 1}}, "server.prot"),
@@ -93,8 +97,16 @@ def test_config_defaults_and_paths(tmp_path: Path) -> None:
 
 
 def test_engine_argv_uses_vllm_flag_conventions() -> None:
-    argv = engine_argv("/m", "math", {"max_model_len": 256, "enforce_eager": True, "enable_prefix_caching": False,
-                                      "override_generation_config": {"temperature": 0.5}})
+    argv = engine_argv(
+        "/m",
+        "math",
+        {
+            "max_model_len": 256,
+            "enforce_eager": True,
+            "enable_prefix_caching": False,
+            "override_generation_config": {"temperature": 0.5},
+        },
+    )
     assert argv[:4] == ["--model", "/m", "--served-model-name", "math"]
     assert "--enforce-eager" in argv and "--no-enable-prefix-caching" in argv
     assert argv[argv.index("--max-model-len") + 1] == "256"
@@ -170,7 +182,9 @@ async def test_micro_batcher_calls_cheap_routers_inline() -> None:
     batcher = MicroBatcher("r", router, fallback="a", inline_below_s=10.0)
     for _ in range(3):
         await batcher.decide(RoutingRequest.from_prompt("hi"))
-    assert threading.get_ident() in router.threads and len(router.threads) == 2  # measured on the thread first
+    assert (
+        threading.get_ident() in router.threads and len(router.threads) == 2
+    )  # measured on the thread first
     slow = MicroBatcher("r", RecordingRouter(["a", "b"]), fallback="a", inline_below_s=0.0)
     slow.router.gate.set()
     for _ in range(3):
@@ -191,8 +205,13 @@ async def test_micro_batcher_router_failure_falls_back() -> None:
 
 # -- the HTTP surface with misbehaving fake backends (dispatch rules) --------------------------------
 def chunk_of(body: dict[str, Any]) -> dict[str, Any]:
-    return {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
-            "choices": [{"index": 0, "delta": {"role": "assistant", "content": "ok"}, "finish_reason": None}]}
+    return {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": body["model"],
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": "ok"}, "finish_reason": None}],
+    }
 
 
 def fake_backend(mode: str) -> FastAPI:
@@ -214,6 +233,7 @@ def fake_backend(mode: str) -> FastAPI:
         if mode == "hang":
             await asyncio.sleep(3600)
         if mode == "cut":  # one event, then the connection drops mid-stream
+
             async def cut() -> Any:
                 yield f"data: {json.dumps(chunk_of(body))}\n\n"
                 await asyncio.sleep(0.05)
@@ -222,14 +242,22 @@ def fake_backend(mode: str) -> FastAPI:
             return StreamingResponse(cut(), media_type="text/event-stream")
         chunk = chunk_of(body)
         if body.get("stream"):
+
             async def events() -> Any:
                 yield f"data: {json.dumps(chunk)}\n\n"
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
-        return {"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+        return {
+            "id": "c1",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+            ],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
 
     return app
 
@@ -247,21 +275,23 @@ def gateway(fakes: dict[str, ThreadedServer]) -> Iterator[str]:
     from serving.app import create_app
 
     dead = f"http://{LOOPBACK}:{free_port()}/v1"
-    config = parse_config({
-        "server": {"max_body_bytes": 4096},
-        "experts": {
-            "good": remote(fakes["ok"].url + "/v1"),
-            "ghost": remote(dead, fallback="good"),
-            "broken": remote(fakes["fail500"].url + "/v1", fallback="good"),
-            "slow": remote(fakes["hang"].url + "/v1", fallback="good"),
-            "lonely": remote(dead),
-            "flaky": remote(fakes["cut"].url + "/v1", fallback="good"),
-        },
-        "routers": {"r": {"kind": "fixed", "params": {"expert": "ghost"}}},
-        "timeouts": {"first_token_s": 1, "total_s": 1, "connect_s": 1},
-        "retry": {"attempts": 1, "backoff_s": 0.01},
-        "circuit_breaker": {"failure_threshold": 50, "health_interval_s": 0.5},
-    })
+    config = parse_config(
+        {
+            "server": {"max_body_bytes": 4096},
+            "experts": {
+                "good": remote(fakes["ok"].url + "/v1"),
+                "ghost": remote(dead, fallback="good"),
+                "broken": remote(fakes["fail500"].url + "/v1", fallback="good"),
+                "slow": remote(fakes["hang"].url + "/v1", fallback="good"),
+                "lonely": remote(dead),
+                "flaky": remote(fakes["cut"].url + "/v1", fallback="good"),
+            },
+            "routers": {"r": {"kind": "fixed", "params": {"expert": "ghost"}}},
+            "timeouts": {"first_token_s": 1, "total_s": 1, "connect_s": 1},
+            "retry": {"attempts": 1, "backoff_s": 0.01},
+            "circuit_breaker": {"failure_threshold": 50, "health_interval_s": 0.5},
+        }
+    )
     with ThreadedServer(create_app(config)) as server:
         yield server.url
 
@@ -328,14 +358,24 @@ def test_unknown_route_and_method_are_openai_shaped(gateway: str) -> None:
 def test_models_health_ready_metrics_openapi(gateway: str) -> None:
     models = httpx.get(gateway + "/v1/models").json()
     ids = {m["id"]: m["moerge"]["type"] for m in models["data"]}
-    assert ids == {"good": "expert", "ghost": "expert", "broken": "expert", "slow": "expert", "lonely": "expert",
-                   "flaky": "expert", "auto": "routing"}
+    assert ids == {
+        "good": "expert",
+        "ghost": "expert",
+        "broken": "expert",
+        "slow": "expert",
+        "lonely": "expert",
+        "flaky": "expert",
+        "auto": "routing",
+    }
     assert httpx.get(gateway + "/health").status_code == 200
     ready = httpx.get(gateway + "/ready")
     assert ready.status_code == 503 and ready.json()["backends"]["ghost"]["up"] is False
     assert ready.json()["backends"]["good"]["up"] is True
     metrics = httpx.get(gateway + "/metrics").text
-    assert 'moerge_backend_up{expert="good"} 1.0' in metrics and 'moerge_backend_up{expert="ghost"} 0.0' in metrics
+    assert (
+        'moerge_backend_up{expert="good"} 1.0' in metrics
+        and 'moerge_backend_up{expert="ghost"} 0.0' in metrics
+    )
     schema = httpx.get(gateway + "/openapi.json").json()
     assert "ChatCompletionRequest" in schema["components"]["schemas"]
 
@@ -347,7 +387,7 @@ def test_failures_before_first_token_fall_back(gateway: str, expert: str, stream
     assert resp.status_code == 200, resp.text
     assert resp.headers["x-moerge-expert"] == "good" and resp.headers["x-moerge-routed-expert"] == expert
     if stream:
-        first = json.loads(resp.text.split("\n\n")[0][len("data: "):])
+        first = json.loads(resp.text.split("\n\n")[0][len("data: ") :])
         assert first["moerge"]["fallback"] is True and resp.text.rstrip().endswith("data: [DONE]")
     else:
         ext = resp.json()["moerge"]
@@ -367,8 +407,8 @@ def test_failure_after_first_token_ends_stream_with_error_event(gateway: str) ->
     resp = post(gateway, msg("flaky", stream=True))
     assert resp.status_code == 200 and resp.headers["x-moerge-expert"] == "flaky"  # no fallback mid-stream
     events = [e for e in resp.text.split("\n\n") if e]
-    assert json.loads(events[0][len("data: "):])["choices"][0]["delta"]["content"] == "ok"
-    error = json.loads(events[-2][len("data: "):])["error"]
+    assert json.loads(events[0][len("data: ") :])["choices"][0]["delta"]["content"] == "ok"
+    error = json.loads(events[-2][len("data: ") :])["error"]
     assert error["code"] == "backend_stream_error" and "mid-stream" in error["message"]
     assert events[-1] == "data: [DONE]"
 

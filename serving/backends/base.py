@@ -60,7 +60,12 @@ class Backend(ABC):
 
     @abstractmethod
     async def request(
-        self, endpoint: Endpoint, payload: dict[str, Any], raw: Request | None, *, first_token_s: float,
+        self,
+        endpoint: Endpoint,
+        payload: dict[str, Any],
+        raw: Request | None,
+        *,
+        first_token_s: float,
         total_s: float,
     ) -> JSONResult | StreamResult:
         """Send one request; raise BackendUnavailable on failures worth retrying elsewhere."""

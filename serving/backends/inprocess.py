@@ -119,7 +119,12 @@ class InProcessBackend(Backend):
         return 0 if self.engine is None else self.engine.get_num_unfinished_requests()
 
     async def request(
-        self, endpoint: Endpoint, payload: dict[str, Any], raw: Request | None, *, first_token_s: float,
+        self,
+        endpoint: Endpoint,
+        payload: dict[str, Any],
+        raw: Request | None,
+        *,
+        first_token_s: float,
         total_s: float,
     ) -> JSONResult | StreamResult:
         if self.engine is None:
@@ -133,7 +138,9 @@ class InProcessBackend(Backend):
         except Exception as err:  # vLLM's validators also raise its own errors (VLLMValidationError...)
             error = self._create_error(err)
             return JSONResult(int(error.error.code), error.model_dump())
-        serving = self.state.openai_serving_chat if endpoint == "chat" else self.state.openai_serving_completion
+        serving = (
+            self.state.openai_serving_chat if endpoint == "chat" else self.state.openai_serving_completion
+        )
         call = serving.create_chat_completion if endpoint == "chat" else serving.create_completion
         stream = bool(payload.get("stream"))
         result: Any = None
@@ -182,8 +189,19 @@ async def _events(gen: Any) -> Any:
         raise BackendStreamError(f"{type(err).__name__}: {err}") from None
 
 
-_INTERNAL = {"function-wrap", "function-after", "function-before", "function-plain", "tagged-union", "union",
-             "chain", "nullable", "default", "lax-or-strict", "json-or-python"}
+_INTERNAL = {
+    "function-wrap",
+    "function-after",
+    "function-before",
+    "function-plain",
+    "tagged-union",
+    "union",
+    "chain",
+    "nullable",
+    "default",
+    "lax-or-strict",
+    "json-or-python",
+}
 
 
 def _public_errors(err: ValidationError) -> list[dict[str, Any]]:

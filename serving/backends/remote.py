@@ -44,7 +44,9 @@ def make_client(connect_s: float, idle_s: float, max_connections: int = 1024) ->
 class RemoteBackend(Backend):
     kind = "openai"
 
-    def __init__(self, name: str, base_url: str, model: str, client: httpx.AsyncClient, api_key: str | None) -> None:
+    def __init__(
+        self, name: str, base_url: str, model: str, client: httpx.AsyncClient, api_key: str | None
+    ) -> None:
         super().__init__(name)
         self.base_url = base_url.rstrip("/")
         self.model = model
@@ -66,7 +68,12 @@ class RemoteBackend(Backend):
         return resp.status_code == 200
 
     async def request(
-        self, endpoint: Endpoint, payload: dict[str, Any], raw: Request | None, *, first_token_s: float,
+        self,
+        endpoint: Endpoint,
+        payload: dict[str, Any],
+        raw: Request | None,
+        *,
+        first_token_s: float,
         total_s: float,
     ) -> JSONResult | StreamResult:
         payload["model"] = self.model

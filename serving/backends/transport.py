@@ -54,18 +54,25 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self._limit, limit_per_host=0, ttl_dns_cache=300)
-            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                                  skip_auto_headers=("User-Agent",))
+            self._session = aiohttp.ClientSession(
+                connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
+            )
         return self._session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         t: dict[str, Any] = request.extensions.get("timeout", {})
-        timeout = aiohttp.ClientTimeout(total=None, connect=t.get("pool"), sock_connect=t.get("connect"),
-                                        sock_read=t.get("read"))
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=t.get("pool"), sock_connect=t.get("connect"), sock_read=t.get("read")
+        )
         try:
             resp = await self._get_session().request(
-                request.method, str(request.url), headers=list(request.headers.multi_items()),
-                data=request.content, timeout=timeout, allow_redirects=False, compress=None,
+                request.method,
+                str(request.url),
+                headers=list(request.headers.multi_items()),
+                data=request.content,
+                timeout=timeout,
+                allow_redirects=False,
+                compress=None,
             )
         except aiohttp.ClientConnectorError as err:
             raise httpx.ConnectError(str(err), request=request) from err
@@ -73,8 +80,13 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             raise httpx.ReadTimeout(str(err) or "timed out", request=request) from err
         except aiohttp.ClientError as err:
             raise httpx.RemoteProtocolError(f"{type(err).__name__}: {err}", request=request) from err
-        return httpx.Response(resp.status, headers=list(resp.raw_headers), stream=_Body(resp, request),
-                              request=request, extensions={"http_version": b"HTTP/1.1"})
+        return httpx.Response(
+            resp.status,
+            headers=list(resp.raw_headers),
+            stream=_Body(resp, request),
+            request=request,
+            extensions={"http_version": b"HTTP/1.1"},
+        )
 
     async def aclose(self) -> None:
         if self._session is not None:
