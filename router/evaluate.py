@@ -120,7 +120,8 @@ def plot_confusion(matrix: list[list[int]], labels: Sequence[str], path: Path, t
     plt.close(fig)
 
 
-def _decisions(router: LearnedRouter, kind: str, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+def policy_decisions(router: LearnedRouter, kind: str, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Head probabilities → (expert indices, confidences, fallbacks) through the serving policy."""
     maker = DecisionMaker(router.policy, kind, router.version)
     index = {e: i for i, e in enumerate(router.experts)}
     decided = [maker.decide(row, None, kind, {}) for row in p]
@@ -171,7 +172,7 @@ def evaluate(
     needs_tokens = compare or router.head.needs_tokens
     feats, truncated = router.features(texts, needs_tokens=needs_tokens)
     p = router.head.proba(feats)
-    pred, confidence, fallbacks = _decisions(router, router.kind, p)
+    pred, confidence, fallbacks = policy_decisions(router, router.kind, p)
     result: dict[str, Any] = {
         "router": router.kind,
         "version": router.version,
@@ -211,7 +212,7 @@ def compare_heads(router: LearnedRouter, feats: Features, y: np.ndarray) -> dict
         out[name] = _summary(m)
     for kind, head in sorted(router.heads.items()):
         p = head.proba(feats)
-        pred, confidence, fallbacks = _decisions(router, kind, p)
+        pred, confidence, fallbacks = policy_decisions(router, kind, p)
         m = classification_metrics(y, pred, confidence, router.experts)
         out[kind] = {**_summary(m), "accuracy_without_floor": round(float((p.argmax(1) == y).mean()), 4)}
         if kind == "hybrid":

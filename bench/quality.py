@@ -1,0 +1,364 @@
+"""Quality tables of the demo zoo (`moerge zoo build`): merge, routing, end to end.
+
+    .venv/bin/python bench/quality.py [--zoo runs/zoo] [--rows 64] [--tables merge,routing,e2e]
+
+1. Merge: held-out perplexity per domain (reference answers given the chat-formatted prompt; MMLU has no
+   answers, so its prompts are scored) for the base, each dense expert, dense merges (linear, TIES,
+   DARE-TIES), MoE variants by gate initialisation (random, uniform, hidden, ridge, ridge + tuned) and
+   mergekit-moe's MoE of the same experts; with the share of each domain's tokens that the MoE's gates
+   (top-1, mean over layers) send to the domain's own expert, and experts that receive < 1% flagged.
+2. Routing: per-domain accuracy, per-expert F1 and macro-F1 of every head of the zoo's router artifact
+   and of the random / majority baselines on the zoo's held-out split.
+3. End to end: on each domain's held-out prompts with reference answers, the mean reference NLL per
+   UTF-8 byte (comparable across tokenizers) under each served expert, under the expert the router
+   picks (the real `decide_batch`), and under the per-prompt oracle.
+
+Writes WORK/quality.json, the markdown tables (stdout and WORK/quality.md) and two PNGs
+(bench/results/quality-merge-heatmap.png, bench/results/quality-routing-confusion.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from quality_variants import build, variants  # noqa: E402
+
+from merge.evaluate import load_causal_lm, routing_load, score_references  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+RESPONSE_CHARS = 400  # every model scores the same characters of each reference answer
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def heldout_rows(zoo: Path, domain: str, n: int) -> list[dict]:
+    """A fixed sample of a domain's held-out rows (ordered by a hash of their id, not file order)."""
+    path = zoo / "data" / f"{domain}.heldout.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows.sort(key=lambda r: hashlib.sha256(str(r.get("id", r["prompt"])).encode()).hexdigest())
+    out = []
+    for row in rows[:n]:
+        response = row.get("response")
+        if response:
+            response = response.replace("<|endoftext|>", "").strip()[:RESPONSE_CHARS]
+        out.append({**row, "response": response or None})
+    return out
+
+
+def domains_of(zoo: Path) -> list[str]:
+    return sorted(p.name.removesuffix(".heldout.jsonl") for p in (zoo / "data").glob("*.heldout.jsonl"))
+
+
+def release(*objects) -> None:
+    del objects
+    gc.collect()
+
+
+# ---------------------------------------------------------------- table 1: merge
+
+
+def merge_table(zoo: Path, work: Path, n: int, with_mergekit: bool) -> dict:
+    all_variants = variants(zoo, with_mergekit)
+    expert_names = [e["name"] for e in all_variants[0].recipe["experts"]]
+    domains = [d for d in ("math", "code", "text", "knowledge", "general") if (zoo / "data").exists()]
+    domains = [d for d in domains if (zoo / "data" / f"{d}.heldout.jsonl").exists()]
+    rows = {d: heldout_rows(zoo, d, n) for d in domains}
+    models: list[tuple[str, str, Path]] = [("base", "dense", zoo / "base")]
+    models += [(f"dense expert {e}", "dense", zoo / "experts" / e) for e in expert_names]
+    built: dict[str, Path] = {}
+    for variant in all_variants:
+        try:
+            built[variant.name] = build(variant, work, built, log)
+            models.append((variant.name, variant.kind, built[variant.name]))
+        except (RuntimeError, OSError) as error:
+            log(f"skipping {variant.name}: {error}")
+    results = []
+    for name, kind, folder in models:
+        log(f"evaluating {name}")
+        model, tokenizer = load_causal_lm(folder)
+        perplexity = {}
+        for d in domains:
+            scores = score_references(model, tokenizer, rows[d])
+            perplexity[d] = math.exp(sum(s.nll for s in scores) / max(1, sum(s.tokens for s in scores)))
+        entry = {"model": name, "kind": kind, "perplexity": perplexity}
+        if kind == "moe":
+            entry.update(gate_shares(model, tokenizer, {e: rows[e] for e in expert_names if e in rows}))
+        results.append(entry)
+        release(model, tokenizer)
+    dense_experts = {e: next(r for r in results if r["model"] == f"dense expert {e}") for e in expert_names}
+    for entry in results:
+        entry["vs_own_dense_expert"] = {
+            e: entry["perplexity"][e] / dense_experts[e]["perplexity"][e] - 1
+            for e in expert_names
+            if e in entry["perplexity"]
+        }
+    return {"domains": domains, "experts": expert_names, "rows": results, "n_per_domain": n}
+
+
+def gate_shares(model, tokenizer, rows: dict[str, list[dict]]) -> dict:
+    prompts = {
+        d: [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True
+            )
+            for r in rs
+        ]
+        for d, rs in rows.items()
+    }
+    counts = routing_load(model, tokenizer, prompts)  # [layer, domain, expert]
+    share = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+    own = {d: float(share[:, i, i].mean()) for i, d in enumerate(prompts)}
+    load = counts.sum((0, 1)) / counts.sum().clamp_min(1)
+    unused = [int(i) for i in torch.nonzero(load < 0.01).flatten()]
+    return {"own_share": own, "expert_load": [float(x) for x in load], "unused_experts": unused}
+
+
+# ---------------------------------------------------------------- table 2: routing
+
+
+def routing_table(zoo: Path, n: int) -> dict:
+    from router.artifact import load_router
+    from router.evaluate import classification_metrics, policy_decisions
+
+    router = load_router(zoo / "router", cache_size=0)
+    label_map = dict(router.meta.get("label_map") or {})
+    domains = [d for d in domains_of(zoo) if d in label_map]
+    rows = [r for d in domains for r in heldout_rows(zoo, d, n)]
+    y = np.array([router.experts.index(label_map[r["domain"]]) for r in rows])
+    feats, _ = router.features([r["prompt"] for r in rows], needs_tokens=True)
+    counts = router.training_counts()
+    majority = max(range(len(router.experts)), key=lambda i: counts.get(router.experts[i], 0))
+    predictions = {
+        "majority": np.full(len(y), majority),
+        "random": np.random.default_rng(0).integers(0, len(router.experts), len(y)),
+    }
+    for kind, head in sorted(router.heads.items()):
+        predictions[kind], _, _ = policy_decisions(router, kind, head.proba(feats))
+    out = {}
+    domain_of = np.array([r["domain"] for r in rows])
+    for kind, pred in predictions.items():
+        m = classification_metrics(y, pred, np.ones(len(y)), router.experts)
+        out[kind] = {
+            "accuracy": m["accuracy"],
+            "macro_f1": m["macro_f1"],
+            "per_domain_accuracy": {d: float((pred == y)[domain_of == d].mean()) for d in domains},
+            "per_expert_f1": {e: c["f1"] for e, c in m["per_class"].items()},
+            "domain_by_expert": [
+                [int(((domain_of == d) & (pred == j)).sum()) for j in range(len(router.experts))]
+                for d in domains
+            ],
+        }
+    return {
+        "domains": domains,
+        "experts": list(router.experts),
+        "label_map": label_map,
+        "default_kind": router.kind,
+        "heads": out,
+        "n": len(rows),
+    }
+
+
+# ---------------------------------------------------------------- table 3: end to end
+
+
+def e2e_table(zoo: Path, n: int) -> dict:
+    from router.artifact import load_router
+    from router.base import RoutingRequest
+    from serving.config import VllmExpert, load_config
+
+    config = load_config(zoo / "serve.yaml")
+    candidates = {name: Path(e.model) for name, e in config.experts.items() if isinstance(e, VllmExpert)}
+    router = load_router(zoo / "router", cache_size=0)
+    domains = [d for d in domains_of(zoo) if all(r["response"] for r in heldout_rows(zoo, d, 1))]
+    rows = {d: heldout_rows(zoo, d, n) for d in domains}
+    per_byte: dict[str, dict[str, np.ndarray]] = {d: {} for d in domains}
+    for name, folder in candidates.items():
+        log(f"scoring references under {name}")
+        model, tokenizer = load_causal_lm(folder)
+        limit = int(getattr(model.config, "max_position_embeddings", 0) or 1024)
+        for d in domains:
+            scores = score_references(
+                model, tokenizer, rows[d], max_tokens=min(1024, limit), max_prompt_tokens=min(512, limit // 2)
+            )
+            per_byte[d][name] = np.array([s.nll / max(1, s.bytes) for s in scores])
+        release(model, tokenizer)
+    table = {}
+    for d in domains:
+        decisions = router.decide_batch([RoutingRequest.from_prompt(r["prompt"]) for r in rows[d]])
+        picked = [dec.expert for dec in decisions]
+        names = list(candidates)
+        matrix = np.stack([per_byte[d][e] for e in names])  # [expert, row]
+        routed = np.array([matrix[names.index(p), i] if p in names else np.nan for i, p in enumerate(picked)])
+        single = {e: float(matrix[j].mean()) for j, e in enumerate(names)}
+        best = min(single, key=single.get)
+        oracle = float(matrix.min(0).mean())
+        table[d] = {
+            "single": single,
+            "best_single": best,
+            "routed": float(np.nanmean(routed)),
+            "oracle": oracle,
+            "routed_share": {e: picked.count(e) / len(picked) for e in sorted(set(picked))},
+            "regret_vs_best_single": float(np.nanmean(routed)) - single[best],
+            "gap_to_oracle": float(np.nanmean(routed)) / oracle - 1,
+        }
+    return {"domains": domains, "experts": list(candidates), "rows": table, "n_per_domain": n}
+
+
+# ---------------------------------------------------------------- output
+
+
+def markdown(results: dict) -> str:
+    lines: list[str] = []
+    if "merge" in results:
+        m = results["merge"]
+        lines += [
+            f"**Merge** — held-out perplexity ({m['n_per_domain']} prompts a domain; lower is better), "
+            "share of each domain's tokens the gates send to its own expert, unused experts:",
+            "",
+            "| model | "
+            + " | ".join(f"ppl {d}" for d in m["domains"])
+            + " | own-expert share "
+            + "/".join(m["experts"])
+            + " | unused |",
+            "|---|" + "---:|" * len(m["domains"]) + "---|---|",
+        ]
+        for r in m["rows"]:
+            ppl = " | ".join(f"{r['perplexity'][d]:.2f}" for d in m["domains"])
+            share = "/".join(f"{r['own_share'][e]:.2f}" for e in m["experts"]) if "own_share" in r else "—"
+            unused = ", ".join(m["experts"][i] for i in r.get("unused_experts", []) if i < len(m["experts"]))
+            lines.append(
+                f"| {r['model']} | {ppl} | {share} | {unused or ('none' if 'own_share' in r else '—')} |"
+            )
+        lines.append("")
+    if "routing" in results:
+        t = results["routing"]
+        lines += [
+            f"**Routing** — {t['n']} held-out prompts; classes are the served experts "
+            f"({', '.join(f'{d}→{e}' for d, e in t['label_map'].items())}):",
+            "",
+            "| router | "
+            + " | ".join(f"acc {d}" for d in t["domains"])
+            + " | accuracy | macro-F1 | "
+            + " | ".join(f"F1 {e}" for e in t["experts"])
+            + " |",
+            "|---|" + "---:|" * (len(t["domains"]) + 2 + len(t["experts"])),
+        ]
+        order = [t["default_kind"]] + [k for k in t["heads"] if k != t["default_kind"]]
+        for kind in order:
+            h = t["heads"][kind]
+            accs = " | ".join(f"{h['per_domain_accuracy'][d]:.3f}" for d in t["domains"])
+            f1s = " | ".join(f"{h['per_expert_f1'][e]:.3f}" for e in t["experts"])
+            lines.append(f"| {kind} | {accs} | {h['accuracy']:.3f} | {h['macro_f1']:.3f} | {f1s} |")
+        lines.append("")
+    if "e2e" in results:
+        e = results["e2e"]
+        lines += [
+            f"**End to end** — mean reference NLL per byte ({e['n_per_domain']} held-out prompts a domain; "
+            "lower is better):",
+            "",
+            "| domain | " + " | ".join(e["experts"]) + " | best single | routed | oracle | routed − best | "
+            "routed vs oracle |",
+            "|---|" + "---:|" * (len(e["experts"]) + 5),
+        ]
+        for d, r in e["rows"].items():
+            single = " | ".join(f"{r['single'][x]:.4f}" for x in e["experts"])
+            lines.append(
+                f"| {d} | {single} | {r['best_single']} | {r['routed']:.4f} | {r['oracle']:.4f} | "
+                f"{r['regret_vs_best_single']:+.4f} | {100 * r['gap_to_oracle']:+.1f}% |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if "merge" in results:
+        m = results["merge"]
+        names = [r["model"] for r in m["rows"]]
+        values = np.array([[math.log(r["perplexity"][d]) for d in m["domains"]] for r in m["rows"]])
+        fig, ax = plt.subplots(figsize=(1.6 * len(m["domains"]) + 3, 0.45 * len(names) + 1.5))
+        ax.imshow(values - values.min(0), cmap="viridis_r", aspect="auto")
+        ax.set_xticks(range(len(m["domains"])), m["domains"])
+        ax.set_yticks(range(len(names)), names)
+        for i, r in enumerate(m["rows"]):
+            for j, d in enumerate(m["domains"]):
+                ax.text(j, i, f"{r['perplexity'][d]:.2f}", ha="center", va="center", fontsize=8, color="w")
+        ax.set_title("held-out perplexity (colour: log-ppl above the column's best)")
+        fig.tight_layout()
+        fig.savefig(RESULTS / "quality-merge-heatmap.png", dpi=110)
+        plt.close(fig)
+    if "routing" in results:
+        t = results["routing"]
+        matrix = np.array(t["heads"][t["default_kind"]]["domain_by_expert"], dtype=float)
+        fig, ax = plt.subplots(figsize=(1.4 * len(t["experts"]) + 2.5, 0.6 * len(t["domains"]) + 1.5))
+        ax.imshow(matrix / matrix.sum(1, keepdims=True).clip(1), cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(len(t["experts"])), t["experts"])
+        ax.set_yticks(range(len(t["domains"])), t["domains"])
+        for i in range(matrix.shape[0]):
+            for j in range(matrix.shape[1]):
+                ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=9)
+        ax.set_xlabel("expert chosen")
+        ax.set_ylabel("held-out domain")
+        ax.set_title(f"router `{t['default_kind']}` on held-out prompts")
+        fig.tight_layout()
+        fig.savefig(RESULTS / "quality-routing-confusion.png", dpi=110)
+        plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zoo", type=Path, default=ROOT / "runs" / "zoo", help="built by `moerge zoo build`")
+    parser.add_argument(
+        "--work", type=Path, default=ROOT / "runs" / "quality", help="merge variants, results"
+    )
+    parser.add_argument("--rows", type=int, default=64, help="held-out prompts per domain")
+    parser.add_argument("--tables", default="merge,routing,e2e", help="comma-separated subset")
+    parser.add_argument("--skip-mergekit", action="store_true", help="leave mergekit-moe out of table 1")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    for needed in ("base", "moe-recipe.yaml", "router", "serve.yaml", "data"):
+        if not (args.zoo / needed).exists():
+            sys.exit(
+                f"{args.zoo}/{needed} is missing: build the zoo first (moerge zoo build --out {args.zoo})"
+            )
+    args.work.mkdir(parents=True, exist_ok=True)
+    results_path = args.work / "quality.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    tables = [t.strip() for t in args.tables.split(",") if t.strip()]
+    started = time.perf_counter()
+    if "merge" in tables:
+        results["merge"] = merge_table(args.zoo, args.work, args.rows, not args.skip_mergekit)
+    if "routing" in tables:
+        results["routing"] = routing_table(args.zoo, max(args.rows, 200))
+    if "e2e" in tables:
+        results["e2e"] = e2e_table(args.zoo, args.rows)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    results_path.write_text(json.dumps(results, indent=2))
+    text = markdown(results)
+    (args.work / "quality.md").write_text(text)
+    plots(results)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The merge variants of table 1, built from the demo zoo's own MoE recipe with one thing changed each.
+
+Every variant is built by the real CLIs (`moerge merge`, `moerge tune-gates`, `mergekit-moe`) in its own
+process, into `WORK/models/NAME`, and reused while the recipe that made it is unchanged (a hash file
+beside it), so re-running the benchmark only evaluates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from merge.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+MERGEKIT_VENV = ROOT / ".cache" / "mergekit-venv"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    kind: str  # "dense" or "moe"
+    recipe: dict
+    tune_from: str | None = None  # tuned gates: the MoE variant whose gates are trained
+    mergekit: bool = False
+
+
+def base_recipe(zoo: Path) -> dict:
+    """The zoo's MoE recipe with every path made absolute, as a plain dict to vary."""
+    recipe = load_recipe(zoo / "moe-recipe.yaml")
+    return recipe.model_dump(mode="json", exclude_none=True)
+
+
+def variants(zoo: Path, with_mergekit: bool) -> list[Variant]:
+    recipe = base_recipe(zoo)
+
+    def vary(shared: dict | None = None, gate: dict | None = None) -> dict:
+        out = json.loads(json.dumps(recipe))
+        out["shared"].update(shared or {})
+        out["gate"].update(gate or {})
+        return out
+
+    found = [
+        Variant("dense linear", "dense", vary({"method": "linear"})),
+        Variant("dense TIES", "dense", vary({"method": "ties"})),
+        Variant("dense DARE-TIES", "dense", vary({"method": "dare_ties"})),
+        *[Variant(f"MoE {g} gates", "moe", vary(gate={"init": g})) for g in ("random", "uniform", "hidden")],
+        Variant("MoE ridge gates", "moe", vary(gate={"init": "ridge"})),
+        Variant("MoE ridge + tuned gates", "moe", vary(gate={"init": "ridge"}), tune_from="MoE ridge gates"),
+    ]
+    if with_mergekit:
+        found.append(Variant("mergekit-moe (hidden gates)", "moe", mergekit_config(recipe), mergekit=True))
+    return found
+
+
+def mergekit_config(recipe: dict, prompts_per_expert: int = 16) -> dict:
+    """mergekit-moe's config for the same base and experts, with the experts' first calibration prompts."""
+    experts = []
+    for expert in recipe["experts"]:
+        prompts = list(expert.get("positive_prompts", []))
+        for source in expert.get("data", []):
+            with open(source["path"], encoding="utf-8") as handle:
+                for line in handle:
+                    row = json.loads(line)
+                    if all(str(row.get(k)) == str(v) for k, v in source.get("where", {}).items()):
+                        prompts.append(row[source.get("field", "prompt")])
+                    if len(prompts) >= prompts_per_expert:
+                        break
+        experts.append({"source_model": expert["path"], "positive_prompts": prompts[:prompts_per_expert]})
+    return {
+        "base_model": recipe["base"],
+        "gate_mode": "hidden",
+        "dtype": recipe.get("dtype", "bfloat16"),
+        "experts_per_token": recipe.get("experts_per_token", 1),
+        "experts": experts,
+    }
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def ensure_mergekit() -> Path:
+    """mergekit in its own virtualenv, so its pins never touch moerge's environment."""
+    exe = MERGEKIT_VENV / "bin" / "mergekit-moe"
+    if not exe.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(MERGEKIT_VENV)], check=True)
+        pip = [str(MERGEKIT_VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, "torch==2.13.0", "mergekit==0.1.5"], check=True)
+    return exe
+
+
+def build(variant: Variant, work: Path, built: dict[str, Path], log) -> Path:
+    """Build one variant unless an identical build is already there; return its folder."""
+    out = work / "models" / slug(variant.name)
+    spec = json.dumps(
+        {"recipe": variant.recipe, "tune_from": variant.tune_from, "mergekit": variant.mergekit},
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(spec.encode()).hexdigest()
+    stamp = out.parent / f"{out.name}.sha256"
+    if out.is_dir() and stamp.exists() and stamp.read_text() == digest:
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recipe_path = work / "recipes" / f"{out.name}.yaml"
+    recipe_path.parent.mkdir(parents=True, exist_ok=True)
+    recipe_path.write_text(yaml.safe_dump(variant.recipe, sort_keys=False))
+    moerge = str(Path(sys.executable).with_name("moerge"))
+    if variant.mergekit:
+        cmd = [str(ensure_mergekit()), str(recipe_path), str(out), "--device", "cpu"]
+    elif variant.tune_from is not None:
+        cmd = [moerge, "tune-gates", str(built[variant.tune_from]), str(out), "--recipe", str(recipe_path)]
+    else:
+        cmd = [moerge, "merge", str(recipe_path), str(out), *(["--dense"] if variant.kind == "dense" else [])]
+    log(f"building {variant.name}: {' '.join(cmd)}")
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{variant.name}: {' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
+    stamp.write_text(digest)
+    return out
