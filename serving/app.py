@@ -1,8 +1,9 @@
 """The HTTP surface: OpenAI's endpoints plus /health, /ready and /metrics, over a Gateway.
 
 Every answer carries the routing decision: in headers (`x-moerge-expert`, `x-moerge-router`,
-`x-moerge-confidence`) and in a `moerge` field of the body (or of the first stream chunk), which
-OpenAI clients ignore and moerge-aware ones read.
+`x-moerge-confidence`, `x-moerge-request-id`, and `x-moerge-experiment`/`x-moerge-arm` inside an A/B
+test) and in a `moerge` field of the body (or of the first stream chunk), which OpenAI clients ignore
+and moerge-aware ones read. The request id is what `POST /v1/feedback` takes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
@@ -20,17 +21,22 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.exc import SQLAlchemyError
 
 from router.base import Decision, latest_user_text
+from serving.accounting import RequestRecord, Routed
+from serving.auth import bearer_token, hash_key
 from serving.backends.base import BackendStreamError, Endpoint, JSONResult, StreamResult
 from serving.config import ServeConfig
-from serving.errors import error_body, install_error_handlers, normalize_error
+from serving.errors import OpenAIError, error_body, install_error_handlers, normalize_error
 from serving.gateway import Gateway, Served
-from serving.limits import BodySizeLimit
+from serving.limits import BodySizeLimit, ConcurrencyCap, Slots
+from serving.logging_json import request_id_var
 from serving.metrics import Metrics
 from serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    FeedbackRequest,
     install_openapi_schemas,
     parse_body,
     prompt_messages,
@@ -42,14 +48,19 @@ _DONE = b"data: [DONE]\n\n"
 _SEP = (",", ":")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "Invalid request (bad JSON, missing or invalid field, context overflow)"},
-    404: {"description": "Unknown model"},
+    401: {"description": "Missing or wrong API key"},
+    403: {"description": "The API key may not use this model"},
+    404: {"description": "Unknown model (or, for feedback, unknown request id)"},
     413: {"description": "Request body too large"},
-    503: {"description": "No backend could serve the request"},
+    429: {"description": "Rate limit of the API key reached (see Retry-After)"},
+    503: {"description": "No backend could serve the request, or the gateway is at its concurrency cap"},
 }
 
 
 def create_app(config: ServeConfig, metrics: Metrics | None = None) -> FastAPI:
     gateway = Gateway(config, metrics)
+    m = gateway.metrics
+    slots = Slots(config.server.max_concurrent_requests)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -57,6 +68,10 @@ def create_app(config: ServeConfig, metrics: Metrics | None = None) -> FastAPI:
         try:
             yield
         finally:
+            # uvicorn has stopped accepting and waited for open requests (its graceful timeout); any
+            # still open here (another server, a keep-alive race) get `drain_s` before backends close.
+            slots.draining = True
+            await slots.wait_idle(config.server.drain_s)
             await gateway.close()
 
     app = FastAPI(
@@ -66,25 +81,35 @@ def create_app(config: ServeConfig, metrics: Metrics | None = None) -> FastAPI:
         description="OpenAI-compatible gateway routing each request to a recycled expert LLM.",
     )
     app.state.gateway = gateway
+    app.state.slots = slots
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=config.server.max_body_bytes)
+
+    def rejected(reason: str, path: str) -> None:
+        m.rejected.labels(reason).inc()
+        m.requests.labels(_endpoint_of(path), "-", "-", "413" if reason == "body_size" else "503").inc()
+
+    app.add_middleware(BodySizeLimit, max_bytes=config.server.max_body_bytes, on_reject=rejected)
+    app.add_middleware(ConcurrencyCap, slots=slots, on_reject=rejected)  # outermost: the cheapest check
 
     @app.post("/v1/chat/completions", responses=_ERRORS, openapi_extra=request_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
-        payload, body = await parse_body(request, ChatCompletionRequest)
-        messages = [{"role": m.role, "content": m.content} for m in body.messages]
-        return await _serve(gateway, request, "chat", body.model, payload, messages)
+        return await _handle(gateway, request, "chat", ChatCompletionRequest, _chat_messages)
 
     @app.post("/v1/completions", responses=_ERRORS, openapi_extra=request_body(CompletionRequest))
     async def completions(request: Request) -> Response:
-        payload, body = await parse_body(request, CompletionRequest)
-        return await _serve(
-            gateway, request, "completions", body.model, payload, prompt_messages(body.prompt)
-        )
+        return await _handle(gateway, request, "completions", CompletionRequest, _completion_messages)
+
+    @app.post("/v1/feedback", responses=_ERRORS, openapi_extra=request_body(FeedbackRequest))
+    async def post_feedback(request: Request) -> dict[str, Any]:
+        """Attach a score and/or label to an answered request (by its `x-moerge-request-id`)."""
+        _authenticate(gateway, request)
+        _, body = await parse_body(request, FeedbackRequest)
+        return await record_feedback(gateway, body)
 
     @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": gateway.models()}
+    async def list_models(request: Request) -> dict[str, Any]:
+        key = _authenticate(gateway, request)
+        return {"object": "list", "data": [x for x in gateway.models() if gateway.keys.allowed(key, x["id"])]}
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -93,21 +118,48 @@ def create_app(config: ServeConfig, metrics: Metrics | None = None) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        """Readiness: every backend is up (last probe passed, breaker not open)."""
+        """Readiness: every backend is up (last probe passed, breaker not open) and not shutting down."""
         ok, backends = gateway.readiness()
+        ok = ok and not slots.draining
         return JSONResponse({"ready": ok, "backends": backends}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
         gateway.update_gauges()
-        return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        if gateway.decision_log is not None:
+            m.log_queue.set(gateway.decision_log.pending())
+        return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
-    install_openapi_schemas(app, [ChatCompletionRequest, CompletionRequest])
+    install_openapi_schemas(app, [ChatCompletionRequest, CompletionRequest, FeedbackRequest])
     return app
 
 
-def decision_headers(decision: Decision, served: str) -> dict[str, str]:
+def _endpoint_of(path: str) -> str:
+    return (
+        "chat"
+        if path.startswith("/v1/chat/")
+        else "completions"
+        if path.startswith("/v1/completions")
+        else "other"
+    )
+
+
+def _chat_messages(body: Any) -> list[dict[str, Any]]:
+    return [{"role": m.role, "content": m.content} for m in body.messages]
+
+
+def _completion_messages(body: Any) -> list[dict[str, Any]]:
+    return prompt_messages(body.prompt)
+
+
+def new_request_id() -> str:
+    return "req-" + uuid.uuid4().hex
+
+
+def decision_headers(routed: Routed, served: str, request_id: str) -> dict[str, str]:
+    decision = routed.decision
     headers = {
+        "x-moerge-request-id": request_id,
         "x-moerge-expert": served,
         "x-moerge-router": decision.router,
         "x-moerge-confidence": f"{decision.confidence:.4f}",
@@ -115,14 +167,20 @@ def decision_headers(decision: Decision, served: str) -> dict[str, str]:
     }
     if served != decision.expert:
         headers["x-moerge-routed-expert"] = decision.expert
+    if routed.experiment is not None:
+        headers["x-moerge-experiment"] = routed.experiment
+        headers["x-moerge-arm"] = routed.arm or ""
     return headers
 
 
-def extension(decision: Decision, served: Served, requested: str) -> dict[str, Any]:
+def extension(routed: Routed, served: Served, requested: str, request_id: str) -> dict[str, Any]:
+    decision = routed.decision
     return {
+        "request_id": request_id,
         "expert": served.expert,
         "requested_model": requested,
         "router": decision.router,
+        "router_name": routed.router,
         "router_version": decision.version,
         "confidence": decision.confidence,
         "reason": decision.reason,
@@ -130,39 +188,113 @@ def extension(decision: Decision, served: Served, requested: str) -> dict[str, A
         "routed_expert": decision.expert,
         "fallback": served.expert != decision.expert,
         "attempts": served.attempts,
+        "experiment": routed.experiment,
+        "arm": routed.arm,
     }
 
 
-async def _serve(
+def _authenticate(gateway: Gateway, request: Request) -> str | None:
+    try:
+        return gateway.keys.authenticate(request.headers.get("authorization"))
+    except OpenAIError:
+        gateway.metrics.rejected.labels("auth").inc()
+        raise
+
+
+def _admit(gateway: Gateway, key: str | None, model: str) -> None:
+    try:
+        gateway.keys.check_model(key, model)
+    except OpenAIError:
+        gateway.metrics.rejected.labels("model_not_allowed").inc()
+        raise
+    try:
+        gateway.limiter.admit(key)
+    except OpenAIError:
+        gateway.metrics.rejected.labels("rate_limit").inc()
+        raise
+
+
+def _assignment_api_key(key: str | None, request: Request) -> str | None:
+    """The key name with auth on; without, a digest of the bearer token (never the token itself)."""
+    if key is not None:
+        return key
+    token = bearer_token(request.headers.get("authorization"))
+    return hash_key(token)[:32] if token else None
+
+
+async def _handle(
     gateway: Gateway,
     request: Request,
     endpoint: Endpoint,
-    model: str,
-    payload: dict[str, Any],
-    messages: list[dict[str, Any]],
+    model_cls: type[ChatCompletionRequest] | type[CompletionRequest],
+    to_messages: Any,
 ) -> Response:
-    start = time.perf_counter()
-    m = gateway.metrics
-    decision = await gateway.decide(model, messages, request.headers.get("x-moerge-previous-expert"))
-    _log_decision(gateway, request, model, decision, messages)
+    """Auth, parse, admit, route and serve one request, accounting for it whatever happens."""
+    rec = RequestRecord(new_request_id(), endpoint)
+    gateway.metrics.in_flight.labels(endpoint).inc()  # the accountant's finish() takes it off
+    request_id_var.set(rec.request_id)  # this request's task (and its stream relay) only
+    rec.span = gateway.tracer.start("moerge.request", endpoint=endpoint, request_id=rec.request_id)
+    try:
+        rec.api_key = _authenticate(gateway, request)
+        payload, body = await parse_body(request, model_cls)
+        rec.model, rec.stream, rec.messages = body.model, bool(body.stream), to_messages(body)
+        _admit(gateway, rec.api_key, body.model)
+        return await _serve(gateway, request, rec, payload, body.user)
+    except OpenAIError as err:
+        rec.status = err.status
+        gateway.accountant.finish(rec)
+        raise
+    except asyncio.CancelledError:
+        rec.status = 499
+        gateway.accountant.finish(rec)
+        raise
+    except Exception:
+        rec.status = 500
+        gateway.accountant.finish(rec)
+        raise
+
+
+async def _serve(
+    gateway: Gateway, request: Request, rec: RequestRecord, payload: dict[str, Any], user: str | None
+) -> Response:
+    assert rec.model is not None and rec.messages is not None
+    routed = await gateway.route(
+        rec.model,
+        rec.messages,
+        request.headers.get("x-moerge-previous-expert"),
+        request_id=rec.request_id,
+        user=user,
+        headers=request.headers,  # type: ignore[arg-type]  # case-insensitive mapping
+        api_key=_assignment_api_key(rec.api_key, request),
+    )
+    rec.routed = routed
+    if gateway.decision_log is not None:
+        gateway.decision_log.remember(rec.request_id, routed.experiment, routed.arm)
+    decision = routed.decision
+    rec.span.set(
+        router=routed.router, routed_expert=decision.expert, experiment=routed.experiment, arm=routed.arm
+    )
+    _log_decision(gateway, rec, decision)
     # Until the first event (streaming) or the full answer, a client that leaves cancels the backend
     # request; once streaming, Starlette's own disconnect watch cancels the relay, which closes it.
     served = await _cancel_on_disconnect(
-        request, gateway.dispatch(endpoint, payload, request, decision.expert)
+        request,
+        gateway.dispatch(rec.endpoint, payload, request, decision.expert),  # type: ignore[arg-type]
     )
     if served is None:  # the client left; the backend request was cancelled, which aborts it
-        m.requests.labels(endpoint, model, decision.expert, "499").inc()
+        rec.status = 499
+        gateway.accountant.finish(rec)
         return Response(status_code=499)
-    headers = decision_headers(decision, served.expert)
-    ext = extension(decision, served, model)
+    rec.served_expert = served.expert
+    headers = decision_headers(routed, served.expert, rec.request_id)
+    ext = extension(routed, served, rec.model, rec.request_id)
     result = served.result
     if isinstance(result, JSONResult):
-        m.requests.labels(endpoint, model, served.expert, str(result.status)).inc()
-        m.latency.labels(endpoint, served.expert, "false").observe(time.perf_counter() - start)
         status = result.status
         if status == 200 and isinstance(result.body, dict):
             result.body["moerge"] = ext
             body = result.body
+            rec.usage(body.get("usage"))
         elif status == 200:  # a 200 that is not a JSON object: the backend is not speaking OpenAI
             status, body = (
                 502,
@@ -175,18 +307,69 @@ async def _serve(
             )
         else:
             body = normalize_error(status, result.body)
+        rec.status = status
+        gateway.accountant.finish(rec)
         return Response(
             json.dumps(body, separators=_SEP).encode(),
             status_code=status,
             media_type="application/json",
             headers=headers,
         )
-    m.requests.labels(endpoint, model, served.expert, "200").inc()
+
+    async def cleanup() -> None:  # the relay never started (the client left first): close, account
+        if not rec.finished:
+            await result.close()
+            rec.status = 499
+            gateway.accountant.finish(rec)
+
     return ClosingStreamingResponse(
-        _relay(gateway, endpoint, served.expert, result, ext, start),
+        _relay(gateway, rec, result, ext),
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache"},
+        cleanup=cleanup,
     )
+
+
+async def record_feedback(gateway: Gateway, body: FeedbackRequest) -> dict[str, Any]:
+    """Store feedback for a request the gateway answered; 404 for an id it never issued."""
+    dlog = gateway.decision_log
+    if dlog is None:
+        raise OpenAIError(
+            404, "Feedback needs the decision log (decision_log.enabled: true).", code="feedback_disabled"
+        )
+    known = dlog.recent(body.request_id)
+    if known is None:
+        try:
+            known = await asyncio.to_thread(dlog.lookup, body.request_id)
+        except SQLAlchemyError:
+            raise OpenAIError(
+                503,
+                "The decision log is unavailable; the request id cannot be checked now.",
+                code="decision_log_unavailable",
+            ) from None
+    if known is None:
+        raise OpenAIError(
+            404,
+            f"No request with id `{body.request_id}` (use the x-moerge-request-id of an answer).",
+            param="request_id",
+            code="request_not_found",
+        )
+    experiment, arm = known
+    if not dlog.add_feedback(body.request_id, body.score, body.label):
+        raise OpenAIError(503, "The decision log is full; feedback was not stored.", code="decision_log_full")
+    if experiment is not None:
+        m = gateway.metrics
+        m.ab_feedback.labels(experiment, arm or "", body.label or "score").inc()
+        if body.score is not None:
+            m.ab_feedback_score.labels(experiment, arm or "").observe(body.score)
+    return {
+        "object": "feedback",
+        "request_id": body.request_id,
+        "experiment": experiment,
+        "arm": arm,
+        "score": body.score,
+        "label": body.label,
+    }
 
 
 class ClosingStreamingResponse(StreamingResponse):
@@ -194,8 +377,13 @@ class ClosingStreamingResponse(StreamingResponse):
 
     When a client disconnects, Starlette cancels the sending task; if that lands while the relay is
     parked at a `yield`, the generator is merely dropped and its `finally` (which aborts the backend
-    request) would wait for garbage collection. Closing it here makes the abort immediate.
+    request) would wait for garbage collection. Closing it here makes the abort immediate. A generator
+    closed before it ever ran skips its `finally`, so `cleanup` runs too (it must be idempotent).
     """
+
+    def __init__(self, *args: Any, cleanup: Callable[[], Awaitable[None]] | None = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.cleanup = cleanup
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
@@ -203,17 +391,26 @@ class ClosingStreamingResponse(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
+                if self.cleanup is not None:
+                    await self.cleanup()
 
 
 async def _relay(
-    gateway: Gateway, endpoint: str, expert: str, result: StreamResult, ext: dict[str, Any], start: float
+    gateway: Gateway, rec: RequestRecord, result: StreamResult, ext: dict[str, Any]
 ) -> AsyncIterator[bytes]:
-    """Relay a backend stream; a failure after the first event ends it with an error event, never a hang."""
+    """Relay a backend stream; a failure after the first event ends it with an error event, never a hang.
+
+    Token counts come from the stream's `usage` (stream_options.include_usage); without it, the
+    content events are counted (vLLM sends one per token).
+    """
     m, idle_s = gateway.metrics, gateway.config.timeouts.idle_s
-    done = False
+    expert = rec.served_expert or "-"
+    done = failed = False
+    events = 0
     try:
         yield _with_extension(result.first, ext)
-        m.ttft.labels(expert).observe(time.perf_counter() - start)
+        rec.ttft_s = time.perf_counter() - rec.start
+        m.ttft.labels(expert).observe(rec.ttft_s)
         while True:
             try:
                 async with asyncio.timeout(idle_s):
@@ -222,10 +419,15 @@ async def _relay(
                 break
             if event.startswith(_DONE):
                 done = True
+            elif b'"usage"' in event and b'"usage":null' not in event and b'"usage": null' not in event:
+                _stream_usage(rec, event)
+            else:
+                events += 1
             yield event
         if not done:
             raise BackendStreamError("the backend closed the stream before it was complete")
     except (BackendStreamError, TimeoutError, OSError) as err:
+        failed = True
         reason = "no event within the idle timeout" if isinstance(err, TimeoutError) else str(err)
         log.warning("stream from expert %s failed after the first event: %s", expert, reason)
         gateway.record_stream_failure(expert, reason)
@@ -236,7 +438,19 @@ async def _relay(
         yield _DONE
     finally:
         await result.close()
-        m.latency.labels(endpoint, expert, "true").observe(time.perf_counter() - start)
+        if rec.tokens_out is None:
+            rec.tokens_out = events
+        rec.status = 502 if failed else 200 if done else 499
+        gateway.accountant.finish(rec)
+
+
+def _stream_usage(rec: RequestRecord, event: bytes) -> None:
+    try:
+        chunk = json.loads(event[5:])
+    except ValueError:
+        return
+    if isinstance(chunk, dict):
+        rec.usage(chunk.get("usage"))
 
 
 def _with_extension(event: bytes, ext: dict[str, Any]) -> bytes:
@@ -279,21 +493,20 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def _log_decision(
-    gateway: Gateway, request: Request, model: str, decision: Decision, messages: list[dict[str, Any]]
-) -> None:
+def _log_decision(gateway: Gateway, rec: RequestRecord, decision: Decision) -> None:
     if not gateway.config.server.log_decisions or not log.isEnabledFor(logging.INFO):
         return
-    rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:12]
     extra = ""
     if gateway.config.server.log_prompts:
-        extra = f" prompt={latest_user_text(messages)[:500]!r}"
+        extra = f" prompt={latest_user_text(rec.messages or [])[:500]!r}"
+    routed = rec.routed
     log.info(
-        "route id=%s model=%s expert=%s router=%s confidence=%.3f reason=%s%s",
-        rid,
-        model,
+        "route model=%s expert=%s router=%s experiment=%s arm=%s confidence=%.3f reason=%s%s",
+        rec.model,
         decision.expert,
         decision.router,
+        routed.experiment if routed else None,
+        routed.arm if routed else None,
         decision.confidence,
         decision.reason,
         extra,

@@ -1,4 +1,4 @@
-"""`moerge serve CONFIG.yaml`: registered on the main CLI by `register_serve_commands(app)`."""
+"""`moerge serve CONFIG.yaml` and `moerge keys hash`: registered on the main CLI by `register_serve_commands(app)`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,48 @@ from pathlib import Path
 
 import typer
 
+from serving.config import ConfigError, ServeConfig, load_config, missing_paths
+
+keys_app = typer.Typer(no_args_is_help=True, help="API keys for the gateway's `auth.keys` section.")
+
+
+@keys_app.command("hash")
+def hash_cmd(
+    key: str | None = typer.Argument(None, help="the key (omit: read from stdin, or --generate)"),
+    generate: bool = typer.Option(False, "--generate", help="make a new random key and print it too"),
+) -> None:
+    """Print the sha256 a config stores for a key (the key itself never goes in the config)."""
+    import secrets
+    import sys
+
+    from serving.auth import hash_key
+
+    if generate:
+        key = "sk-moerge-" + secrets.token_urlsafe(32)
+        typer.echo(f"key:    {key}")
+    elif key is None:
+        key = sys.stdin.readline().strip()
+    if not key:
+        typer.echo("no key given", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"sha256: {hash_key(key)}" if generate else hash_key(key))
+
+
+def check_runtime(cfg: ServeConfig) -> None:
+    """Settings that need more than the schema: the decision-log URL from the environment, tracing."""
+    from serving.tracing import Tracer
+
+    if cfg.decision_log.enabled:
+        try:
+            cfg.decision_log.resolved_url()
+        except ValueError as err:
+            raise ConfigError(str(err) if "decision_log" in str(err) else f"decision_log.{err}") from None
+    Tracer(cfg.tracing)
+
 
 def register_serve_commands(app: typer.Typer) -> None:
+    app.add_typer(keys_app, name="keys")
+
     @app.command("serve")
     def serve(
         config: Path = typer.Argument(..., exists=True, dir_okay=False, help="serve config YAML"),
@@ -16,10 +56,9 @@ def register_serve_commands(app: typer.Typer) -> None:
         check: bool = typer.Option(False, "--check", help="validate the config (and its paths) and exit"),
     ) -> None:
         """Serve experts behind an OpenAI-compatible API, routing `auto` requests with a router."""
-        from serving.config import ConfigError, load_config, missing_paths
-
         try:
             cfg = load_config(config)
+            check_runtime(cfg)
         except ConfigError as err:
             typer.echo(f"invalid config {config}:\n{err}", err=True)
             raise typer.Exit(2) from None

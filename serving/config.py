@@ -33,7 +33,17 @@ class ServerConfig(_Strict):
     )
     log_prompts: bool = Field(False, description="include the prompt in decision logs (off: privacy)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="json: one JSON object per log line, with the request id (serving/logging_json.py)",
+    )
     access_log: bool = False
+    max_concurrent_requests: int | None = Field(
+        None, ge=1, description="requests served at once (streams until they end); more get a fast 503"
+    )
+    drain_s: float = Field(
+        30.0, ge=0, le=3600, description="on shutdown, how long open requests and streams may finish"
+    )
 
 
 class Timeouts(_Strict):
@@ -130,13 +140,153 @@ class RouterConfig(_Strict):
         return self
 
 
+SHA256_HEX = r"^[0-9a-f]{64}$"
+
+
+class ApiKey(_Strict):
+    """One client key, stored as the sha256 of the key (`moerge keys hash` prints it), never in clear."""
+
+    sha256: str = Field(pattern=SHA256_HEX, description="hex sha256 of the key the client sends")
+    models: list[Name] | None = Field(None, description="models this key may use (default: all)")
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1, description="prompt + completion tokens")
+
+
+class AuthConfig(_Strict):
+    """Bearer API keys for /v1/*. No keys: the gateway is open (bind it to loopback)."""
+
+    keys: dict[Name, ApiKey] = Field(default_factory=dict, description="key name → hashed key and limits")
+
+    @model_validator(mode="after")
+    def _unique_hashes(self) -> AuthConfig:
+        seen: dict[str, str] = {}
+        for name, key in self.keys.items():
+            if key.sha256 in seen:
+                raise ValueError(f"keys.{name}.sha256: the same key as keys.{seen[key.sha256]}")
+            seen[key.sha256] = name
+        return self
+
+
+class ArmConfig(_Strict):
+    """One arm of an experiment: a router (by name, from `routers`) or a fixed expert, with a weight."""
+
+    router: Name | None = None
+    expert: Name | None = None
+    weight: float = Field(1.0, gt=0, description="relative share of the experiment's traffic")
+
+    @model_validator(mode="after")
+    def _one_policy(self) -> ArmConfig:
+        if (self.router is None) == (self.expert is None):
+            raise ValueError("give exactly one of `router` (a router name) or `expert` (always this expert)")
+        return self
+
+
+ASSIGN_BY = r"^(user|api_key|header:[A-Za-z0-9-]{1,64})$"
+
+
+class ExperimentConfig(_Strict):
+    """An A/B test between routing policies, reached through a routing model that names it.
+
+    Assignment is sticky: sha256(salt + key) picks the arm, so the same user gets the same arm on
+    every request and after every restart; changing the salt reshuffles everyone.
+    """
+
+    enabled: bool = Field(True, description="off: everyone gets the control arm, nothing is attributed")
+    arms: dict[Name, ArmConfig] = Field(min_length=1)
+    control: Name | None = Field(None, description="the baseline arm of the report (default: the first)")
+    assign_by: str = Field(
+        "user",
+        pattern=ASSIGN_BY,
+        description="user (OpenAI `user` field), api_key, or header:NAME; requests without one are "
+        "assigned per request (not sticky)",
+    )
+    salt: str | None = Field(None, max_length=128, description="hash salt (default: the experiment name)")
+    traffic: float = Field(
+        1.0, ge=0, le=1, description="share of keys in the experiment; the rest get control, unattributed"
+    )
+    shadow: list[Name] = Field(
+        default_factory=list, description="routers that decide every request too; logged, never served"
+    )
+
+    @model_validator(mode="after")
+    def _control_arm(self) -> ExperimentConfig:
+        if self.control is None:
+            self.control = next(iter(self.arms))
+        elif self.control not in self.arms:
+            raise ValueError(f"control: unknown arm {self.control!r} (arms: {', '.join(self.arms)})")
+        return self
+
+
+class DecisionLogConfig(_Strict):
+    """One row per request in a SQL database (SQLAlchemy): SQLite by default, PostgreSQL by URL."""
+
+    enabled: bool = False
+    url: str | None = Field(
+        None,
+        description="SQLAlchemy URL, e.g. sqlite:///./decisions.db (relative to the config file) or "
+        "postgresql://user@host:5432/moerge (default: sqlite next to the config)",
+    )
+    url_env: str | None = Field(None, description="environment variable holding the URL (wins over url)")
+    store_prompts: bool = Field(False, description="store the prompt text (off: only its sha256)")
+    queue_size: int = Field(10000, ge=1, le=10_000_000, description="rows buffered; beyond, rows are dropped")
+    batch_size: int = Field(256, ge=1, le=100_000)
+    flush_interval_s: float = Field(0.5, gt=0, le=60)
+    connect_timeout_s: float = Field(3.0, gt=0, le=60)
+
+    def resolved_url(self) -> str:
+        """The URL to connect to (url_env first), driver-mapped; ValueError naming the field if unusable."""
+        if self.url_env and (env := os.environ.get(self.url_env)):
+            try:
+                return check_db_url(env)
+            except ValueError as err:
+                raise ValueError(f"decision_log.url_env ({self.url_env}): {err}") from None
+        return check_db_url(self.url or "sqlite:///moerge-decisions.db")
+
+    @model_validator(mode="after")
+    def _valid_url(self) -> DecisionLogConfig:
+        if self.url is not None:
+            check_db_url(self.url)
+        return self
+
+
+def check_db_url(url: str) -> str:
+    """The URL with `postgresql://` mapped to psycopg 3; ValueError for anything SQLAlchemy cannot use."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError as err:
+        raise ValueError(f"url: not a database URL: {err}") from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ValueError(f"url: only sqlite and postgresql are supported, not {parsed.get_backend_name()!r}")
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+class TracingConfig(_Strict):
+    """OpenTelemetry spans per request, if the `opentelemetry` packages are installed (extra `otel`)."""
+
+    enabled: bool = False
+    service_name: str = "moerge-gateway"
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP traces endpoint; unset: the global tracer provider (or OTEL_* env)"
+    )
+
+
 class ServeConfig(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     experts: dict[Name, ExpertConfig] = Field(min_length=1)
     routers: dict[Name, RouterConfig] = Field(default_factory=dict)
     routing_models: dict[Name, Name] = Field(
-        default_factory=dict, description="model name a client sends → router name (default: auto → first)"
+        default_factory=dict,
+        description="model name a client sends → router or experiment name (default: auto → first router)",
     )
+    experiments: dict[Name, ExperimentConfig] = Field(default_factory=dict)
+    decision_log: DecisionLogConfig = Field(default_factory=DecisionLogConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     retry: RetryConfig = Field(default_factory=RetryConfig)
     circuit_breaker: BreakerConfig = Field(default_factory=BreakerConfig)
@@ -154,13 +304,33 @@ class ServeConfig(_Strict):
             for e in [*(router.experts or []), *([router.fallback] if router.fallback else [])]:
                 if e not in experts:
                     raise ValueError(f"routers.{name}: unknown expert {e!r}")
+        for name in self.experiments:
+            if name in self.routers:
+                raise ValueError(f"experiments.{name}: the name is already a router's")
+        for name, exp in self.experiments.items():
+            for arm_name, arm in exp.arms.items():
+                if arm.router is not None and arm.router not in self.routers:
+                    raise ValueError(
+                        f"experiments.{name}.arms.{arm_name}.router: unknown router {arm.router!r}"
+                    )
+                if arm.expert is not None and arm.expert not in experts:
+                    raise ValueError(
+                        f"experiments.{name}.arms.{arm_name}.expert: unknown expert {arm.expert!r}"
+                    )
+            for shadow in exp.shadow:
+                if shadow not in self.routers:
+                    raise ValueError(f"experiments.{name}.shadow: unknown router {shadow!r}")
         if self.routers and not self.routing_models:
             self.routing_models = {"auto": next(iter(self.routers))}
-        for model, router in self.routing_models.items():
-            if router not in self.routers:
-                raise ValueError(f"routing_models.{model}: unknown router {router!r}")
+        for model, target in self.routing_models.items():
+            if target not in self.routers and target not in self.experiments:
+                raise ValueError(f"routing_models.{model}: unknown router or experiment {target!r}")
             if model in experts:
                 raise ValueError(f"routing_models.{model}: the name is already an expert's")
+        for key_name, key in self.auth.keys.items():
+            for m in key.models or []:
+                if m not in experts and m not in self.routing_models:
+                    raise ValueError(f"auth.keys.{key_name}.models: unknown model {m!r}")
         return self
 
     def resolve_paths(self, base: Path) -> ServeConfig:
@@ -177,6 +347,11 @@ class ServeConfig(_Strict):
         for router in self.routers.values():
             if router.artifact is not None:
                 router.artifact = fix(router.artifact)
+        url = self.decision_log.url
+        if url is None:
+            self.decision_log.url = f"sqlite:///{base / 'moerge-decisions.db'}"
+        elif url.startswith(("sqlite:///./", "sqlite:///../")):
+            self.decision_log.url = "sqlite:///" + fix(url[len("sqlite:///") :])
         return self
 
 

@@ -17,12 +17,17 @@ import httpx
 from starlette.requests import Request
 
 from router.base import Decision, RoutingRequest
+from serving.accounting import Accountant, Routed
+from serving.auth import KeyRing, RateLimiter
 from serving.backends.base import Backend, BackendUnavailable, Endpoint, JSONResult, StreamResult
-from serving.config import OpenAIExpert, ServeConfig, VllmExpert
+from serving.config import ConfigError, OpenAIExpert, ServeConfig, VllmExpert
+from serving.decision_log import DecisionLog
 from serving.errors import OpenAIError
+from serving.experiments import Experiment, assignment_key
 from serving.health import CircuitBreaker
 from serving.metrics import Metrics
 from serving.routing import MicroBatcher, direct_decision, load_router
+from serving.tracing import Tracer
 
 log = logging.getLogger("moerge.serving")
 
@@ -63,6 +68,36 @@ class Gateway:
         self.batchers: dict[str, MicroBatcher] = {}
         self.created = int(time.time())
         self._health_task: asyncio.Task[None] | None = None
+        self.experiments = {name: Experiment(name, cfg) for name, cfg in config.experiments.items()}
+        self.keys = KeyRing(config.auth.keys)
+        self.limiter = RateLimiter(config.auth.keys)
+        self.tracer = Tracer(config.tracing)
+        self.decision_log = self._make_decision_log() if config.decision_log.enabled else None
+        self.accountant = Accountant(
+            self.metrics,
+            self.limiter,
+            self.decision_log,
+            {*self.backends, *config.routing_models},
+            config.decision_log.store_prompts,
+        )
+
+    def _make_decision_log(self) -> DecisionLog:
+        cfg, m = self.config.decision_log, self.metrics
+        try:
+            url = cfg.resolved_url()
+        except ValueError as err:
+            raise ConfigError(str(err) if "decision_log" in str(err) else f"decision_log.{err}") from None
+        return DecisionLog(
+            url,
+            queue_size=cfg.queue_size,
+            batch_size=cfg.batch_size,
+            flush_interval_s=cfg.flush_interval_s,
+            connect_timeout_s=cfg.connect_timeout_s,
+            on_drop=lambda reason, n: m.log_dropped.labels(reason).inc(n),
+            on_written=m.log_written.inc,
+            on_error=m.log_errors.inc,
+            recent=cfg.queue_size + cfg.batch_size,  # ids whose rows may not be written yet (feedback)
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -84,10 +119,15 @@ class Gateway:
             await backend.start()
         await self.probe()
         self._health_task = asyncio.create_task(self._health_loop())
+        if self.decision_log is not None:
+            self.decision_log.start()
 
     async def close(self) -> None:
         if self._health_task is not None:
             self._health_task.cancel()
+        await self.accountant.drain(5.0)
+        if self.decision_log is not None:
+            await asyncio.to_thread(self.decision_log.close, 10.0)
         for backend in self.backends.values():
             try:
                 await backend.close()
@@ -150,30 +190,55 @@ class Gateway:
             }
             for name, b in self.backends.items()
         ]
-        for model, router_name in self.config.routing_models.items():
-            router = self.batchers[router_name].router if router_name in self.batchers else None
+        for model, target in self.config.routing_models.items():
+            info: dict[str, Any] = {"type": "routing"}
+            if target in self.experiments:
+                exp = self.experiments[target]
+                info.update(
+                    experiment=target,
+                    enabled=exp.config.enabled,
+                    arms={a: round(share, 6) for a, share in exp.shares.items()},
+                    control=exp.control,
+                )
+            else:
+                router = self.batchers[target].router if target in self.batchers else None
+                info.update(
+                    router=target,
+                    kind=getattr(router, "name", None),
+                    experts=getattr(router, "experts", None),
+                )
             out.append(
                 {
                     "id": model,
                     "object": "model",
                     "created": self.created,
                     "owned_by": "moerge",
-                    "moerge": {
-                        "type": "routing",
-                        "router": router_name,
-                        "kind": getattr(router, "name", None),
-                        "experts": getattr(router, "experts", None),
-                    },
+                    "moerge": info,
                 }
             )
         return out
 
     async def decide(self, model: str, messages: list[dict[str, Any]], previous: str | None) -> Decision:
+        """The decision alone (no experiment key): `route` is what the HTTP layer uses."""
+        return (await self.route(model, messages, previous, request_id="-")).decision
+
+    async def route(
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        previous: str | None,
+        *,
+        request_id: str,
+        user: str | None = None,
+        headers: dict[str, str] | None = None,
+        api_key: str | None = None,
+    ) -> Routed:
+        """Direct, a router, or an experiment arm (sticky by its key) plus the experiment's shadow routers."""
         if model in self.backends:
-            decision = direct_decision(model)
+            routed = Routed(direct_decision(model), "direct")
         else:
-            router_name = self.config.routing_models.get(model)
-            if router_name is None:
+            target = self.config.routing_models.get(model)
+            if target is None:
                 raise OpenAIError(
                     404,
                     f"The model `{model}` does not exist. Known models: "
@@ -181,12 +246,54 @@ class Gateway:
                     param="model",
                     code="model_not_found",
                 )
-            batcher = self.batchers[router_name]
-            decision = await batcher.decide(RoutingRequest(messages, previous))
-            if decision.expert not in self.backends:  # defensive: load_router checks the expert set
-                decision = batcher._fallback_decision(ValueError(f"unknown expert {decision.expert!r}"))
-        self.metrics.decisions.labels(decision.router, decision.expert, decision.reason).inc()
+            request = RoutingRequest(messages, previous)
+            if target in self.experiments:
+                routed = await self._route_experiment(
+                    self.experiments[target], request, request_id, user, headers, api_key
+                )
+            else:
+                routed = Routed(await self._decide_with(target, request), target)
+        d = routed.decision
+        self.metrics.decisions.labels(d.router, d.expert, d.reason).inc()
+        return routed
+
+    async def _decide_with(self, router: str, request: RoutingRequest) -> Decision:
+        batcher = self.batchers[router]
+        decision = await batcher.decide(request)
+        if decision.expert not in self.backends:  # defensive: load_router checks the expert set
+            decision = batcher._fallback_decision(ValueError(f"unknown expert {decision.expert!r}"))
         return decision
+
+    async def _route_experiment(
+        self,
+        exp: Experiment,
+        request: RoutingRequest,
+        request_id: str,
+        user: str | None,
+        headers: dict[str, str] | None,
+        api_key: str | None,
+    ) -> Routed:
+        key = assignment_key(exp.config.assign_by, user, headers or {}, api_key)
+        assignment = exp.assign(key, request_id)
+        shadow = {
+            name: asyncio.ensure_future(self.batchers[name].decide(request)) for name in exp.config.shadow
+        }
+        arm = exp.arm_config(assignment.arm)
+        if arm.router is not None:
+            decision, router = await self._decide_with(arm.router, request), arm.router
+        else:
+            assert arm.expert is not None
+            decision = Decision(arm.expert, {arm.expert: 1.0}, 1.0, "fixed", "1", "experiment-arm")
+            router = f"expert:{arm.expert}"
+        attributed = assignment.experiment is not None
+        return Routed(
+            decision,
+            router,
+            assignment.experiment,
+            assignment.arm if attributed else None,
+            shadow,
+            assignment.unit,
+        )
 
     def fallback_chain(self, expert: str) -> list[str]:
         chain = [expert]

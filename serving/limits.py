@@ -1,12 +1,14 @@
-"""Request body size limit (413 in OpenAI's shape), enforced before any parsing.
+"""Limits enforced before any parsing: request body size (413) and concurrent requests (503).
 
-With a Content-Length the check is free; a chunked body is read up to the limit and then replayed to
-the app, so nothing oversize is ever buffered whole.
+With a Content-Length the size check is free; a chunked body is read up to the limit and then replayed
+to the app, so nothing oversize is ever buffered whole.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -14,9 +16,12 @@ from serving.errors import error_body
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, on_reject: Callable[[str, str], None] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.on_reject = on_reject or (lambda reason, path: None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -33,6 +38,7 @@ class BodySizeLimit:
                 break
         if length is not None:
             if length > self.max_bytes:
+                self.on_reject("body_size", scope["path"])
                 await _reject(send, 413, self._too_large(), "request_too_large")
                 return
             await self.app(scope, receive, send)
@@ -47,6 +53,7 @@ class BodySizeLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
+                self.on_reject("body_size", scope["path"])
                 await _reject(send, 413, self._too_large(), "request_too_large")
                 return
             chunks.append(chunk)
@@ -67,13 +74,93 @@ class BodySizeLimit:
         return f"Request body too large: the limit is {self.max_bytes} bytes."
 
 
-async def _reject(send: Send, status: int, message: str, code: str) -> None:
-    body = json.dumps(error_body(message, "invalid_request_error", None, code)).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
+async def _reject(
+    send: Send,
+    status: int,
+    message: str,
+    code: str,
+    kind: str = "invalid_request_error",
+    retry_after: int | None = None,
+) -> None:
+    body = json.dumps(error_body(message, kind, None, code)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class Slots:
+    """The gateway's concurrent-request budget, shared by the cap middleware and the shutdown drain."""
+
+    def __init__(self, max_in_flight: int | None) -> None:
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def acquire(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """True once no request is open; False if `timeout_s` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+
+class ConcurrencyCap:
+    """At most `slots.max_in_flight` requests on the model endpoints at once; the next gets 503 at once.
+
+    Queueing without bound behind a saturated engine only turns overload into timeouts; answering 503
+    with Retry-After lets clients and load balancers go elsewhere. A request counts until its response
+    ends, so a stream holds its slot until the last event. While draining (shutdown), new requests get
+    503 too.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        slots: Slots,
+        prefixes: tuple[str, ...] = ("/v1/chat/", "/v1/completions"),
+        on_reject: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.app = app
+        self.slots = slots
+        self.prefixes = prefixes
+        self.on_reject = on_reject or (lambda reason, path: None)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(self.prefixes):
+            await self.app(scope, receive, send)
+            return
+        slots = self.slots
+        if slots.draining:
+            self.on_reject("draining", scope["path"])
+            await _reject(send, 503, "The gateway is shutting down.", "shutting_down", "server_error", 1)
+            return
+        if slots.max_in_flight is not None and slots.in_flight >= slots.max_in_flight:
+            self.on_reject("concurrency", scope["path"])
+            await _reject(
+                send,
+                503,
+                f"The gateway is at its limit of {slots.max_in_flight} concurrent requests; retry shortly.",
+                "overloaded",
+                "server_error",
+                retry_after=1,
+            )
+            return
+        slots.acquire()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            slots.release()

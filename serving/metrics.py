@@ -1,4 +1,8 @@
-"""Prometheus metrics of the gateway, in a registry of its own (several apps can live in one process)."""
+"""Prometheus metrics of the gateway, in a registry of its own (several apps can live in one process).
+
+`moerge_requests_total` counts every answered request, failures included (status label); `moerge_ab_*`
+break requests down by experiment and arm, which is what an A/B dashboard compares.
+"""
 
 from __future__ import annotations
 
@@ -68,3 +72,69 @@ class Metrics:
         self.breaker_open = Gauge(
             "moerge_backend_breaker_open", "1 if the circuit breaker is open", ["expert"], registry=r
         )
+        self.rejected = Counter(
+            "moerge_rejected",
+            "Requests refused before routing (auth, rate limit, concurrency cap, draining)",
+            ["reason"],
+            registry=r,
+        )
+        # -- A/B: per experiment and arm ------------------------------------------------------------
+        arm = ["experiment", "arm"]
+        self.ab_requests = Counter(
+            "moerge_ab_requests", "Requests per experiment arm", [*arm, "status"], registry=r
+        )
+        self.ab_errors = Counter(
+            "moerge_ab_errors", "Failed requests (status >= 400 or a stream error) per arm", arm, registry=r
+        )
+        self.ab_latency = Histogram(
+            "moerge_ab_request_seconds", "Latency per arm", arm, buckets=_LATENCY, registry=r
+        )
+        self.ab_ttft = Histogram(
+            "moerge_ab_time_to_first_event_seconds",
+            "Time to first streamed event per arm",
+            arm,
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.ab_tokens = Counter(
+            "moerge_ab_tokens", "Tokens per arm (direction: in | out)", [*arm, "direction"], registry=r
+        )
+        self.ab_expert = Counter(
+            "moerge_ab_expert_requests",
+            "Requests per arm and serving expert (expert share)",
+            [*arm, "expert"],
+            registry=r,
+        )
+        self.ab_feedback = Counter(
+            "moerge_ab_feedback",
+            "Feedback received per arm (label: the label, or `score`)",
+            [*arm, "label"],
+            registry=r,
+        )
+        self.ab_feedback_score = Histogram(
+            "moerge_ab_feedback_score",
+            "Feedback scores per arm",
+            arm,
+            buckets=(-1, 0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1, 2, 5, 10),
+            registry=r,
+        )
+        self.shadow_decisions = Counter(
+            "moerge_shadow_decisions",
+            "Shadow router decisions (logged, never served)",
+            ["router", "expert", "agrees"],
+            registry=r,
+        )
+        # -- decision log ----------------------------------------------------------------------------
+        self.log_written = Counter(
+            "moerge_decision_log_written", "Rows written to the decision log", registry=r
+        )
+        self.log_dropped = Counter(
+            "moerge_decision_log_dropped",
+            "Rows dropped (reason: queue_full while the database is slow or down, shutdown, invalid)",
+            ["reason"],
+            registry=r,
+        )
+        self.log_errors = Counter(
+            "moerge_decision_log_write_errors", "Failed batch writes (retried)", registry=r
+        )
+        self.log_queue = Gauge("moerge_decision_log_queue", "Rows waiting to be written", registry=r)

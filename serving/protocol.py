@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.requests import Request
 
 from serving.errors import OpenAIError, validation_message
@@ -68,6 +68,23 @@ class CompletionRequest(_Sampling):
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=128)
+
+
+class FeedbackRequest(BaseModel):
+    """`POST /v1/feedback`: a score and/or a label for an answered request."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    request_id: str = Field(
+        min_length=1, max_length=64, description="the answer's x-moerge-request-id (or moerge.request_id)"
+    )
+    score: float | None = Field(None, ge=-1e6, le=1e6, description="e.g. 1 = good, 0 = bad, or a rating")
+    label: str | None = Field(None, min_length=1, max_length=64, description="e.g. thumbs_up, wrong_expert")
+
+    @model_validator(mode="after")
+    def _something(self) -> FeedbackRequest:
+        if self.score is None and self.label is None:
+            raise ValueError("give a `score`, a `label`, or both")
+        return self
 
 
 def prompt_messages(prompt: Any) -> list[dict[str, Any]]:

@@ -1,6 +1,7 @@
-"""Support for tests and benchmarks: a `vllm serve` subprocess and a gateway on a background thread.
+"""Support for tests and benchmarks: a `vllm serve` subprocess, a gateway on a background thread, and a
+throwaway PostgreSQL server (installed from Debian's `postgresql` package if missing).
 
-Both bind 127.0.0.1 only. The vLLM server runs in its own process group so that killing it (a fault
+All bind 127.0.0.1 only. The vLLM server runs in its own process group so that killing it (a fault
 test does) takes its engine-core child with it.
 """
 
@@ -8,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -157,3 +160,119 @@ class ThreadedServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+class PostgresUnavailable(RuntimeError):
+    """PostgreSQL could not be found or installed here."""
+
+
+def postgres_bin() -> Path | None:
+    """The folder of `initdb`/`pg_ctl` (PATH first, then Debian's /usr/lib/postgresql/VERSION/bin)."""
+    if found := shutil.which("initdb"):
+        return Path(found).resolve().parent
+    versions = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name or 0)
+    )
+    return versions[-1].parent if versions else None
+
+
+def install_postgres() -> Path:
+    """The PostgreSQL binaries, installing the Debian package `postgresql` if they are missing (root only)."""
+    if (found := postgres_bin()) is not None:
+        return found
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise PostgresUnavailable(
+            "PostgreSQL is not installed and cannot be installed here (needs root + apt-get)"
+        )
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for argv in (
+        ["apt-get", "update"],
+        ["apt-get", "install", "-y", "--no-install-recommends", "postgresql"],
+    ):
+        done = subprocess.run(argv, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise PostgresUnavailable(f"{' '.join(argv)} failed: {done.stderr[-500:]}")
+    if (found := postgres_bin()) is None:
+        raise PostgresUnavailable("installed `postgresql` but found no initdb")
+    return found
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL cluster: initdb in a temp dir, on a free loopback port, with one database.
+
+    As root, the server runs as the `postgres` user (initdb refuses root). fsync is off: test data.
+    """
+
+    def __init__(self, database: str = "moerge") -> None:
+        self.bin = install_postgres()
+        self.database = database
+        self.port = free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="moerge-pg-"))
+        self.data = self.root / "data"
+        self.log = self.root / "server.log"
+        self.url = f"postgresql+psycopg://postgres@{LOOPBACK}:{self.port}/{database}"
+        self._as: list[str] = []
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres", "postgres")
+            self._as = ["runuser", "-u", "postgres", "--"]
+
+    def _run(self, *argv: str) -> None:
+        done = subprocess.run([*self._as, *argv], capture_output=True, text=True, cwd=self.root)
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"{Path(argv[0]).name} failed ({done.returncode}): {done.stderr[-800:] or done.stdout[-800:]}"
+            )
+
+    def start(self) -> PostgresServer:
+        if not self.data.exists():
+            self._run(
+                str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync"
+            )
+            self._pg_ctl("start")
+            self._run(
+                str(self.bin / "createdb"),
+                "-h",
+                LOOPBACK,
+                "-p",
+                str(self.port),
+                "-U",
+                "postgres",
+                self.database,
+            )
+        else:
+            self._pg_ctl("start")
+        return self
+
+    def _pg_ctl(self, action: str) -> None:
+        opts = f"-c listen_addresses={LOOPBACK} -p {self.port} -k {self.root} -c fsync=off"
+        if action == "start":
+            self._run(
+                str(self.bin / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.log),
+                "-o",
+                opts,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            )
+        else:
+            self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
+    def stop(self) -> None:
+        """Stop at once (like a crash: connections are cut)."""
+        self._pg_ctl("stop")
+
+    def destroy(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> PostgresServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.destroy()

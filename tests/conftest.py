@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from merge.tiny import TinyZoo, build_tiny_zoo
+
+if TYPE_CHECKING:
+    from serving.testing import PostgresServer
 
 # vLLM on CPU: small KV cache so several engines fit beside the tests.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -34,3 +39,34 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"../shared/data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def postgres_factory() -> Iterator[Callable[[], PostgresServer]]:
+    """Starts real throwaway PostgreSQL servers (apt-get installs `postgresql` if missing; needs root).
+
+    Without PostgreSQL the tests that need it fail when CI is set, and are skipped (with the reason) locally.
+    """
+    from serving.testing import PostgresServer, PostgresUnavailable
+
+    started: list[PostgresServer] = []
+
+    def start() -> PostgresServer:
+        try:
+            server = PostgresServer().start()
+        except (PostgresUnavailable, RuntimeError, OSError) as err:
+            if os.environ.get("CI"):
+                pytest.fail(f"PostgreSQL is required in CI but could not be started: {err}")
+            pytest.skip(f"PostgreSQL unavailable here: {err}")
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.destroy()
+
+
+@pytest.fixture(scope="session")
+def postgres(postgres_factory: Callable[[], PostgresServer]) -> PostgresServer:
+    """One PostgreSQL server shared by the session's decision-log tests."""
+    return postgres_factory()

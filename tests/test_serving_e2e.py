@@ -22,10 +22,12 @@ import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import func, select
 
 from merge.tiny import TinyZoo, build_tiny_zoo
 from serving.app import create_app
 from serving.config import parse_config
+from serving.decision_log import decisions, make_engine
 from serving.testing import ThreadedServer, VllmServer, wait_http_ok
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
@@ -72,7 +74,12 @@ def victim(servers: dict[str, VllmServer]) -> VllmServer:
 
 
 @pytest.fixture(scope="session")
-def gateway(zoo: TinyZoo, servers: dict[str, VllmServer]) -> Iterator[ThreadedServer]:
+def decision_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("decisions") / "decisions.db"
+
+
+@pytest.fixture(scope="session")
+def gateway(zoo: TinyZoo, servers: dict[str, VllmServer], decision_db: Path) -> Iterator[ThreadedServer]:
     os.environ.update(LONG)
     config = parse_config(
         {
@@ -88,8 +95,16 @@ def gateway(zoo: TinyZoo, servers: dict[str, VllmServer]) -> Iterator[ThreadedSe
             "routers": {
                 "rand": {"kind": "random", "params": {"seed": 0}},
                 "to-code": {"kind": "fixed", "params": {"expert": "code"}},
+                "to-math": {"kind": "fixed", "params": {"expert": "math"}},
             },
-            "routing_models": {"auto": "rand", "coder": "to-code"},
+            "experiments": {
+                "ab": {
+                    "arms": {"control": {"router": "to-math"}, "treatment": {"expert": "code"}},
+                    "shadow": ["to-code", "rand"],
+                }
+            },
+            "routing_models": {"auto": "rand", "coder": "to-code", "ab-test": "ab"},
+            "decision_log": {"enabled": True, "url": f"sqlite:///{decision_db}", "flush_interval_s": 0.05},
             "circuit_breaker": {"health_interval_s": 0.5},
         }
     )
@@ -250,11 +265,134 @@ def test_completions(client: openai.OpenAI, model: str) -> None:
 
 def test_models_ready_metrics(client: openai.OpenAI, gateway: ThreadedServer) -> None:
     ids = {m.id for m in client.models.list()}
-    assert ids == {"math", "code", "auto", "coder"}
+    assert ids == {"math", "code", "auto", "coder", "ab-test"}
     ready = httpx.get(gateway.url + "/ready")
     assert ready.status_code == 200 and ready.json()["backends"]["math"]["up"]
     metrics = httpx.get(gateway.url + "/metrics").text
     assert 'moerge_requests_total{endpoint="chat"' in metrics and "moerge_backend_up" in metrics
+
+
+# -- A/B experiments: shadow routers and the decision log with real engines ----------------------------------
+def logged(db_url: str, ids: set[str]) -> dict[str, dict[str, Any]]:
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(select(decisions).where(decisions.c.request_id.in_(ids)))
+            return {r.request_id: dict(r._mapping) for r in rows}
+    finally:
+        engine.dispose()
+
+
+def test_shadow_decisions_logged_without_changing_responses(
+    client: openai.OpenAI, gateway: ThreadedServer, decision_db: Path
+) -> None:
+    """The experiment's control arm serves `math` while shadow routers decide `code` and at random:
+    the answers are token for token those of `math` asked directly, and the shadows are in the log."""
+    exp = gateway.app.state.gateway.experiments["ab"]
+    users = {exp.assign(f"user-{i}", "r").arm: f"user-{i}" for i in range(50)}
+    kw: dict[str, Any] = {
+        "messages": user("If we compute 9 + 4"),
+        "max_tokens": 12,
+        "temperature": 1.0,
+        "seed": 3,
+    }
+    ids: dict[str, str] = {}
+    for stream in (False, True):
+        opts: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
+        routed = client.chat.completions.with_raw_response.create(
+            model="ab-test", user=users["control"], **opts, **kw
+        )
+        direct = client.chat.completions.create(model="math", user=users["control"], **opts, **kw)
+        assert routed.headers["x-moerge-expert"] == "math" and routed.headers["x-moerge-arm"] == "control"
+        if stream:
+            text = "".join(c.choices[0].delta.content or "" for c in routed.parse() if c.choices)
+            want = "".join(c.choices[0].delta.content or "" for c in direct if c.choices)
+        else:
+            text, want = routed.parse().choices[0].message.content, direct.choices[0].message.content
+        assert text and text == want, "a shadow router must not change the answer"
+        ids[routed.headers["x-moerge-request-id"]] = "math"
+    treated = client.chat.completions.with_raw_response.create(model="ab-test", user=users["treatment"], **kw)
+    assert treated.headers["x-moerge-expert"] == "code" and treated.headers["x-moerge-arm"] == "treatment"
+    ids[treated.headers["x-moerge-request-id"]] = "code"
+    url = f"sqlite:///{decision_db}"
+    assert wait_for(lambda: len(logged(url, set(ids))) == len(ids))
+    for rid, row in logged(url, set(ids)).items():
+        assert row["served_expert"] == ids[rid] and row["experiment"] == "ab" and row["status"] == 200
+        assert row["shadow"]["to-code"]["expert"] == "code", "the shadow decided, and was not served"
+        assert row["shadow"]["rand"]["expert"] in EXPERTS
+        assert row["tokens_out"] == 12 and row["tokens_in"] > 0
+    metrics = httpx.get(gateway.url + "/metrics").text
+    assert 'moerge_shadow_decisions_total{agrees="false",expert="code",router="to-code"}' in metrics
+
+
+def test_decision_log_postgres_outage_while_serving(code_server: VllmServer, postgres_factory: Any) -> None:
+    """PostgreSQL stopped mid-run: every request still succeeds, rows beyond the buffer are dropped and
+    counted; after a restart logging resumes. Written + dropped accounts for every request."""
+    pg = postgres_factory()
+    config = parse_config(
+        {
+            "experts": {"code": {"backend": "openai", "url": code_server.url + "/v1"}},
+            "routers": {"to-code": {"kind": "fixed", "params": {"expert": "code"}}},
+            "experiments": {
+                "ab": {"arms": {"control": {"router": "to-code"}, "treatment": {"expert": "code"}}}
+            },
+            "routing_models": {"auto": "ab"},
+            "decision_log": {
+                "enabled": True,
+                "url": pg.url,
+                "queue_size": 4,
+                "batch_size": 2,
+                "flush_interval_s": 0.05,
+                "connect_timeout_s": 1,
+            },
+        }
+    )
+
+    def metric(server: ThreadedServer, name: str) -> float:
+        text = httpx.get(server.url + "/metrics").text
+        return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+    with ThreadedServer(create_app(config)) as server:
+        sdk = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+
+        def ask(i: int) -> None:
+            resp = sdk.chat.completions.with_raw_response.create(
+                model="auto", messages=user("x"), max_tokens=2, user=f"u{i}", stream=i % 2 == 1
+            )
+            assert resp.status_code == 200 and resp.headers["x-moerge-experiment"] == "ab"
+            if i % 2:
+                list(resp.parse())
+
+        for i in range(3):
+            ask(i)
+            assert wait_for(lambda n=i + 1: metric(server, "moerge_decision_log_written_total") == n)
+        pg.stop()
+        for i in range(3, 15):
+            ask(i)  # the database is down: answers go on
+        assert wait_for(lambda: metric(server, "moerge_decision_log_dropped_total") >= 1)
+        assert metric(server, "moerge_decision_log_write_errors_total") >= 1
+        pg.start()
+        assert wait_for(
+            lambda: (
+                metric(server, "moerge_decision_log_written_total")
+                + metric(server, "moerge_decision_log_dropped_total")
+                == 15
+            ),
+            timeout_s=60,
+        )
+        ask(15)
+        assert wait_for(
+            lambda: (
+                metric(server, "moerge_decision_log_written_total")
+                + metric(server, "moerge_decision_log_dropped_total")
+                == 16
+            )
+        )
+        written = metric(server, "moerge_decision_log_written_total")
+    engine = make_engine(pg.url)
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(decisions)).scalar() == written
+    engine.dispose()
 
 
 @pytest.mark.parametrize("expert", EXPERTS)

@@ -1,0 +1,152 @@
+"""API keys and per-key rate limits.
+
+Keys are stored as sha256 hashes (a leaked config leaks no key) and compared in constant time against
+every configured hash, so neither the answer nor its timing tells which prefix was right. Each key may
+be limited to some models and to requests and tokens per minute (token buckets refilled continuously;
+tokens are charged when the answer's usage is known, so a request may overdraw a bucket once and the
+next one waits — answered 429 with Retry-After).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from serving.config import ApiKey
+from serving.errors import OpenAIError
+
+
+def hash_key(key: str) -> str:
+    """The hex sha256 a config stores for `key` (what `moerge keys hash` prints)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+class KeyRing:
+    def __init__(self, keys: dict[str, ApiKey]) -> None:
+        self.keys = keys
+        self._hashes = [(name, bytes.fromhex(k.sha256)) for name, k in keys.items()]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._hashes)
+
+    def authenticate(self, authorization: str | None) -> str | None:
+        """The key's name; None when auth is off; 401 when the key is missing or wrong."""
+        if not self.enabled:
+            return None
+        token = bearer_token(authorization)
+        if token is None:
+            raise OpenAIError(
+                401,
+                "Missing API key: send it as `Authorization: Bearer KEY`.",
+                code="invalid_api_key",
+                headers={"www-authenticate": "Bearer"},
+            )
+        presented = hashlib.sha256(token.encode()).digest()
+        found = None
+        for name, stored in self._hashes:  # no early exit: the time does not depend on which matched
+            if hmac.compare_digest(presented, stored):
+                found = name
+        if found is None:
+            raise OpenAIError(
+                401,
+                "Incorrect API key provided.",
+                code="invalid_api_key",
+                headers={"www-authenticate": "Bearer"},
+            )
+        return found
+
+    def allowed(self, name: str | None, model: str) -> bool:
+        if name is None:
+            return True
+        models = self.keys[name].models
+        return models is None or model in models
+
+    def check_model(self, name: str | None, model: str) -> None:
+        if not self.allowed(name, model):
+            raise OpenAIError(
+                403,
+                f"This API key may not use the model `{model}`.",
+                param="model",
+                code="model_not_allowed",
+            )
+
+
+@dataclass
+class TokenBucket:
+    """`per_minute` units, refilled continuously; the level may go negative (charged after the fact)."""
+
+    per_minute: float
+    clock: Callable[[], float] = time.monotonic
+    level: float = field(init=False)
+    stamp: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.level = self.per_minute
+        self.stamp = self.clock()
+
+    def _refill(self) -> None:
+        t = self.clock()
+        self.level = min(self.per_minute, self.level + (t - self.stamp) * self.per_minute / 60.0)
+        self.stamp = t
+
+    def wait_s(self, need: float) -> float:
+        """Seconds until `need` units are available (0: now)."""
+        self._refill()
+        if self.level >= need:
+            return 0.0
+        return (need - self.level) * 60.0 / self.per_minute
+
+    def take(self, n: float) -> None:
+        self._refill()
+        self.level -= n
+
+
+class RateLimiter:
+    """Per-key request and token buckets. Keys without limits are never limited."""
+
+    def __init__(self, keys: dict[str, ApiKey], clock: Callable[[], float] = time.monotonic) -> None:
+        self.requests = {
+            name: TokenBucket(k.requests_per_minute, clock)
+            for name, k in keys.items()
+            if k.requests_per_minute is not None
+        }
+        self.tokens = {
+            name: TokenBucket(k.tokens_per_minute, clock)
+            for name, k in keys.items()
+            if k.tokens_per_minute is not None
+        }
+
+    def admit(self, name: str | None) -> None:
+        """Take one request from the key's budget, or answer 429 with Retry-After (nothing is taken)."""
+        if name is None:
+            return
+        req, tok = self.requests.get(name), self.tokens.get(name)
+        wait_req = req.wait_s(1) if req is not None else 0.0
+        wait_tok = tok.wait_s(0) if tok is not None else 0.0  # a budget not overdrawn admits
+        wait = max(wait_req, wait_tok)
+        if wait > 0:
+            what = "requests" if wait_req >= wait_tok else "tokens"
+            raise OpenAIError(
+                429,
+                f"Rate limit reached for {what} per minute on this API key; retry after {math.ceil(wait)} s.",
+                code=f"rate_limit_{what}",
+                headers={"retry-after": str(max(1, math.ceil(wait)))},
+            )
+        if req is not None:
+            req.take(1)
+
+    def charge_tokens(self, name: str | None, n: int) -> None:
+        if name is not None and n > 0 and (tok := self.tokens.get(name)) is not None:
+            tok.take(n)
