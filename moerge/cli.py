@@ -8,7 +8,9 @@ from __future__ import annotations
 import typer
 
 from merge.cli import register_merge_commands
+from moerge.up import register_up_command
 from router.cli import router_app
+from serving.ab_cli import ab_app
 from serving.cli import register_serve_commands
 
 app = typer.Typer(
@@ -20,6 +22,8 @@ app = typer.Typer(
 register_merge_commands(app)
 app.add_typer(router_app, name="router")
 register_serve_commands(app)
+app.add_typer(ab_app, name="ab")
+register_up_command(app)
 
 
 @app.command("demo")
