@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="fp32:128,bf16:128,bf16:64,bf16:64:3",
-        help="PRECISION:MAXLEN[:LAYERS],… of our encoder",
+        help="PRECISION:MAXLEN[:LAYERS],… of our encoder ('' for none)",
     )
     args = parser.parse_args()
 
@@ -102,7 +102,7 @@ def main() -> None:
         }
     )
 
-    for spec in args.variants.split(","):
+    for spec in filter(None, args.variants.split(",")):
         parts = spec.split(":")
         precision, length = parts[0], int(parts[1])
         layers = int(parts[2]) if len(parts) > 2 else None
@@ -126,6 +126,8 @@ def main() -> None:
         rate = time_batched(decide, prompts, args.batch)
         ref = router.encoder.reference()
         layers = f", {ref['layers']} layers" if ref.get("layers") else ""
+        if ref.get("pool_layers"):
+            layers += f", pooled layers {ref['pool_layers']}"
         label = f"router {router.kind} decide() ({ref['precision']}, max_len {ref['max_seq_length']}{layers})"
         rows.append({"variant": label, **u, "batched_per_s": rate})
         cached = time_unbatched(lambda b: decide(prompts[:1], cache=True), prompts)

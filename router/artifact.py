@@ -103,20 +103,28 @@ def verify_artifact(path: Path) -> dict[str, Any]:
     return spec
 
 
-_ENCODERS: dict[tuple[str, int, str, int | None, str], Any] = {}
+_ENCODERS: dict[tuple[str, int, str, int | None, str, tuple[int, ...] | None], Any] = {}
 _ENCODERS_LOCK = threading.Lock()
 
 
 def shared_encoder(
-    model: str, max_seq_length: int, precision: str, layers: int | None = None, truncation: str = "head"
+    model: str,
+    max_seq_length: int,
+    precision: str,
+    layers: int | None = None,
+    truncation: str = "head",
+    pool_layers: list[int] | None = None,
 ) -> Any:
-    """One encoder per (model, length, precision) per process: routers loaded side by side share it."""
+    """One encoder per (model, length, precision, …) per process: routers loaded side by side share it."""
     from router.encoder import Encoder
 
-    key = (model, max_seq_length, precision, layers, truncation)
+    pooled = tuple(pool_layers) if pool_layers else None
+    key = (model, max_seq_length, precision, layers, truncation, pooled)
     with _ENCODERS_LOCK:
         if key not in _ENCODERS:
-            _ENCODERS[key] = Encoder(model, max_seq_length, precision, layers=layers, truncation=truncation)
+            _ENCODERS[key] = Encoder(
+                model, max_seq_length, precision, layers=layers, truncation=truncation, pool_layers=pooled
+            )
         return _ENCODERS[key]
 
 
@@ -152,6 +160,7 @@ def load_router(
             ref["precision"],
             ref.get("layers"),
             ref.get("truncation", "head"),
+            ref.get("pool_layers"),
         )
     except EncoderError as error:
         raise ArtifactError(f"{path}: encoder {spec['encoder'].get('model')!r}: {error}") from None

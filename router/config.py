@@ -58,6 +58,21 @@ class EncoderConfig(Strict):
     truncation: Literal["head+tail", "head"] = Field(
         "head+tail", description="which tokens of a long prompt are kept: first and last, or first only"
     )
+    pool_layers: list[int] | Literal["all"] | None = Field(
+        None,
+        description="sentence vector = concatenated mean-pooled states of these layers (0 = embeddings, "
+        "'all' = every kept layer); default: the last layer only",
+    )
+
+    @field_validator("pool_layers")
+    @classmethod
+    def _pool_layers(cls, value: list[int] | str | None) -> list[int] | str | None:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("name at least one layer, or leave pool_layers out")
+            if min(value) < 0:
+                raise ValueError(f"layer numbers start at 0 (the embeddings), got {value}")
+        return value
 
 
 class ClassifierConfig(Strict):

@@ -89,7 +89,8 @@ def resolve_precision(precision: str) -> str:
 class EncodedChunk:
     """One encoder batch, in the caller's order.
 
-    sentence: (b, d) unit-norm sentence embeddings (float32).
+    sentence: (b, d·k) unit-norm sentence embeddings (float32): the pooled last layer (k = 1), or the
+        concatenation of the k `pool_layers`' unit-norm pooled states, scaled by 1/√k.
     tokens: (b, t, d) unit-norm token states (float32), special tokens and padding masked out by `mask`.
     truncated: (b,) whether the text had more tokens than `max_seq_length`.
     """
@@ -111,6 +112,7 @@ class Encoder:
         threads: int | None = None,
         layers: int | None = None,
         truncation: str = "head+tail",
+        pool_layers: Sequence[int] | str | None = None,
     ) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -146,6 +148,8 @@ class Encoder:
         self.max_seq_length = min(max_seq_length, model_max)
         self.dim = int(self._net.config.hidden_size)
         self.layers = self._keep_layers(layers)
+        self.pool_layers = self._check_pool_layers(pool_layers)
+        self.sentence_dim = self.dim * (len(self.pool_layers) if self.pool_layers else 1)
         self._net.eval()
         if self.precision == "bf16":
             self._net.to(torch.bfloat16)
@@ -165,6 +169,30 @@ class Encoder:
         self._net.encoder.layer = stack[:layers]
         return layers
 
+    def _check_pool_layers(self, pool_layers: Sequence[int] | str | None) -> tuple[int, ...] | None:
+        """Layers (0 = embeddings, i = output of block i; "all": 1…depth) pooled into the sentence vector."""
+        if pool_layers is None:
+            return None
+        depth = (
+            len(self._net.encoder.layer) if hasattr(getattr(self._net, "encoder", None), "layer") else None
+        )
+        if isinstance(pool_layers, str):
+            if pool_layers != "all" or depth is None:
+                raise EncoderError(
+                    f"pool_layers must be a list of layer numbers or 'all', got {pool_layers!r}"
+                )
+            pool_layers = range(1, depth + 1)
+        chosen = tuple(sorted({int(i) for i in pool_layers}))
+        if not chosen:
+            raise EncoderError("pool_layers must name at least one layer (or be left out)")
+        if depth is None:
+            raise EncoderError(f"{self.path}: cannot pool layers of a {type(self._net).__name__}")
+        if chosen[0] < 0 or chosen[-1] > depth:
+            raise EncoderError(
+                f"pool_layers must be between 0 and {depth} (the layers kept), got {list(chosen)}"
+            )
+        return chosen
+
     def reference(self) -> dict[str, Any]:
         """What an artifact records to re-create and verify this encoder at load time."""
         return {
@@ -176,6 +204,8 @@ class Encoder:
             "pooling": self.pooling,
             "layers": self.layers,
             "truncation": self.truncation,
+            "pool_layers": list(self.pool_layers) if self.pool_layers else None,
+            "sentence_dim": self.sentence_dim,
         }
 
     def _tokenize(self, texts: Sequence[str]) -> tuple[dict[str, Any], np.ndarray]:
@@ -210,25 +240,34 @@ class Encoder:
             texts = [t.lower() for t in texts]
         with self._lock, torch.inference_mode():
             inputs, truncated = self._tokenize(texts)
-            hidden = self._net(**inputs).last_hidden_state.float()
+            if self.pool_layers:
+                states = self._net(**inputs, output_hidden_states=True).hidden_states
+                hidden = states[-1].float()
+                pooled_states = [states[i].float() for i in self.pool_layers]
+            else:
+                hidden = self._net(**inputs).last_hidden_state.float()
+                pooled_states = [hidden]
             attention = inputs["attention_mask"].bool()
         mask = attention.clone()
         mask[:, 0] = False  # [CLS]
         lengths = attention.sum(1)
         mask[torch.arange(mask.shape[0]), lengths - 1] = False  # [SEP]
-        if self.pooling == "cls":
-            sentence = hidden[:, 0]
-        elif self.pooling == "max":
-            sentence = hidden.masked_fill(~attention.unsqueeze(-1), -1e4).max(1).values
-        else:
-            weights = attention.unsqueeze(-1).float()
-            sentence = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        sentence = torch.nn.functional.normalize(sentence, dim=-1)
+        parts = [torch.nn.functional.normalize(self._pool(h, attention), dim=-1) for h in pooled_states]
+        # several layers: each pooled state unit-norm, the concatenation scaled back to unit norm
+        sentence = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1) / len(parts) ** 0.5
         tokens = torch.nn.functional.normalize(hidden, dim=-1)
         empty = ~mask.any(1)  # single-token texts: let the one content-free token speak rather than none
         if bool(empty.any()):
             mask[empty, 0] = True
         return EncodedChunk(sentence.numpy(), tokens.numpy(), mask.numpy(), truncated)
+
+    def _pool(self, hidden: Any, attention: Any) -> Any:
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if self.pooling == "max":
+            return hidden.masked_fill(~attention.unsqueeze(-1), -1e4).max(1).values
+        weights = attention.unsqueeze(-1).float()
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
     def encode(
         self,

@@ -56,7 +56,9 @@ class LearnedRouter(Router):
     def _self_check(self) -> None:
         """Score one all-zero feature row with every head: shapes that disagree fail at load, not later."""
         n = len(self.experts)
-        probe = Features(np.zeros((1, self.encoder.dim), np.float32), np.zeros((1, 3 * n), np.float32))
+        probe = Features(
+            np.zeros((1, self.encoder.sentence_dim), np.float32), np.zeros((1, 3 * n), np.float32)
+        )
         if self.gates is not None and self.gates.vectors.shape != (n, self.encoder.dim):
             raise ValueError(
                 f"gate vectors have shape {self.gates.vectors.shape}, expected {(n, self.encoder.dim)}"
@@ -76,7 +78,7 @@ class LearnedRouter(Router):
         if needs_tokens is None:
             needs_tokens = self.head.needs_tokens
         n = len(texts)
-        sentence = np.zeros((n, self.encoder.dim), dtype=np.float32)
+        sentence = np.zeros((n, self.encoder.sentence_dim), dtype=np.float32)
         tokens = np.zeros((n, 3 * len(self.experts)), dtype=np.float32) if needs_tokens else None
         truncated = np.zeros(n, dtype=bool)
         for index, chunk in self.encoder.encode(texts, batch_size=self.batch_size):

@@ -55,7 +55,7 @@ def encode_rows(
     encoder: Any, texts: list[str], batch_size: int, advance: Callable[[int], None] | None
 ) -> Encoded:
     n = len(texts)
-    sentence = np.zeros((n, encoder.dim), np.float32)
+    sentence = np.zeros((n, getattr(encoder, "sentence_dim", encoder.dim)), np.float32)
     sums = np.zeros((n, encoder.dim), np.float32)
     counts = np.zeros(n, np.float32)
     truncated = np.zeros(n, bool)
@@ -169,6 +169,7 @@ def train_router(
         cfg.encoder.precision,
         layers=cfg.encoder.layers,
         truncation=cfg.encoder.truncation,
+        pool_layers=cfg.encoder.pool_layers,
     )
     texts = [r["prompt"] for r, _ in train_rows]
     advance = progress("encoding training prompts", len(texts)) if progress else None

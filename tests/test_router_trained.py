@@ -11,6 +11,7 @@ import shutil
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -386,3 +387,36 @@ def test_long_prompts_keep_head_and_tail(router: LearnedRouter) -> None:
     tokens = router.encoder._tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
     assert list(truncated) == [True, False]
     assert tokens[:2] == ["[CLS]", "start"] and tokens[-2:] == ["finale", "[SEP]"] and len(tokens) == 64
+
+
+def test_multi_layer_pooling_artifact(data_dir: Path, tmp_path: Path) -> None:
+    """`encoder.pool_layers`: the sentence vector concatenates per-layer mean pools; the artifact records it,
+    reloads with the same encoder, and pooling only the last layer reproduces the default embedding."""
+    config = small_config(data_dir, encoder={"max_seq_length": 64, "layers": 4, "pool_layers": [2, 4]})
+    config["all_heads"] = False
+    code, output = _train(tmp_path, config)
+    assert code == 0, output
+    spec = json.loads((tmp_path / "out" / "router.json").read_text())
+    assert spec["encoder"]["pool_layers"] == [2, 4] and spec["encoder"]["layers"] == 4
+    assert spec["encoder"]["sentence_dim"] == 2 * spec["encoder"]["dim"]
+    loaded = load_router(tmp_path / "out")
+    assert isinstance(loaded, LearnedRouter) and loaded.encoder.sentence_dim == 2 * loaded.encoder.dim
+    feats, _ = loaded.features(["What is 2 + 2?", "def add(a, b): return a + b"])
+    assert feats.sentence.shape == (2, 2 * loaded.encoder.dim)
+    assert np.allclose(np.linalg.norm(feats.sentence, axis=1), 1.0, atol=1e-4)
+    assert not np.allclose(feats.sentence[:, : loaded.encoder.dim], feats.sentence[:, loaded.encoder.dim :])
+    decision = loaded.decide(RoutingRequest.from_prompt("Solve 3x + 5 = 11 for x."))
+    assert decision.expert in DOMAINS
+
+    from router.encoder import Encoder, EncoderError
+
+    plain = Encoder("bundled", 64, "fp32", layers=4)
+    last = Encoder("bundled", 64, "fp32", layers=4, pool_layers=[4])
+    every = Encoder("bundled", 64, "fp32", layers=4, pool_layers="all")
+    texts = ["Translate 'cat' into French.", "Name the capital of Peru."]
+    a = np.concatenate([c.sentence for _, c in plain.encode(texts)])
+    b = np.concatenate([c.sentence for _, c in last.encode(texts)])
+    assert np.allclose(a, b, atol=1e-5)
+    assert every.pool_layers == (1, 2, 3, 4) and every.sentence_dim == 4 * every.dim
+    with pytest.raises(EncoderError, match="between 0 and 4"):
+        Encoder("bundled", 64, "fp32", layers=4, pool_layers=[5])

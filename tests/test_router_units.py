@@ -283,3 +283,18 @@ def test_context_text_appends_earlier_user_turns_latest_first() -> None:
     assert context_text(RoutingRequest(messages[:1]), turns=1) is None
     assert context_text(RoutingRequest(messages), turns=0) is None
     assert context_text(RoutingRequest("junk"), turns=1) is None  # type: ignore[arg-type]
+
+
+def test_config_pool_layers(tmp_path: Path) -> None:
+    base = {"experts": {"a": {"files": ["a.jsonl"]}, "b": {"files": ["b.jsonl"]}}}
+    assert parse_config(base, tmp_path).encoder.pool_layers is None  # default: today's last-layer pooling
+    for value in ([1, 2, 3], "all"):
+        cfg = parse_config({**base, "encoder": {"pool_layers": value}}, tmp_path)
+        assert cfg.encoder.pool_layers == value
+    for bad, message in (
+        ([], "at least one layer"),
+        ([-1, 2], "start at 0"),
+        ("some", "encoder.pool_layers"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            parse_config({**base, "encoder": {"pool_layers": bad}}, tmp_path)
