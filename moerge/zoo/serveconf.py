@@ -1,0 +1,119 @@
+"""The configs the zoo writes for the other tools: the merge recipe, the router config, the serve config.
+
+All paths inside them are relative to OUT (where they are written), so a zoo folder can be moved whole.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from moerge.zoo.config import ZooConfig
+
+HEADER = "# Written by `moerge zoo build`; paths are relative to this file.\n"
+
+
+def dump(data: dict[str, Any], comment: str = "") -> str:
+    return HEADER + comment + yaml.safe_dump(data, sort_keys=False, width=110)
+
+
+def moe_recipe(cfg: ZooConfig) -> dict[str, Any]:
+    """base + the dense experts; calibration prompts from each expert's own train split."""
+    return {
+        "base": "base",
+        "experts": [
+            {
+                "name": name,
+                "path": f"experts/{name}",
+                "data": [{"path": f"data/{spec.domain}.train.jsonl", "limit": cfg.merge.max_prompts}],
+            }
+            for name, spec in cfg.finetune.experts.items()
+        ],
+        "shared": {"method": cfg.merge.shared_method},
+        "gate": {
+            "init": cfg.merge.gate_init,
+            "max_prompts": cfg.merge.max_prompts,
+            "max_tokens": cfg.merge.max_tokens,
+        },
+        "experts_per_token": cfg.merge.experts_per_token,
+        "dtype": cfg.base.dtype,
+    }
+
+
+def router_config(cfg: ZooConfig) -> dict[str, Any]:
+    """Classes are the served experts; train split files only (holdout fraction 0)."""
+    experts = {
+        name: {
+            "files": [f"data/{d}.train.jsonl" for d in domains],
+            "holdout": {"fraction": 0.0},
+            "max_train": cfg.router.max_train,
+        }
+        for name, domains in cfg.router.served.items()
+    }
+    label_map = {d: name for name, domains in cfg.router.served.items() for d in domains}
+    return {
+        "kind": cfg.router.kind,
+        "seed": 0,
+        "experts": experts,
+        "encoder": {"model": "bundled", "max_seq_length": 128, "precision": "auto", "batch_size": 64},
+        "policy": {"confidence_floor": 0.3, "fallback": cfg.router.fallback},
+        "all_heads": True,
+        "label_field": "domain",
+        "label_map": label_map,
+    }
+
+
+def serve_config(cfg: ZooConfig) -> dict[str, Any]:
+    """In-process vLLM engines for the MoE, the dense base and the hetero expert; `auto` → learned router."""
+    hetero = cfg.hetero.name
+    eager = {"enforce_eager": True}
+    return {
+        "server": {"host": "127.0.0.1", "port": cfg.serve.port, "log_decisions": True},
+        "experts": {
+            "moe": {
+                "backend": "vllm",
+                "model": "./moe",
+                "description": "SmolLM2-135M experts ("
+                + ", ".join(cfg.finetune.experts)
+                + ") merged into one MoE",
+                "engine_args": {"max_model_len": cfg.serve.max_model_len, **eager},
+                "fallback": "base",
+            },
+            "base": {
+                "backend": "vllm",
+                "model": "./base",
+                "description": "SmolLM2-135M-Instruct (dense generalist)",
+                "engine_args": {"max_model_len": cfg.serve.max_model_len, **eager},
+                "fallback": "moe",
+            },
+            hetero: {
+                "backend": "vllm",
+                "model": f"./hetero/{hetero}",
+                "description": "GPT-2 trained from scratch for exact arithmetic (own tokenizer)",
+                "engine_args": {"max_model_len": cfg.serve.hetero_max_model_len, **eager},
+                "fallback": "base",
+            },
+        },
+        "routers": {
+            "learned": {"artifact": "./router", "fallback": cfg.router.fallback},
+            "coin": {"kind": "random", "params": {"seed": 0}},
+        },
+        "experiments": {
+            "router-ab": {
+                "arms": {
+                    "control": {"router": "coin", "weight": 1},
+                    "learned": {"router": "learned", "weight": 1},
+                },
+                "control": "control",
+                "assign_by": "user",
+            }
+        },
+        "routing_models": {"auto": "learned", "ab": "router-ab"},
+    }
+
+
+SERVE_COMMENT = """# moerge serve runs/zoo/serve.yaml — `auto` routes with the learned router; `ab` is an A/B experiment
+# between the learned router and a coin flip (sticky per OpenAI `user`); `moe`, `base` and the hetero
+# expert can also be asked directly by name.
+"""
