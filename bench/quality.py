@@ -49,7 +49,7 @@ def log(message: str) -> None:
 def heldout_rows(zoo: Path, domain: str, n: int) -> list[dict]:
     """A fixed sample of a domain's held-out rows (ordered by a hash of their id, not file order)."""
     path = zoo / "data" / f"{domain}.heldout.jsonl"
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
     rows.sort(key=lambda r: hashlib.sha256(str(r.get("id", r["prompt"])).encode()).hexdigest())
     out = []
     for row in rows[:n]:
@@ -72,10 +72,12 @@ def release(*objects) -> None:
 # ---------------------------------------------------------------- table 1: merge
 
 
-def merge_table(zoo: Path, work: Path, n: int, with_mergekit: bool) -> dict:
-    all_variants = variants(zoo, with_mergekit)
+def merge_table(
+    zoo: Path, work: Path, n: int, with_mergekit: bool, with_tuned: bool, only_domains: list[str]
+) -> dict:
+    all_variants = variants(zoo, with_mergekit, with_tuned)
     expert_names = [e["name"] for e in all_variants[0].recipe["experts"]]
-    domains = [d for d in ("math", "code", "text", "knowledge", "general") if (zoo / "data").exists()]
+    domains = [d for d in ("math", "code", "text", "knowledge", "general") if d in only_domains]
     domains = [d for d in domains if (zoo / "data" / f"{d}.heldout.jsonl").exists()]
     rows = {d: heldout_rows(zoo, d, n) for d in domains}
     models: list[tuple[str, str, Path]] = [("base", "dense", zoo / "base")]
@@ -89,6 +91,11 @@ def merge_table(zoo: Path, work: Path, n: int, with_mergekit: bool) -> dict:
             log(f"skipping {variant.name}: {error}")
     results = []
     for name, kind, folder in models:
+        # Each model's scores are kept beside the variants, so an interrupted run resumes where it stopped.
+        cache = work / "evals" / f"{name.replace(' ', '_').replace('/', '_')}-{n}-{'_'.join(domains)}.json"
+        if cache.exists():
+            results.append(json.loads(cache.read_text()))
+            continue
         log(f"evaluating {name}")
         model, tokenizer = load_causal_lm(folder)
         perplexity = {}
@@ -99,6 +106,8 @@ def merge_table(zoo: Path, work: Path, n: int, with_mergekit: bool) -> dict:
         if kind == "moe":
             entry.update(gate_shares(model, tokenizer, {e: rows[e] for e in expert_names if e in rows}))
         results.append(entry)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(entry))
         release(model, tokenizer)
     dense_experts = {e: next(r for r in results if r["model"] == f"dense expert {e}") for e in expert_names}
     for entry in results:
@@ -334,9 +343,19 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64, help="held-out prompts per domain")
     parser.add_argument("--tables", default="merge,routing,e2e", help="comma-separated subset")
     parser.add_argument("--skip-mergekit", action="store_true", help="leave mergekit-moe out of table 1")
+    parser.add_argument(
+        "--domains", default="math,code,text,knowledge,general", help="table 1's columns (comma-separated)"
+    )
+    parser.add_argument("--skip-tuned", action="store_true", help="leave the tuned-gates MoE out of table 1")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    for needed in ("base", "moe-recipe.yaml", "router", "serve.yaml", "data"):
+    tables = [t.strip() for t in args.tables.split(",") if t.strip()]
+    needs = {
+        "merge": ("data", "base", "moe-recipe.yaml"),
+        "routing": ("data", "router"),
+        "e2e": ("data", "router", "serve.yaml"),
+    }
+    for needed in sorted({n for t in tables for n in needs.get(t, ())}):
         if not (args.zoo / needed).exists():
             sys.exit(
                 f"{args.zoo}/{needed} is missing: build the zoo first (moerge zoo build --out {args.zoo})"
@@ -344,10 +363,16 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     results_path = args.work / "quality.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    tables = [t.strip() for t in args.tables.split(",") if t.strip()]
     started = time.perf_counter()
     if "merge" in tables:
-        results["merge"] = merge_table(args.zoo, args.work, args.rows, not args.skip_mergekit)
+        results["merge"] = merge_table(
+            args.zoo,
+            args.work,
+            args.rows,
+            not args.skip_mergekit,
+            not args.skip_tuned,
+            args.domains.split(","),
+        )
     if "routing" in tables:
         results["routing"] = routing_table(args.zoo, max(args.rows, 200))
     if "e2e" in tables:

@@ -39,7 +39,7 @@ def base_recipe(zoo: Path) -> dict:
     return recipe.model_dump(mode="json", exclude_none=True)
 
 
-def variants(zoo: Path, with_mergekit: bool) -> list[Variant]:
+def variants(zoo: Path, with_mergekit: bool, with_tuned: bool = True) -> list[Variant]:
     recipe = base_recipe(zoo)
 
     def vary(shared: dict | None = None, gate: dict | None = None) -> dict:
@@ -54,8 +54,13 @@ def variants(zoo: Path, with_mergekit: bool) -> list[Variant]:
         Variant("dense DARE-TIES", "dense", vary({"method": "dare_ties"})),
         *[Variant(f"MoE {g} gates", "moe", vary(gate={"init": g})) for g in ("random", "uniform", "hidden")],
         Variant("MoE ridge gates", "moe", vary(gate={"init": "ridge"})),
-        Variant("MoE ridge + tuned gates", "moe", vary(gate={"init": "ridge"}), tune_from="MoE ridge gates"),
     ]
+    if with_tuned:
+        found.append(
+            Variant(
+                "MoE ridge + tuned gates", "moe", vary(gate={"init": "ridge"}), tune_from="MoE ridge gates"
+            )
+        )
     if with_mergekit:
         found.append(Variant("mergekit-moe (hidden gates)", "moe", mergekit_config(recipe), mergekit=True))
     return found
