@@ -17,11 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from merge_bench import ensure_mergekit  # one mergekit venv for both benchmarks
 
 from merge.recipe import load_recipe
-
-ROOT = Path(__file__).resolve().parents[1]
-MERGEKIT_VENV = ROOT / ".cache" / "mergekit-venv"
 
 
 @dataclass(frozen=True)
@@ -91,16 +89,6 @@ def mergekit_config(recipe: dict, prompts_per_expert: int = 16) -> dict:
 
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-
-
-def ensure_mergekit() -> Path:
-    """mergekit in its own virtualenv, so its pins never touch moerge's environment."""
-    exe = MERGEKIT_VENV / "bin" / "mergekit-moe"
-    if not exe.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(MERGEKIT_VENV)], check=True)
-        pip = [str(MERGEKIT_VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
-        subprocess.run([*pip, "torch==2.13.0", "mergekit==0.1.5"], check=True)
-    return exe
 
 
 def build(variant: Variant, work: Path, built: dict[str, Path], log) -> Path:
