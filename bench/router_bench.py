@@ -30,12 +30,20 @@ SHARED = ROOT.parent / "shared" / "data"
 DOMAINS = ("math", "code", "knowledge", "text", "general")
 
 
-def bench_prompts(count: int, seed: int = 0) -> list[str]:
+def bench_prompts(count: int, seed: int = 0, heldout: Path | None = None) -> list[str]:
+    """An equal share of each domain: from an artifact's held-out split when given (prompts the router
+    never trained on, so its fast path is not flattered), else from the whole shared data."""
     rng = random.Random(seed)
     per = max(1, count // len(DOMAINS))
     prompts: list[str] = []
     for domain in DOMAINS:
-        rows = [json.loads(line)["prompt"] for line in (SHARED / f"{domain}.jsonl").open(encoding="utf-8")]
+        if heldout is not None:
+            lines = heldout.open(encoding="utf-8")
+            rows = [r["prompt"] for r in map(json.loads, lines) if r.get("domain") == domain]
+        else:
+            rows = [
+                json.loads(line)["prompt"] for line in (SHARED / f"{domain}.jsonl").open(encoding="utf-8")
+            ]
         prompts += rng.sample(rows, min(per, len(rows)))
     rng.shuffle(prompts)
     return prompts
@@ -83,7 +91,8 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    prompts = bench_prompts(args.samples)
+    heldout = args.artifact / "heldout.jsonl" if args.artifact else None
+    prompts = bench_prompts(args.samples, heldout=heldout if heldout and heldout.is_file() else None)
     rows: list[dict[str, object]] = []
 
     model = SentenceTransformer(str(resolve_model_path("bundled")), device="cpu")
@@ -116,19 +125,41 @@ def main() -> None:
     if args.artifact:
         from router.artifact import load_router
         from router.base import RoutingRequest
+        from router.learned import LearnedRouter
 
         router = load_router(args.artifact)
+        encoder_only = load_router(args.artifact, fast_path=False)
+        assert isinstance(router, LearnedRouter) and isinstance(encoder_only, LearnedRouter)
 
-        def decide(batch: Sequence[str], cache: bool = False) -> object:
-            return router.decide_batch([RoutingRequest.from_prompt(p) for p in batch], use_cache=cache)
+        def decide(batch: Sequence[str], cache: bool = False, r: LearnedRouter = router) -> object:
+            return r.decide_batch([RoutingRequest.from_prompt(p) for p in batch], use_cache=cache)
 
-        u = time_unbatched(decide, prompts)
-        rate = time_batched(decide, prompts, args.batch)
         ref = router.encoder.reference()
         layers = f", {ref['layers']} layers" if ref.get("layers") else ""
         if ref.get("pool_layers"):
             layers += f", pooled layers {ref['pool_layers']}"
-        label = f"router {router.kind} decide() ({ref['precision']}, max_len {ref['max_seq_length']}{layers})"
+        setup = f"{ref['precision']}, max_len {ref['max_seq_length']}{layers}"
+        if router.fast_path is not None:
+            ngram = router.fast_path
+            u = time_unbatched(ngram.proba, prompts)
+            rate = time_batched(ngram.proba, prompts, args.batch)
+            rows.append(
+                {"variant": "n-gram stage alone (hashed char n-grams, linear)", **u, "batched_per_s": rate}
+            )
+            u = time_unbatched(lambda b: decide(b, r=encoder_only), prompts)
+            rate = time_batched(lambda b: decide(b, r=encoder_only), prompts, args.batch)
+            rows.append(
+                {
+                    "variant": f"router {router.kind} decide(), no fast path ({setup})",
+                    **u,
+                    "batched_per_s": rate,
+                }
+            )
+            _, answered = router.fast_path_split(prompts)
+            share = f"{answered.mean():.0%} answered by n-grams"
+        u = time_unbatched(decide, prompts)
+        rate = time_batched(decide, prompts, args.batch)
+        label = f"router {router.kind} decide() as served ({share if router.fast_path else setup})"
         rows.append({"variant": label, **u, "batched_per_s": rate})
         cached = time_unbatched(lambda b: decide(prompts[:1], cache=True), prompts)
         rows.append(
@@ -149,6 +180,8 @@ def main() -> None:
         "batch": args.batch,
         "cpus": os.cpu_count(),
         "loadavg": os.getloadavg(),
+        "prompts": "artifact held-out split" if heldout and heldout.is_file() else "shared data",
+        "median_prompt_chars": statistics.median(len(p) for p in prompts),
     }
     if args.json:
         print(json.dumps({"meta": meta, "rows": rows}, indent=2))

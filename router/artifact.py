@@ -134,14 +134,20 @@ def load_router(
     kind: str | None = None,
     verify_encoder: bool = True,
     cache_size: int = 4096,
+    fast_path: bool | None = None,
 ) -> Router:
-    """Load a trained router artifact (verified) as a Router; `kind` picks another head it holds."""
+    """Load a trained router artifact (verified) as a Router; `kind` picks another head it holds.
+
+    The n-gram fast path (if the artifact has one) fronts the artifact's own kind; `fast_path=False`
+    turns it off, `True` puts it in front of another `kind` too.
+    """
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     from router.encoder import EncoderError
     from router.gates import TokenGates
     from router.learned import LearnedRouter
+    from router.ngram import NgramModel
     from router.policy import Policy
     from router.scorers import build_heads
 
@@ -176,6 +182,10 @@ def load_router(
         if "gates.vectors" in tensors:
             gates = TokenGates(tensors["gates.center"], tensors["gates.vectors"], int(spec["gates"]["top_k"]))
         heads = build_heads(tensors, spec["heads"], len(experts))
+        chosen = kind or spec["kind"]
+        ngram = None
+        if spec.get("fast_path") and (fast_path or (fast_path is None and chosen == spec["kind"])):
+            ngram = NgramModel.from_artifact(tensors, spec["fast_path"])
         p = spec["policy"]
         policy = Policy(
             experts,
@@ -187,7 +197,7 @@ def load_router(
         )
         return LearnedRouter(
             experts,
-            kind or spec["kind"],
+            chosen,
             encoder,
             heads,
             gates,
@@ -195,6 +205,7 @@ def load_router(
             spec["version"],
             cache_size=cache_size,
             meta=spec,
+            fast_path=ngram,
         )
     except (KeyError, TypeError, ValueError) as error:
         raise ArtifactError(f"{path}: inconsistent artifact ({error!r})") from None

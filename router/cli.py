@@ -82,6 +82,9 @@ def evaluate_cmd(
         ..., help="JSONL files with `prompt` and a label field (default `domain`)."
     ),
     kind: str | None = typer.Option(None, "--kind", help="Evaluate another head the artifact holds."),
+    fast_path: bool = typer.Option(
+        True, "--fast-path/--no-fast-path", help="Keep the artifact's n-gram fast path in front of its head."
+    ),
     label_field: str | None = typer.Option(
         None, "--label-field", help="Field with the true label [artifact's]."
     ),
@@ -115,7 +118,7 @@ def evaluate_cmd(
     from router.learned import LearnedRouter
 
     try:
-        router = load_router(artifact, kind=kind)
+        router = load_router(artifact, kind=kind, fast_path=None if fast_path else False)
     except (ArtifactError, ValueError) as error:
         _fail(str(error))
     assert isinstance(router, LearnedRouter)
@@ -161,13 +164,16 @@ def decide_cmd(
     prompt: str = typer.Argument(..., help="A user message to route."),
     previous: str | None = typer.Option(None, "--previous", help="The conversation's previous expert."),
     kind: str | None = typer.Option(None, "--kind", help="Another head the artifact holds."),
+    fast_path: bool = typer.Option(
+        True, "--fast-path/--no-fast-path", help="Keep the artifact's n-gram fast path in front of its head."
+    ),
 ) -> None:
     """Route one prompt and print the decision as JSON (expert, scores, confidence, reason)."""
     from router.artifact import ArtifactError, load_router
     from router.base import RoutingRequest
 
     try:
-        router = load_router(artifact, kind=kind)
+        router = load_router(artifact, kind=kind, fast_path=None if fast_path else False)
     except (ArtifactError, ValueError) as error:
         _fail(str(error))
     request = RoutingRequest([{"role": "user", "content": prompt}], previous_expert=previous)

@@ -98,6 +98,29 @@ class KnnConfig(Strict):
     max_examples: int = Field(20000, ge=1)
 
 
+class FastPathConfig(Strict):
+    """The n-gram stage in front of the encoder (router/ngram.py): answers the prompts it is sure of."""
+
+    enabled: bool = True
+    analyzer: Literal["char_wb", "char", "word"] = "char_wb"
+    ngram_range: tuple[int, int] = Field((2, 4), description="shortest and longest n-gram, e.g. [2, 4]")
+    n_features: int = Field(2**18, ge=2**10, le=2**22, description="hash buckets (rows of the weights)")
+    C: float = Field(0.1, gt=0, description="LinearSVC regularisation (smaller: stronger)")
+    min_precision: float = Field(
+        0.995, gt=0, le=1, description="the threshold is the lowest whose validation answers are this right"
+    )
+    threshold: float | None = Field(
+        None, ge=0, le=1, description="a fixed confidence threshold instead of choosing by min_precision"
+    )
+
+    @field_validator("ngram_range")
+    @classmethod
+    def _range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= value[0] <= value[1] <= 8:
+            raise ValueError(f"expected 1 ≤ shortest ≤ longest ≤ 8, got {list(value)}")
+        return value
+
+
 class PolicyConfig(Strict):
     confidence_floor: float = Field(0.0, ge=0, le=1)
     fallback: str | None = Field(None, description="expert below the floor; default: the largest class")
@@ -116,6 +139,7 @@ class TrainConfig(Strict):
     token_gates: TokenGatesConfig = TokenGatesConfig()
     hybrid: HybridConfig = HybridConfig()
     knn: KnnConfig = KnnConfig()
+    fast_path: FastPathConfig = FastPathConfig()
     policy: PolicyConfig = PolicyConfig()
     seed: int = 0
     min_examples: int = Field(20, ge=1, description="fewest training rows an expert may have")

@@ -22,6 +22,7 @@ from router.data import BadRows, DataError, read_jsonl
 from router.learned import LearnedRouter
 from router.policy import DecisionMaker
 from router.scorers import Features
+from router.text import routing_text
 
 
 def load_labelled(
@@ -136,7 +137,8 @@ def measure_latency(
     """Unbatched decide() latency (cache off) and batched decisions/s, on real prompts of the eval set."""
     if samples <= 0 or not prompts:
         return {}
-    chosen = [prompts[i % len(prompts)] for i in range(samples)]
+    # evenly spaced over the file (eval files are often sorted by domain: the first N would be one domain)
+    chosen = [prompts[(i * len(prompts)) // samples] for i in range(samples)]
     router.decide_batch([RoutingRequest.from_prompt(chosen[0])], use_cache=False)  # warm-up
     times = []
     for prompt in chosen:
@@ -168,10 +170,13 @@ def evaluate(
     latency_samples: int = 200,
     group_field: str | None = None,
 ) -> dict[str, Any]:
-    texts = [r["prompt"] for r in rows]
+    # the very string serving scores (the latest user turn, cleaned and capped)
+    texts = [routing_text(RoutingRequest.from_prompt(r["prompt"]), router.max_chars).text for r in rows]
     needs_tokens = compare or router.head.needs_tokens
     feats, truncated = router.features(texts, needs_tokens=needs_tokens)
-    p = router.head.proba(feats)
+    head_p = router.head.proba(feats)
+    fast_p, answered = router.fast_path_split(texts)
+    p = np.where(answered[:, None], fast_p, head_p)  # what serving decides: the cascade
     pred, confidence, fallbacks = policy_decisions(router, router.kind, p)
     result: dict[str, Any] = {
         "router": router.kind,
@@ -189,8 +194,18 @@ def evaluate(
             g: {"n": len(ix), "accuracy": round(float((pred[ix] == y[ix]).mean()), 4)}
             for g, ix in sorted(groups.items())
         }
+    if router.fast_path is not None:
+        right = p.argmax(1) == y
+        result["fast_path"] = {
+            "threshold": router.fast_path.threshold,
+            "share": round(float(answered.mean()), 4),
+            "accuracy_answered": round(float(right[answered].mean()), 4) if answered.any() else None,
+            "accuracy_rest": round(float(right[~answered].mean()), 4) if (~answered).any() else None,
+        }
     if compare:
         result["compare"] = compare_heads(router, feats, y)
+        if router.fast_path is not None:
+            result["compare"].update(compare_fast_path(router, fast_p, head_p, answered, y))
     result.update(measure_latency(router, texts, latency_samples))
     return result
 
@@ -217,6 +232,19 @@ def compare_heads(router: LearnedRouter, feats: Features, y: np.ndarray) -> dict
         out[kind] = {**_summary(m), "accuracy_without_floor": round(float((p.argmax(1) == y).mean()), 4)}
         if kind == "hybrid":
             out[kind]["combine"] = head.params().get("combine")
+    return out
+
+
+def compare_fast_path(
+    router: LearnedRouter, fast_p: np.ndarray, head_p: np.ndarray, answered: np.ndarray, y: np.ndarray
+) -> dict[str, Any]:
+    """The n-gram stage alone, and the cascade (n-gram where sure, else the served head)."""
+    out: dict[str, Any] = {}
+    cascade = np.where(answered[:, None], fast_p, head_p)
+    for name, p in (("ngram", fast_p), (f"ngram→{router.kind}", cascade)):
+        pred, confidence, _ = policy_decisions(router, name, p)
+        m = classification_metrics(y, pred, confidence, router.experts)
+        out[name] = {**_summary(m), "accuracy_without_floor": round(float((p.argmax(1) == y).mean()), 4)}
     return out
 
 

@@ -1,8 +1,9 @@
 """The learned routers (`hybrid`, `classifier`, `token-gates`, `centroid`, `knn`) at serving time.
 
 One class serves every learned kind: encode the latest user turn once (sentence embedding and, where the
-head needs them, token-gate aggregates), score it with the kind's head, and apply the Policy. Repeated
-prompts hit an LRU cache of probabilities. `decide_batch` never raises: any failure becomes a fallback
+head needs them, token-gate aggregates), score it with the kind's head, and apply the Policy. With a fast
+path (router/ngram.py), prompts the n-gram stage is sure of skip the encoder; their reason is `ngram`.
+Repeated prompts hit an LRU cache of probabilities. `decide_batch` never raises: any failure becomes a fallback
 decision whose reason and details say what went wrong.
 """
 
@@ -11,16 +12,25 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from router.base import Decision, Router, RoutingRequest
 from router.encoder import Encoder
 from router.gates import TokenGates
+from router.ngram import NgramModel
 from router.policy import DecisionMaker, Policy
 from router.scorers import Features, Head
 from router.text import CHARS_PER_TOKEN_CAP, RoutingText, context_text, routing_text
+
+
+class Scored(NamedTuple):
+    """One prompt's probabilities, whether the encoder truncated it, and the stage that scored it."""
+
+    p: np.ndarray
+    truncated: bool
+    stage: str  # the head's kind, or "ngram" for the fast path
 
 
 class LearnedRouter(Router):
@@ -36,6 +46,7 @@ class LearnedRouter(Router):
         cache_size: int = 4096,
         batch_size: int = 64,
         meta: dict[str, Any] | None = None,
+        fast_path: NgramModel | None = None,
     ) -> None:
         super().__init__(experts)
         if kind not in heads:
@@ -43,10 +54,11 @@ class LearnedRouter(Router):
         self.name, self.kind, self.version = kind, kind, version
         self.encoder, self.heads, self.gates, self.policy = encoder, heads, gates, policy
         self.head = heads[kind]
+        self.fast_path = fast_path
         if self.head.needs_tokens and gates is None:
             raise ValueError(f"the {kind!r} head needs token gates, which this artifact lacks")
         self.cache_size, self.batch_size = cache_size, batch_size
-        self._cache: OrderedDict[str, tuple[np.ndarray, bool]] = OrderedDict()
+        self._cache: OrderedDict[str, Scored] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._maker = DecisionMaker(policy, kind, version)
         self.max_chars = encoder.max_seq_length * CHARS_PER_TOKEN_CAP
@@ -67,6 +79,8 @@ class LearnedRouter(Router):
             shape = head.proba(probe).shape
             if shape != (1, n):
                 raise ValueError(f"head {kind!r} scores {shape[-1]} classes, the artifact names {n} experts")
+        if self.fast_path is not None and self.fast_path.proba(["probe"]).shape != (1, n):
+            raise ValueError(f"the n-gram fast path does not score the artifact's {n} experts")
 
     def training_counts(self) -> dict[str, int]:
         data = self.meta.get("training", {}).get("data", {})
@@ -88,8 +102,16 @@ class LearnedRouter(Router):
                 tokens[index] = self.gates.aggregate(chunk.tokens, chunk.mask)
         return Features(sentence, tokens), truncated
 
-    def _probabilities(self, texts: list[str], use_cache: bool) -> list[tuple[np.ndarray, bool]]:
-        results: list[tuple[np.ndarray, bool] | None] = [None] * len(texts)
+    def fast_path_split(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(n-gram probabilities, answered-by-the-fast-path mask); nothing answered without a fast path."""
+        n = len(self.experts)
+        if self.fast_path is None or not texts:
+            return np.zeros((len(texts), n), np.float32), np.zeros(len(texts), bool)
+        p = self.fast_path.proba(texts)
+        return p, p.max(1) >= self.fast_path.threshold
+
+    def _probabilities(self, texts: list[str], use_cache: bool) -> list[Scored]:
+        results: list[Scored | None] = [None] * len(texts)
         missing: dict[str, list[int]] = {}
         with self._cache_lock:
             for i, text in enumerate(texts):
@@ -101,11 +123,19 @@ class LearnedRouter(Router):
                     missing.setdefault(text, []).append(i)
         if missing:
             unique = list(missing)
-            feats, truncated = self.features(unique)
-            probs = self.head.proba(feats)
+            entries: list[Scored | None] = [None] * len(unique)
+            fast_p, answered = self.fast_path_split(unique)
+            for j in np.flatnonzero(answered):
+                entries[j] = Scored(fast_p[j], False, "ngram")
+            rest = [j for j in range(len(unique)) if not answered[j]]
+            if rest:
+                feats, truncated = self.features([unique[j] for j in rest])
+                probs = self.head.proba(feats)
+                for k, j in enumerate(rest):
+                    entries[j] = Scored(probs[k], bool(truncated[k]), self.kind)
             with self._cache_lock:
-                for j, text in enumerate(unique):
-                    entry = (probs[j], bool(truncated[j]))
+                for text, entry in zip(unique, entries, strict=True):
+                    assert entry is not None
                     for i in missing[text]:
                         results[i] = entry
                     if use_cache and self.cache_size > 0:
@@ -139,13 +169,12 @@ class LearnedRouter(Router):
             if i not in by_index:
                 out.append(self._maker.no_text(previous, details))
                 continue
-            reason = self.kind
-            p, truncated = by_index[i]
+            p, truncated, reason = by_index[i]
             if i in with_context:
-                p, truncated, context = with_context[i]
+                (p, truncated, stage), context = with_context[i]
                 details.update({k: v for k, v in context.notes.items() if k not in details})
                 details["context_turns"] = self.policy.context_turns
-                reason = f"{self.kind}+context"
+                reason = f"{stage}+context"
             if truncated or "chars_cut" in details:
                 details["truncated"] = True
                 details["max_seq_length"] = self.encoder.max_seq_length
@@ -155,16 +184,16 @@ class LearnedRouter(Router):
     def _rescore_with_context(
         self,
         requests: Sequence[RoutingRequest],
-        by_index: dict[int, tuple[np.ndarray, bool]],
+        by_index: dict[int, Scored],
         use_cache: bool,
-    ) -> dict[int, tuple[np.ndarray, bool, RoutingText]]:
+    ) -> dict[int, tuple[Scored, RoutingText]]:
         """Multi-turn step 2: undecided latest turns are scored again with earlier user turns appended."""
         policy = self.policy
         if policy.context_turns <= 0 or policy.context_threshold <= 0:
             return {}
         contexts: dict[int, RoutingText] = {}
         catch_all = self.experts.index(policy.fallback)
-        for i, (p, _) in by_index.items():
+        for i, (p, _, _) in by_index.items():
             if float(p.max()) < policy.context_threshold or int(p.argmax()) == catch_all:
                 context = context_text(requests[i], policy.context_turns, self.max_chars)
                 if context is not None and not context.empty:
@@ -172,7 +201,7 @@ class LearnedRouter(Router):
         if not contexts:
             return {}
         rescored = self._probabilities([c.text for c in contexts.values()], use_cache)
-        return {i: (p, t, c) for (i, c), (p, t) in zip(contexts.items(), rescored, strict=True)}
+        return {i: (scored, c) for (i, c), scored in zip(contexts.items(), rescored, strict=True)}
 
 
 def _previous(request: Any) -> str | None:

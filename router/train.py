@@ -28,6 +28,7 @@ from router.config import TrainConfig
 from router.data import BadRows, DataError, cap_rows, load_expert_rows, public_row, row_key, split_rows
 from router.gates import TokenGates
 from router.linear import fit_linear, fit_temperature
+from router.ngram import fit_ngram
 from router.scorers import (
     CentroidHead,
     Features,
@@ -215,12 +216,35 @@ def train_router(
     tensors: dict[str, np.ndarray] = {"gates.center": gates.center, "gates.vectors": gates.vectors}
     for head in final.values():
         tensors.update(head.tensors())
+    fast_path = None
+    if cfg.fast_path.enabled:
+        fp = cfg.fast_path
+        t0 = time.time()
+        ngram, fast_report = fit_ngram(
+            texts,
+            y,
+            n,
+            ~valid,
+            valid,
+            analyzer=fp.analyzer,
+            ngram_range=fp.ngram_range,
+            n_features=fp.n_features,
+            c=fp.C,
+            min_precision=fp.min_precision,
+            threshold=fp.threshold,
+            seed=cfg.seed,
+        )
+        fast_report["seconds"] = round(time.time() - t0, 1)
+        log(f"n-gram fast path: {fast_report}")
+        tensors.update(ngram.tensors())
+        fast_path = {**ngram.params(), "report": fast_report}
     counts = Counter(int(v) for v in y)
     fallback = cfg.policy.fallback or experts[max(range(n), key=lambda i: counts[i])]
     spec: dict[str, Any] = {
         "kind": cfg.kind,
         "experts": experts,
         "heads": {name: head.params() for name, head in final.items()},
+        "fast_path": fast_path,
         "gates": {"top_k": gates.top_k, "method": "standardised contrastive mean direction, cosine"},
         "policy": {
             "confidence_floor": cfg.policy.confidence_floor,

@@ -24,12 +24,22 @@ from serving.config import RouterConfig
 log = logging.getLogger("moerge.serving")
 
 
+# What `params` may set for a trained artifact: another head, the n-gram fast path on/off, the LRU size.
+ARTIFACT_PARAMS = {"kind", "fast_path", "cache_size"}
+
+
 def load_router(name: str, cfg: RouterConfig, experts: Sequence[str]) -> Router:
     """A built-in kind over the configured experts, or a trained artifact (its experts must be served)."""
     if cfg.artifact is not None:
         from router.artifact import load_router as load_artifact  # lazy: trained routers pull in torch & co
 
-        router = load_artifact(Path(cfg.artifact))
+        unknown_params = sorted(set(cfg.params) - ARTIFACT_PARAMS)
+        if unknown_params:
+            raise ValueError(
+                f"routers.{name}.params: {unknown_params} are not options of a trained router; "
+                f"expected some of {sorted(ARTIFACT_PARAMS)}"
+            )
+        router = load_artifact(Path(cfg.artifact), **cfg.params)
     else:
         importlib.import_module("router.fixed")  # registers the built-in kinds
         assert cfg.kind is not None

@@ -164,7 +164,8 @@ def test_quality_on_held_out_sample(router: LearnedRouter, heldout_sample: Path)
     for d in decisions:
         assert d.router == "hybrid" and d.version == router.version
         assert set(d.scores) == set(DOMAINS) and abs(sum(d.scores.values()) - 1) < 1e-4
-        assert 0 <= d.confidence <= 1 and d.reason in {"hybrid", "below-floor→fallback"}
+        assert 0 <= d.confidence <= 1 and d.reason in {"hybrid", "ngram", "below-floor→fallback"}
+    assert {"hybrid", "ngram"} <= {d.reason for d in decisions}  # both stages of the cascade answer
 
 
 def test_every_head_decides_and_create_router_finds_it(artifact: Path, heldout_sample: Path) -> None:
@@ -219,9 +220,9 @@ def test_multi_turn_policy(router: LearnedRouter) -> None:
     ]
     sticky = router.decide(RoutingRequest(follow_up, previous_expert="code"))
     assert sticky.expert == "code", sticky
-    assert sticky.reason.startswith("hybrid+context") and sticky.details["prior"] == "code"
+    assert sticky.reason.split("+")[1] == "context" and sticky.details["prior"] == "code"
     alone = router.decide(RoutingRequest(follow_up[-1:]))  # the same words without their conversation
-    assert alone.reason != "hybrid+context" and alone.scores["code"] < sticky.scores["code"]
+    assert "+context" not in alone.reason and alone.scores["code"] < sticky.scores["code"]
     switch = follow_up + [
         {"role": "assistant", "content": "Sure."},
         {
@@ -297,7 +298,10 @@ def test_eval_cli_reports_metrics_and_png(artifact: Path, heldout_sample: Path, 
     assert set(report["per_class"]["math"]) == {"precision", "recall", "f1", "support"}
     assert sum(map(sum, report["confusion_matrix"]["rows_true_cols_predicted"])) == 150
     assert report["latency_ms"]["p99"] >= report["latency_ms"]["p50"] > 0
-    assert {"majority", "random", *LEARNED_KINDS} <= set(report["compare"])
+    assert {"majority", "random", "ngram", "ngram→hybrid", *LEARNED_KINDS} <= set(report["compare"])
+    fast = report["fast_path"]
+    assert 0 < fast["share"] < 1 and fast["threshold"] == load_router(artifact).fast_path.threshold
+    assert report["compare"]["ngram→hybrid"]["accuracy"] == report["accuracy_without_floor"]
     assert report["compare"]["hybrid"]["accuracy"] > report["compare"]["majority"]["accuracy"] + 0.4
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the harness scores exactly what serving decides
@@ -420,3 +424,108 @@ def test_multi_layer_pooling_artifact(data_dir: Path, tmp_path: Path) -> None:
     assert every.pool_layers == (1, 2, 3, 4) and every.sentence_dim == 4 * every.dim
     with pytest.raises(EncoderError, match="between 0 and 4"):
         Encoder("bundled", 64, "fp32", layers=4, pool_layers=[5])
+
+
+# -- the n-gram fast path ---------------------------------------------------------------------------------
+def test_fast_path_answers_sure_prompts_without_the_encoder(artifact: Path, heldout_sample: Path) -> None:
+    """Prompts the n-gram stage is sure of never reach the encoder; the rest get the hybrid head."""
+    spec = json.loads((artifact / "router.json").read_text())
+    report = spec["fast_path"]["report"]
+    assert spec["fast_path"]["threshold"] == report["threshold"] <= 1
+    assert report["validation_precision"] >= 0.995 and "disabled" not in report
+    fresh = load_router(artifact, cache_size=0)
+    assert isinstance(fresh, LearnedRouter) and fresh.fast_path is not None
+    from router.text import routing_text
+
+    texts = [
+        routing_text(RoutingRequest.from_prompt(r["prompt"]), fresh.max_chars).text
+        for r in _prompts(heldout_sample)
+    ]
+    p, answered = fresh.fast_path_split(texts)
+    assert answered.any() and not answered.all()
+    sure = [t for t, a in zip(texts, answered, strict=True) if a]
+
+    def no_encoder(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the encoder ran for a prompt the fast path answers")
+
+    fresh.features = no_encoder  # type: ignore[method-assign]
+    decisions = fresh.decide_batch([RoutingRequest.from_prompt(t) for t in sure])
+    assert all(d.reason in {"ngram", "below-floor→fallback"} for d in decisions)
+    assert [d.expert for d in decisions] == [DOMAINS[i] for i in p[answered].argmax(1)]
+
+    plain = load_router(artifact, fast_path=False)
+    assert isinstance(plain, LearnedRouter) and plain.fast_path is None
+    assert {d.reason for d in plain.decide_batch([RoutingRequest.from_prompt(t) for t in sure])} <= {
+        "hybrid",
+        "below-floor→fallback",
+    }
+    other = load_router(artifact, kind="centroid")  # an ablation head is scored alone by default
+    assert isinstance(other, LearnedRouter) and other.fast_path is None
+    assert load_router(artifact, kind="centroid", fast_path=True).fast_path is not None
+
+
+def test_fast_path_weights_are_checked_at_load(artifact: Path, tmp_path: Path) -> None:
+    """An artifact whose n-gram weights disagree with its parameters is refused, not half-loaded."""
+    from safetensors.numpy import load_file, save_file
+
+    bad = _copy(artifact, tmp_path)
+    tensors = load_file(str(bad / "weights.safetensors"))
+    tensors["ngram.idf"] = tensors["ngram.idf"][:-1]
+    save_file(tensors, str(bad / "weights.safetensors"))
+    manifest = json.loads((bad / "manifest.json").read_text())
+    import hashlib
+
+    content = (bad / "weights.safetensors").read_bytes()
+    entry = {"sha256": hashlib.sha256(content).hexdigest(), "bytes": len(content)}
+    manifest["files"]["weights.safetensors"] = entry
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="ngram arrays disagree with n_features"):
+        load_router(bad)
+
+
+def test_fast_path_config_is_validated(data_dir: Path, tmp_path: Path) -> None:
+    code, output = _train(tmp_path, small_config(data_dir, fast_path={"ngram_range": [4, 2]}))
+    assert code == 2 and "fast_path.ngram_range" in output and "shortest ≤ longest" in output
+    code, output = _train(tmp_path, small_config(data_dir, fast_path={"analyzer": "bytes"}))
+    assert code == 2 and "fast_path.analyzer" in output
+
+
+def test_fast_path_can_be_turned_off_or_fixed(data_dir: Path, tmp_path: Path) -> None:
+    config = small_config(data_dir, fast_path={"enabled": False}, all_heads=False)
+    code, output = _train(tmp_path, config)
+    assert code == 0, output
+    assert json.loads((tmp_path / "out" / "router.json").read_text())["fast_path"] is None
+    loaded = load_router(tmp_path / "out")
+    assert isinstance(loaded, LearnedRouter) and loaded.fast_path is None
+    assert loaded.decide(RoutingRequest.from_prompt("What is 7 * 6?")).reason in {
+        "hybrid",
+        "below-floor→fallback",
+    }
+
+    config = small_config(data_dir, fast_path={"threshold": 0.0}, all_heads=False)
+    (tmp_path / "fixed").mkdir()
+    code, output = _train(tmp_path / "fixed", config)
+    assert code == 0, output
+    fixed = load_router(tmp_path / "fixed" / "out")
+    assert isinstance(fixed, LearnedRouter) and fixed.fast_path is not None
+    assert fixed.fast_path.threshold == 0.0
+    prompts = ["What is 7 * 6?", "Summarize: the cat sat on the mat.", "hello"]
+    assert {d.reason for d in fixed.decide_batch([RoutingRequest.from_prompt(t) for t in prompts])} == {
+        "ngram"
+    }
+
+
+def test_serving_loads_the_artifact_with_its_options(artifact: Path) -> None:
+    """A serve config can A/B the cascade against the encoder alone: `params` reach load_router."""
+    from serving.config import RouterConfig
+    from serving.routing import load_router as serving_load_router
+
+    served = serving_load_router("r", RouterConfig(artifact=str(artifact)), list(DOMAINS))
+    assert isinstance(served, LearnedRouter) and served.fast_path is not None
+    plain = RouterConfig(artifact=str(artifact), params={"fast_path": False, "kind": "classifier"})
+    loaded = serving_load_router("r", plain, list(DOMAINS))
+    assert isinstance(loaded, LearnedRouter) and loaded.fast_path is None and loaded.kind == "classifier"
+    with pytest.raises(ValueError, match=r"routers\.r\.params: \['threshold'\] are not options"):
+        serving_load_router(
+            "r", RouterConfig(artifact=str(artifact), params={"threshold": 0.5}), list(DOMAINS)
+        )
