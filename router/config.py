@@ -45,6 +45,9 @@ class ExpertData(Strict):
     )
     holdout: Holdout = Holdout()
     max_train: int | None = Field(None, ge=1, description="cap on training rows (deterministic sample)")
+    balance_field: str | None = Field(
+        None, description="share max_train evenly across this field's values (e.g. `domain`)"
+    )
 
 
 class EncoderConfig(Strict):

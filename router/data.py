@@ -135,6 +135,33 @@ def cap_rows(rows: list[dict[str, Any]], limit: int | None, seed: int) -> list[d
     return [r for i, r in enumerate(rows) if i in keep]
 
 
+def cap_rows_balanced(
+    rows: list[dict[str, Any]], limit: int | None, seed: int, field: str
+) -> list[dict[str, Any]]:
+    """Like cap_rows, but the `limit` is shared evenly across the values of `field` (what a small value
+    does not use goes to the others), so a small source is not drowned by a large one."""
+    if limit is None or len(rows) <= limit:
+        return rows
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(str(r.get(field)), []).append(r)
+    quota: dict[str, int] = {}
+    left, open_groups = limit, sorted(groups, key=lambda g: len(groups[g]))
+    while open_groups:
+        share = left // len(open_groups)
+        smallest = open_groups[0]
+        if len(groups[smallest]) <= share:  # fits whole: give the rest more
+            quota[smallest] = len(groups[smallest])
+            left -= quota[smallest]
+            open_groups.pop(0)
+            continue
+        for i, g in enumerate(open_groups):  # the remainder goes one by one to the first groups
+            quota[g] = share + (1 if i < left - share * len(open_groups) else 0)
+        break
+    keep = {id(r) for g, members in groups.items() for r in cap_rows(members, quota[g], seed)}
+    return [r for r in rows if id(r) in keep]
+
+
 def public_row(row: dict[str, Any], expert: str) -> dict[str, Any]:
     """A held-out row as written to heldout.jsonl: the source fields plus `expert` (the true label)."""
     out = {k: v for k, v in row.items() if not k.startswith("_") and k != "response"}

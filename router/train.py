@@ -25,7 +25,16 @@ from typing import Any
 import numpy as np
 
 from router.config import TrainConfig
-from router.data import BadRows, DataError, cap_rows, load_expert_rows, public_row, row_key, split_rows
+from router.data import (
+    BadRows,
+    DataError,
+    cap_rows,
+    cap_rows_balanced,
+    load_expert_rows,
+    public_row,
+    row_key,
+    split_rows,
+)
 from router.gates import TokenGates
 from router.linear import fit_linear, fit_temperature
 from router.ngram import fit_ngram
@@ -130,7 +139,10 @@ def train_router(
     for label, (name, spec) in enumerate(cfg.experts.items()):
         rows = load_expert_rows(name, spec, cfg.on_bad_rows, bad)
         split = split_rows(rows, spec.holdout, cfg.seed, f"heldout:{name}")
-        pool = cap_rows(split.kept, spec.max_train, cfg.seed)
+        if spec.balance_field:
+            pool = cap_rows_balanced(split.kept, spec.max_train, cfg.seed, spec.balance_field)
+        else:
+            pool = cap_rows(split.kept, spec.max_train, cfg.seed)
         if len(pool) < cfg.min_examples:
             raise DataError(
                 f"expert {name!r} has {len(pool)} training rows after the hold-out (of {len(rows)}); "

@@ -11,7 +11,7 @@ import yaml
 
 from router.base import Decision, RoutingRequest, create_router, router_kinds
 from router.config import ConfigError, Holdout, load_config, parse_config
-from router.data import DataError, cap_rows, read_jsonl, split_rows
+from router.data import DataError, cap_rows, cap_rows_balanced, read_jsonl, split_rows
 from router.gates import TokenGates, select_aggregate
 from router.linear import fit_linear, fit_temperature, softmax
 from router.policy import DecisionMaker, Policy
@@ -106,6 +106,21 @@ def test_split_holds_out_whole_groups_deterministically() -> None:
     rows_share = sum(r["heldout"] == "rows" for r in a.held) / 400
     assert 0.05 < rows_share < 0.15
     assert {r["id"] for r in split_rows(_rows(500), spec, 0, "y").held} != {r["id"] for r in a.held}
+
+
+def test_cap_rows_balanced_shares_the_cap_across_sources() -> None:
+    """A 10-row source keeps all its rows beside a 1,000-row one; the rest of the cap goes to the large one."""
+    rows = [{"id": f"k{i}", "domain": "knowledge"} for i in range(1000)]
+    rows += [{"id": f"g{i}", "domain": "general"} for i in range(10)]
+    rows += [{"id": f"m{i}", "domain": "math"} for i in range(300)]
+    kept = cap_rows_balanced(rows, 100, 0, "domain")
+    counts = {d: sum(r["domain"] == d for r in kept) for d in ("knowledge", "general", "math")}
+    assert counts == {"general": 10, "knowledge": 45, "math": 45}
+    assert (
+        cap_rows_balanced(rows, 100, 0, "domain") == kept
+        and cap_rows_balanced(rows, None, 0, "domain") == rows
+    )
+    assert len(cap_rows_balanced(rows, 101, 0, "domain")) == 101
 
 
 def test_cap_rows_is_deterministic() -> None:

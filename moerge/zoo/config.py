@@ -146,6 +146,16 @@ class RouterStage(_Strict):
     max_train: int = Field(1000, ge=2, description="training prompts per served expert")
     eval_rows: int = Field(300, ge=1, description="held-out prompts per domain scored for the manifest")
     fallback: str = "base"
+    pool_layers: Literal["all", "last"] = Field(
+        "all",
+        description="MiniLM layers pooled into the sentence vector (as examples/router-shared-data.yaml)",
+    )
+    classifier: Literal["linear-svm", "logreg"] = "linear-svm"
+    C: float = Field(0.01, gt=0, description="classifier regularisation (0.01 chosen for the shared data)")
+    fast_path: bool = Field(True, description="n-gram stage in front of the encoder (router/ngram.py)")
+    balance_domains: bool = Field(
+        True, description="share max_train evenly across a served expert's domains (general is small)"
+    )
 
     @model_validator(mode="after")
     def _fallback_served(self) -> RouterStage:

@@ -48,6 +48,8 @@ def router_config(cfg: ZooConfig) -> dict[str, Any]:
             "files": [f"data/{d}.train.jsonl" for d in domains],
             "holdout": {"fraction": 0.0},
             "max_train": cfg.router.max_train,
+            # `base` = knowledge + general: 139 general rows must not drown in 8,000 knowledge rows
+            "balance_field": "domain" if cfg.router.balance_domains else None,
         }
         for name, domains in cfg.router.served.items()
     }
@@ -56,7 +58,15 @@ def router_config(cfg: ZooConfig) -> dict[str, Any]:
         "kind": cfg.router.kind,
         "seed": 0,
         "experts": experts,
-        "encoder": {"model": "bundled", "max_seq_length": 128, "precision": "auto", "batch_size": 64},
+        "encoder": {
+            "model": "bundled",
+            "max_seq_length": 128,
+            "precision": "auto",
+            "batch_size": 64,
+            "pool_layers": "all" if cfg.router.pool_layers == "all" else None,
+        },
+        "classifier": {"model": cfg.router.classifier, "C": cfg.router.C, "class_weight": "balanced"},
+        "fast_path": {"enabled": cfg.router.fast_path},
         "policy": {"confidence_floor": 0.3, "fallback": cfg.router.fallback},
         "all_heads": True,
         "label_field": "domain",
