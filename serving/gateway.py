@@ -40,11 +40,13 @@ class Served:
     failed: list[str] = field(default_factory=list)  # experts that failed before `expert` answered
 
 
-def build_backend(name: str, cfg: VllmExpert | OpenAIExpert, client: httpx.AsyncClient) -> Backend:
+def build_backend(
+    name: str, cfg: VllmExpert | OpenAIExpert, client: httpx.AsyncClient, engines: int = 1
+) -> Backend:
     if isinstance(cfg, VllmExpert):
         from serving.backends.inprocess import InProcessBackend
 
-        return InProcessBackend(name, cfg.model, cfg.engine_args)
+        return InProcessBackend(name, cfg.model, cfg.engine_args, engines)
     from serving.backends.remote import RemoteBackend
 
     return RemoteBackend(name, str(cfg.url), cfg.model or name, client, cfg.key())
@@ -58,8 +60,9 @@ class Gateway:
         self.metrics = metrics or Metrics()
         t = config.timeouts
         self.client = make_client(t.connect_s, t.idle_s)
+        embedded = sum(isinstance(cfg, VllmExpert) for cfg in config.experts.values())
         self.backends: dict[str, Backend] = {
-            name: build_backend(name, cfg, self.client) for name, cfg in config.experts.items()
+            name: build_backend(name, cfg, self.client, embedded) for name, cfg in config.experts.items()
         }
         cb = config.circuit_breaker
         self.breakers = {

@@ -113,6 +113,24 @@ def test_engine_argv_uses_vllm_flag_conventions() -> None:
     assert json.loads(argv[argv.index("--override-generation-config") + 1]) == {"temperature": 0.5}
 
 
+def test_embedded_cpu_engines_share_a_kv_cache_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a budget, vLLM's CPU engine reserves 92% of RAM and a second embedded engine cannot start."""
+    from serving.backends.inprocess import KV_CAP_BYTES, parse_engine_args, with_cpu_kv_budget
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    gib = 2**30
+    three = with_cpu_kv_budget({"max_model_len": 256}, engines=3, total_bytes=24 * gib)
+    assert three == {"max_model_len": 256, "kv_cache_memory_bytes": 4 * gib}  # 24 GiB / 2 / 3
+    assert with_cpu_kv_budget({}, engines=1, total_bytes=64 * gib)["kv_cache_memory_bytes"] == KV_CAP_BYTES
+    assert with_cpu_kv_budget({}, engines=4, total_bytes=8 * gib)["kv_cache_memory_bytes"] == gib
+    assert parse_engine_args("/m", "x", three).kv_cache_memory_bytes == 4 * gib  # a flag vLLM accepts
+    own = {"kv_cache_memory_bytes": 123 * 2**20}
+    assert with_cpu_kv_budget(own, engines=3, total_bytes=24 * gib) is own
+    assert "kv_cache_memory_bytes" not in with_cpu_kv_budget({"gpu_memory_utilization": 0.3}, 3, 24 * gib)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    assert with_cpu_kv_budget({}, engines=3, total_bytes=24 * gib) == {}
+
+
 # -- circuit breaker --------------------------------------------------------------------------------
 def test_circuit_breaker_opens_half_opens_and_closes() -> None:
     now = [0.0]

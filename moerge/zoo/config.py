@@ -117,7 +117,7 @@ class HeteroStage(_Strict):
     n_embd: int = Field(128, ge=64, description="a multiple of 64: vLLM's CPU attention needs head_dim 64")
     n_positions: int = Field(128, ge=32)
     vocab_size: int = Field(400, ge=300, description="byte alphabet + merges for the prompt words")
-    steps: int = Field(800, ge=1)
+    steps: int = Field(3000, ge=1, description="3,000: held-out exact match 0.695 (800: 0.055)")
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-3, gt=0)
     seed: int = 0

@@ -108,7 +108,7 @@ def train_hetero(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if on_step is not None:
             on_step(step + 1, spec.steps, losses[-1])
     seconds = time.perf_counter() - started

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -34,6 +35,34 @@ log = logging.getLogger("moerge.serving")
 
 # Defaults that suit an embedded engine; the expert's engine_args override them.
 _DEFAULT_ENGINE_ARGS: dict[str, Any] = {"disable_log_stats": True}
+
+
+# On CPU, vLLM sizes an engine's KV cache from --gpu-memory-utilization (0.92 of the RAM by default), so
+# the first of several embedded engines takes nearly all memory and the next one cannot start. Unless the
+# expert's engine_args or VLLM_CPU_KVCACHE_SPACE say otherwise, each embedded engine gets an equal share of
+# half the RAM, at most 4 GiB (4 GiB holds ~190k tokens of SmolLM2-135M's cache).
+KV_SHARE_OF_RAM = 0.5
+KV_CAP_BYTES = 4 * 2**30
+
+
+def with_cpu_kv_budget(
+    engine_args: dict[str, Any], engines: int, total_bytes: int | None = None
+) -> dict[str, Any]:
+    """The engine args with a KV-cache budget for CPU engines that set none."""
+    if {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(engine_args):
+        return engine_args
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        return engine_args
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return engine_args
+    if total_bytes is None:
+        import psutil
+
+        total_bytes = int(psutil.virtual_memory().total)
+    budget = int(min(KV_CAP_BYTES, total_bytes * KV_SHARE_OF_RAM / max(1, engines)))
+    return {**engine_args, "kv_cache_memory_bytes": budget}
 
 
 def engine_argv(model: str, served_name: str, engine_args: dict[str, Any]) -> list[str]:
@@ -71,10 +100,11 @@ def parse_engine_args(model: str, served_name: str, engine_args: dict[str, Any])
 class InProcessBackend(Backend):
     kind = "vllm"
 
-    def __init__(self, name: str, model: str, engine_args: dict[str, Any]) -> None:
+    def __init__(self, name: str, model: str, engine_args: dict[str, Any], engines: int = 1) -> None:
         super().__init__(name)
         self.model = model
         self.engine_args = engine_args
+        self.engines = engines  # embedded engines in this process: they share the CPU KV-cache budget
         self.engine: Any = None
         self.state = State()
         self._stack = AsyncExitStack()
@@ -86,7 +116,16 @@ class InProcessBackend(Backend):
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
 
-        args = parse_engine_args(self.model, self.name, self.engine_args)
+        engine_args = with_cpu_kv_budget(self.engine_args, self.engines)
+        if engine_args is not self.engine_args:
+            log.info(
+                "expert %s: KV cache %.2f GiB (CPU, %d embedded engines; set engine_args.kv_cache_memory_bytes "
+                "or VLLM_CPU_KVCACHE_SPACE to choose)",
+                self.name,
+                engine_args["kv_cache_memory_bytes"] / 2**30,
+                self.engines,
+            )
+        args = parse_engine_args(self.model, self.name, engine_args)
         self.engine = await self._stack.enter_async_context(build_async_engine_client(args))
         tasks = await self.engine.get_supported_tasks()
         await init_app_state(self.engine, self.state, args, tasks)
