@@ -371,7 +371,16 @@ def main() -> None:
     ap.add_argument("--litellm", help="path to LiteLLM's `litellm` binary (its own virtualenv)")
     ap.add_argument("--vllm-bench", action="store_true", help="also run `vllm bench serve` against moerge")
     ap.add_argument("--out", default=str(ROOT / "runs" / "serving-bench"))
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="backend on CPU 0, proxies and load generator on the other CPUs: as with a GPU backend, the "
+        "gateway then competes with the load generator, not with the engine, for CPU",
+    )
     args = ap.parse_args()
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.pin and len(cpus) < 2:
+        ap.error("--pin needs at least 2 CPUs")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -381,10 +390,17 @@ def main() -> None:
 
         model = str(build_tiny_zoo(ROOT / ".cache" / "tiny-zoo").experts["math"])
     workdir = Path(tempfile.mkdtemp(prefix="serving-bench-"))
-    backend = VllmServer(model, ["a", "b"], max_model_len=256, log_path=workdir / "vllm.log")
+    pin_env = {"VLLM_CPU_OMP_THREADS_BIND": str(cpus[0])} if args.pin else None
+    backend = VllmServer(model, ["a", "b"], max_model_len=256, log_path=workdir / "vllm.log", env=pin_env)
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        backend.start().wait_ready()
+        if args.pin:  # the backend (and the engine core it spawns) inherit CPU 0; everything after, the rest
+            os.sched_setaffinity(0, {cpus[0]})
+            backend.start()
+            os.sched_setaffinity(0, set(cpus[1:]))
+        else:
+            backend.start()
+        backend.wait_ready()
         moerge, moerge_url = start_moerge(backend.url, workdir)
         procs.append(moerge)
         targets = {"direct": (backend.url, "a"), "moerge": (moerge_url, "auto")}
@@ -453,6 +469,7 @@ def main() -> None:
             "rounds": args.rounds,
             "cpus": os.cpu_count(),
             "litellm": bool(args.litellm),
+            "pinned": {"backend": cpus[0], "rest": cpus[1:]} if args.pin else None,
         }
         (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
         (out / "results.md").write_text(f"# serving overhead\n\n{json.dumps(meta)}\n\n{table}\n{extra}")
