@@ -40,10 +40,15 @@ def base_recipe(zoo: Path) -> dict:
 def variants(zoo: Path, with_mergekit: bool, with_tuned: bool = True) -> list[Variant]:
     recipe = base_recipe(zoo)
 
-    def vary(shared: dict | None = None, gate: dict | None = None) -> dict:
+    def vary(shared: dict | None = None, gate: dict | None = None, prompts: int | None = None) -> dict:
         out = json.loads(json.dumps(recipe))
         out["shared"].update(shared or {})
         out["gate"].update(gate or {})
+        if prompts is not None:  # calibration prompts per expert, for the gates
+            out["gate"]["max_prompts"] = prompts
+            for expert in out["experts"]:
+                for source in expert.get("data", []):
+                    source["limit"] = prompts
         return out
 
     found = [
@@ -52,6 +57,10 @@ def variants(zoo: Path, with_mergekit: bool, with_tuned: bool = True) -> list[Va
         Variant("dense DARE-TIES", "dense", vary({"method": "dare_ties"})),
         *[Variant(f"MoE {g} gates", "moe", vary(gate={"init": g})) for g in ("random", "uniform", "hidden")],
         Variant("MoE ridge gates", "moe", vary(gate={"init": "ridge"})),
+        *[
+            Variant(f"MoE ridge gates, {n} prompts", "moe", vary(gate={"init": "ridge"}, prompts=n))
+            for n in (256, 1024)
+        ],
     ]
     if with_tuned:
         found.append(
