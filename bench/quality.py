@@ -142,9 +142,7 @@ def gate_shares(model, tokenizer, rows: dict[str, list[dict]]) -> dict:
 
 def routing_table(zoo: Path, n: int) -> dict:
     from router.artifact import load_router
-    from router.base import RoutingRequest
     from router.evaluate import classification_metrics, policy_decisions
-    from router.text import routing_text
 
     router = load_router(zoo / "router", cache_size=0)
     label_map = dict(router.meta.get("label_map") or {})
@@ -161,11 +159,9 @@ def routing_table(zoo: Path, n: int) -> dict:
     for kind, head in sorted(router.heads.items()):
         predictions[kind], _, _ = policy_decisions(router, kind, head.proba(feats))
     if router.fast_path is not None:  # what serving decides: n-grams where sure, else the default head
-        texts = [routing_text(RoutingRequest.from_prompt(r["prompt"]), router.max_chars).text for r in rows]
-        fast_p, answered = router.fast_path_split(texts)
-        head_p = router.heads[router.kind].proba(feats)
+        texts = router.prompt_texts([r["prompt"] for r in rows])
+        served, fast_p, _ = router.cascade(texts, router.heads[router.kind].proba(feats))
         predictions["ngram"], _, _ = policy_decisions(router, "ngram", fast_p)
-        served = np.where(answered[:, None], fast_p, head_p)
         predictions[f"ngram→{router.kind} (served)"], _, _ = policy_decisions(router, router.kind, served)
     out = {}
     domain_of = np.array([r["domain"] for r in rows])

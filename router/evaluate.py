@@ -22,7 +22,6 @@ from router.data import BadRows, DataError, read_jsonl
 from router.learned import LearnedRouter
 from router.policy import DecisionMaker
 from router.scorers import Features
-from router.text import routing_text
 
 
 def load_labelled(
@@ -171,12 +170,11 @@ def evaluate(
     group_field: str | None = None,
 ) -> dict[str, Any]:
     # the very string serving scores (the latest user turn, cleaned and capped)
-    texts = [routing_text(RoutingRequest.from_prompt(r["prompt"]), router.max_chars).text for r in rows]
+    texts = router.prompt_texts([r["prompt"] for r in rows])
     needs_tokens = compare or router.head.needs_tokens
     feats, truncated = router.features(texts, needs_tokens=needs_tokens)
     head_p = router.head.proba(feats)
-    fast_p, answered = router.fast_path_split(texts)
-    p = np.where(answered[:, None], fast_p, head_p)  # what serving decides: the cascade
+    p, fast_p, answered = router.cascade(texts, head_p)  # what serving decides
     pred, confidence, fallbacks = policy_decisions(router, router.kind, p)
     result: dict[str, Any] = {
         "router": router.kind,
@@ -205,7 +203,7 @@ def evaluate(
     if compare:
         result["compare"] = compare_heads(router, feats, y)
         if router.fast_path is not None:
-            result["compare"].update(compare_fast_path(router, fast_p, head_p, answered, y))
+            result["compare"].update(compare_fast_path(router, fast_p, p, y))
     result.update(measure_latency(router, texts, latency_samples))
     return result
 
@@ -236,11 +234,10 @@ def compare_heads(router: LearnedRouter, feats: Features, y: np.ndarray) -> dict
 
 
 def compare_fast_path(
-    router: LearnedRouter, fast_p: np.ndarray, head_p: np.ndarray, answered: np.ndarray, y: np.ndarray
+    router: LearnedRouter, fast_p: np.ndarray, cascade: np.ndarray, y: np.ndarray
 ) -> dict[str, Any]:
     """The n-gram stage alone, and the cascade (n-gram where sure, else the served head)."""
     out: dict[str, Any] = {}
-    cascade = np.where(answered[:, None], fast_p, head_p)
     for name, p in (("ngram", fast_p), (f"ngram→{router.kind}", cascade)):
         pred, confidence, _ = policy_decisions(router, name, p)
         m = classification_metrics(y, pred, confidence, router.experts)

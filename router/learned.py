@@ -102,6 +102,16 @@ class LearnedRouter(Router):
                 tokens[index] = self.gates.aggregate(chunk.tokens, chunk.mask)
         return Features(sentence, tokens), truncated
 
+    def prompt_texts(self, prompts: Sequence[str]) -> list[str]:
+        """The string serving scores for each prompt sent as a single user turn (cleaned and capped)."""
+        return [routing_text(RoutingRequest.from_prompt(p), self.max_chars).text for p in prompts]
+
+    def cascade(self, texts: Sequence[str], head_p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(served probabilities, n-gram probabilities, answered mask): the fast path where it is sure,
+        else the head's probabilities `head_p` — what `decide_batch` picks, for the eval harnesses."""
+        fast_p, answered = self.fast_path_split(texts)
+        return np.where(answered[:, None], fast_p, head_p), fast_p, answered
+
     def fast_path_split(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(n-gram probabilities, answered-by-the-fast-path mask); nothing answered without a fast path."""
         n = len(self.experts)

@@ -38,8 +38,6 @@ class NgramModel:
     _coef_t: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        from sklearn.feature_extraction.text import HashingVectorizer
-
         if self.analyzer not in ANALYZERS:
             raise ValueError(f"ngram analyzer must be one of {ANALYZERS}, got {self.analyzer!r}")
         if self.idf.shape != (self.n_features,) or self.coef.shape[1:] != (self.n_features,):
@@ -47,15 +45,7 @@ class NgramModel:
                 f"ngram arrays disagree with n_features={self.n_features}: idf {self.idf.shape}, "
                 f"coef {self.coef.shape}"
             )
-        self._vectorizer = HashingVectorizer(
-            analyzer=self.analyzer,
-            ngram_range=tuple(self.ngram_range),
-            n_features=self.n_features,
-            alternate_sign=False,
-            norm=None,
-            lowercase=True,
-            dtype=np.float32,
-        )
+        self._vectorizer = hashing_vectorizer(self.analyzer, self.ngram_range, self.n_features)
         self._coef_t = np.ascontiguousarray(self.coef.T, dtype=np.float32)
 
     # -- scoring ------------------------------------------------------------------------------------
@@ -94,6 +84,21 @@ class NgramModel:
         )
 
 
+def hashing_vectorizer(analyzer: str, ngram_range: tuple[int, int], n_features: int) -> Any:
+    """Raw lower-cased n-gram counts in `n_features` buckets; the same at training and serving time."""
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    return HashingVectorizer(
+        analyzer=analyzer,
+        ngram_range=tuple(ngram_range),
+        n_features=n_features,
+        alternate_sign=False,
+        norm=None,
+        lowercase=True,
+        dtype=np.float32,
+    )
+
+
 def tfidf(counts: Any, idf: np.ndarray) -> Any:
     """Raw hashed counts (CSR) → sublinear tf × idf, l2-normalised rows (in place)."""
     from sklearn.preprocessing import normalize
@@ -123,18 +128,7 @@ def fit_ngram(
     least `min_precision` of the time (unless `threshold` fixes it); without validation rows or when no
     threshold reaches the precision, the stage is disabled (threshold > 1) and the report says why.
     """
-    from sklearn.feature_extraction.text import HashingVectorizer
-
-    vectorizer = HashingVectorizer(
-        analyzer=analyzer,
-        ngram_range=ngram_range,
-        n_features=n_features,
-        alternate_sign=False,
-        norm=None,
-        lowercase=True,
-        dtype=np.float32,
-    )
-    counts = vectorizer.transform(texts).tocsr()
+    counts = hashing_vectorizer(analyzer, ngram_range, n_features).transform(texts).tocsr()
 
     def fit(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         from sklearn.svm import LinearSVC
