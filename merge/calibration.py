@@ -22,11 +22,23 @@ from merge.recipe import DataSource, ExpertSpec, RecipeError
 BATCH = 32
 
 
-def read_prompts(expert: str, source: DataSource) -> list[str]:
-    """Prompts of one JSONL source; errors name the expert, the file and the line."""
+@dataclass(frozen=True)
+class CalibrationText:
+    """One calibration example: a prompt and, where the data has one, a reference answer to it.
+
+    With an answer the gate also sees answer tokens given the prompt, the tokens a served model generates.
+    """
+
+    prompt: str
+    response: str | None = None
+
+
+def read_prompts(expert: str, source: DataSource) -> list[CalibrationText]:
+    """Prompts (and answers, if `response_field` is set) of one JSONL source; errors name the expert, the
+    file and the line."""
     if not source.path.is_file():
         raise RecipeError(f"experts[{expert}].data: file not found: {source.path}")
-    prompts: list[str] = []
+    prompts: list[CalibrationText] = []
     with open(source.path, "rb") as fh:
         for number, raw in enumerate(fh, start=1):
             try:
@@ -48,8 +60,14 @@ def read_prompts(expert: str, source: DataSource) -> list[str]:
                 raise RecipeError(
                     f"experts[{expert}].data: {source.path}:{number} has no string field {source.field!r}"
                 )
+            response = row.get(source.response_field) if source.response_field else None
+            if response is not None and not isinstance(response, str):
+                raise RecipeError(
+                    f"experts[{expert}].data: {source.path}:{number} field {source.response_field!r} "
+                    "is not a string"
+                )
             if text.strip():
-                prompts.append(text)
+                prompts.append(CalibrationText(text, response if response and response.strip() else None))
             if source.limit and len(prompts) >= source.limit:
                 break
     if not prompts:
@@ -59,12 +77,12 @@ def read_prompts(expert: str, source: DataSource) -> list[str]:
     return prompts
 
 
-def expert_prompts(expert: ExpertSpec, limit: int) -> tuple[list[str], list[str]]:
-    """(positive, negative) calibration prompts of one expert, at most `limit` positives."""
-    positive = list(expert.positive_prompts)
+def expert_prompts(expert: ExpertSpec, limit: int) -> tuple[list[CalibrationText], list[CalibrationText]]:
+    """(positive, negative) calibration examples of one expert, at most `limit` positives."""
+    positive = [CalibrationText(p) for p in expert.positive_prompts]
     for source in expert.data:
         positive.extend(read_prompts(expert.name, source))
-    return positive[:limit], list(expert.negative_prompts)[:limit]
+    return positive[:limit], [CalibrationText(p) for p in expert.negative_prompts][:limit]
 
 
 @dataclass
@@ -80,20 +98,38 @@ class CalibrationSet:
         return self.labels.unsqueeze(1).expand_as(self.mask)[self.mask]
 
 
+def _calibration_ids(
+    tokenizer, example: CalibrationText, max_tokens: int, use_chat_template: bool
+) -> list[int]:
+    """The ids the model sees: the (chat-formatted) prompt, then the answer if there is one.
+
+    With an answer, the prompt keeps at most half of `max_tokens`, cut from the left so the assistant
+    header stays next to the answer."""
+    if use_chat_template and tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": example.prompt}], add_generation_prompt=True, tokenize=True
+        )
+        if not isinstance(ids, list):  # transformers 5 may return a BatchEncoding
+            ids = ids["input_ids"]
+        ids = list(ids)
+    else:
+        ids = list(tokenizer(example.prompt, add_special_tokens=True)["input_ids"])
+        if example.response:
+            ids += tokenizer("\n", add_special_tokens=False)["input_ids"]
+    if not example.response:
+        return ids[:max_tokens]
+    context = ids[-(max_tokens // 2) :]
+    answer = tokenizer(example.response, add_special_tokens=False)["input_ids"]
+    return context + list(answer)[: max_tokens - len(context)]
+
+
 def tokenize_calibration(
-    tokenizer, prompts: list[tuple[int, str]], max_tokens: int, use_chat_template: bool
+    tokenizer, prompts: list[tuple[int, CalibrationText]], max_tokens: int, use_chat_template: bool
 ) -> CalibrationSet:
     rows: list[list[int]] = []
-    for _, text in prompts:
-        if use_chat_template and tokenizer.chat_template:
-            ids = tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-            )
-            if not isinstance(ids, list):  # transformers 5 may return a BatchEncoding
-                ids = ids["input_ids"]
-        else:
-            ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-        rows.append(list(ids)[:max_tokens] or [tokenizer.eos_token_id or 0])
+    for _, example in prompts:
+        ids = _calibration_ids(tokenizer, example, max_tokens, use_chat_template)
+        rows.append(ids or [tokenizer.eos_token_id or 0])
     width = max(len(r) for r in rows)
     input_ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
@@ -194,8 +230,10 @@ def routing_shares(top1: torch.Tensor, labels: torch.Tensor, num_experts: int) -
     return shares
 
 
-def load_calibration_prompts(experts: list[ExpertSpec], max_prompts: int) -> list[tuple[int, str]]:
-    labelled: list[tuple[int, str]] = []
+def load_calibration_prompts(
+    experts: list[ExpertSpec], max_prompts: int
+) -> list[tuple[int, CalibrationText]]:
+    labelled: list[tuple[int, CalibrationText]] = []
     for index, expert in enumerate(experts):
         positive, negative = expert_prompts(expert, max_prompts)
         labelled += [(index, p) for p in positive] + [(-(index + 1), p) for p in negative]

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM, MixtralForCausalLM
 
 from merge.build import merge_experts
+from merge.calibration import CalibrationText, tokenize_calibration
 from merge.checkpoint import CheckpointError
 from merge.evaluate import load_causal_lm, routing_shares
 from merge.recipe import Recipe, RecipeError, load_recipe
@@ -128,6 +129,54 @@ def test_data_driven_gates_beat_uniform_on_held_out_prompts(tiny_zoo: TinyZoo, t
     assert mean_share["uniform"] == pytest.approx(1 / 3, abs=1e-6)  # uniform sends everything to expert 0
     assert mean_share["ridge"] > 0.8 > mean_share["uniform"]
     assert mean_share["hidden"] > mean_share["uniform"]
+
+
+def test_answers_follow_their_prompt_in_the_calibration_set(tiny_zoo: TinyZoo) -> None:
+    tok = load_causal_lm(tiny_zoo.base)[1]
+    prompt, answer = "x = 1 + 2 " * 20, "the answer is three"
+    cal = tokenize_calibration(
+        tok,
+        [(0, CalibrationText(prompt, answer)), (1, CalibrationText("hello"))],
+        32,
+        use_chat_template=False,
+    )
+    prompt_ids = (
+        tok(prompt, add_special_tokens=True)["input_ids"] + tok("\n", add_special_tokens=False)["input_ids"]
+    )
+    answer_ids = tok(answer, add_special_tokens=False)["input_ids"]
+    row = cal.input_ids[0][cal.mask[0]].tolist()
+    assert row == (prompt_ids[-16:] + answer_ids)[:32]  # the prompt keeps half, from the end
+    assert cal.input_ids[1][cal.mask[1]].tolist() == tok("hello", add_special_tokens=True)["input_ids"]
+    assert cal.token_labels.tolist() == [0] * len(row) + [1] * int(cal.mask[1].sum())
+
+
+def test_gates_fitted_on_answers_route_answers_home(tiny_zoo: TinyZoo, tmp_path: Path) -> None:
+    """Answers from each domain's own generator: the gate fitted on them sends held-out text home."""
+    raw = recipe_dict(tiny_zoo)
+    for i, (domain, expert) in enumerate(zip(TINY_DOMAINS, raw["experts"], strict=True)):
+        path = tmp_path / f"{domain}.jsonl"
+        prompts, answers = domain_prompts(domain, 48, seed=7 + i), domain_prompts(domain, 48, seed=70 + i)
+        rows = [{"prompt": p, "response": a} for p, a in zip(prompts, answers, strict=True)]
+        rows.append({"prompt": "a row with no answer counts as its prompt alone"})
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        expert["data"] = [{"path": str(path), "response_field": "response"}]
+    report = merge_experts(Recipe.model_validate(raw), tmp_path / "moe")
+    assert not report["unused_experts"]
+    model, tok = load_causal_lm(tmp_path / "moe")
+    shares = routing_shares(model, tok, {d: domain_prompts(d, 12, seed=12345) for d in TINY_DOMAINS})
+    assert sum(sum(layer.values()) for layer in shares) / (len(shares) * len(TINY_DOMAINS)) > 0.8
+
+
+def test_non_string_answer_is_refused(tiny_zoo: TinyZoo, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok", "response": "fine"}\n{"prompt": "ok", "response": 5}\n')
+    raw = recipe_dict(tiny_zoo)
+    raw["experts"][2]["data"] = [{"path": str(bad), "response_field": "response"}]
+    with pytest.raises(
+        RecipeError, match=r"experts\[text\]\.data: .*bad\.jsonl:2 field 'response' is not a string"
+    ):
+        merge_experts(Recipe.model_validate(raw), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_uniform_gates_flag_unused_experts(tiny_zoo: TinyZoo, tmp_path: Path) -> None:
