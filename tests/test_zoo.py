@@ -86,6 +86,9 @@ def test_layout_is_the_benchmark_contract(built: tuple[Path, dict]) -> None:
     assert all(value > 0 for row in nll.values() for value in row.values())
     assert summary["router_heldout_accuracy"] is not None
     assert not list(out.glob(".tmp-*")), "temporary stage folders are removed"
+    recipe = yaml.safe_load((out / "moe-recipe.yaml").read_text())  # gates fitted on answers too
+    assert {s.get("response_field") for e in recipe["experts"] for s in e["data"]} == {"response"}
+    assert recipe["gate"]["ridge_lambda"] == ZooConfig().merge.ridge_lambda
 
 
 def test_split_never_leaks_heldout_into_train(built: tuple[Path, dict]) -> None:

@@ -105,8 +105,17 @@ class MergeStage(_Strict):
     experts_per_token: int = Field(1, ge=1)
     gate_init: Literal["ridge", "hidden", "cheap_embed", "random", "uniform"] = "ridge"
     shared_method: Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"] = "ties"
-    max_prompts: int = Field(64, ge=1, description="calibration prompts per expert, from its train split")
+    max_prompts: int = Field(
+        128,
+        ge=1,
+        description="calibration prompts per expert, from its train split (128 with answers: text within "
+        "5% of its dense expert; 64: +6.8%)",
+    )
     max_tokens: int = Field(128, ge=2)
+    calibrate_on_answers: bool = Field(
+        True, description="fit the gates on each prompt's reference answer too (the tokens a model generates)"
+    )
+    ridge_lambda: float = Field(0.1, gt=0, description="ridge penalty of the gates (see merge/recipe.py)")
 
 
 class HeteroStage(_Strict):

@@ -26,7 +26,13 @@ def moe_recipe(cfg: ZooConfig) -> dict[str, Any]:
             {
                 "name": name,
                 "path": f"experts/{name}",
-                "data": [{"path": f"data/{spec.domain}.train.jsonl", "limit": cfg.merge.max_prompts}],
+                "data": [
+                    {
+                        "path": f"data/{spec.domain}.train.jsonl",
+                        "limit": cfg.merge.max_prompts,
+                        **({"response_field": "response"} if cfg.merge.calibrate_on_answers else {}),
+                    }
+                ],
             }
             for name, spec in cfg.finetune.experts.items()
         ],
@@ -35,6 +41,7 @@ def moe_recipe(cfg: ZooConfig) -> dict[str, Any]:
             "init": cfg.merge.gate_init,
             "max_prompts": cfg.merge.max_prompts,
             "max_tokens": cfg.merge.max_tokens,
+            "ridge_lambda": cfg.merge.ridge_lambda,
         },
         "experts_per_token": cfg.merge.experts_per_token,
         "dtype": cfg.base.dtype,
