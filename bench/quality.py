@@ -80,20 +80,22 @@ def merge_table(
     domains = [d for d in ("math", "code", "text", "knowledge", "general") if d in only_domains]
     domains = [d for d in domains if (zoo / "data" / f"{d}.heldout.jsonl").exists()]
     rows = {d: heldout_rows(zoo, d, n) for d in domains}
-    models: list[tuple[str, str, Path]] = [("base", "dense", zoo / "base")]
-    models += [(f"dense expert {e}", "dense", zoo / "experts" / e) for e in expert_names]
+    models: list[tuple[str, str, Path, str | None]] = [("base", "dense", zoo / "base", None)]
+    models += [(f"dense expert {e}", "dense", zoo / "experts" / e, None) for e in expert_names]
     built: dict[str, Path] = {}
     for variant in all_variants:
         try:
             built[variant.name] = build(variant, work, built, log)
-            models.append((variant.name, variant.kind, built[variant.name]))
+            digest = built[variant.name].with_name(built[variant.name].name + ".sha256").read_text()
+            models.append((variant.name, variant.kind, built[variant.name], digest))
         except (RuntimeError, OSError) as error:
             log(f"skipping {variant.name}: {error}")
     results = []
-    for name, kind, folder in models:
-        # Each model's scores are kept beside the variants, so an interrupted run resumes where it stopped.
+    for name, kind, folder, digest in models:
+        # Each model's scores are kept beside the variants, so an interrupted run resumes where it stopped;
+        # they are reused only for the very build they were measured on.
         cache = work / "evals" / f"{name.replace(' ', '_').replace('/', '_')}-{n}-{'_'.join(domains)}.json"
-        if cache.exists():
+        if cache.exists() and json.loads(cache.read_text()).get("build") == digest:
             results.append(json.loads(cache.read_text()))
             continue
         log(f"evaluating {name}")
@@ -102,7 +104,7 @@ def merge_table(
         for d in domains:
             scores = score_references(model, tokenizer, rows[d])
             perplexity[d] = math.exp(sum(s.nll for s in scores) / max(1, sum(s.tokens for s in scores)))
-        entry = {"model": name, "kind": kind, "perplexity": perplexity}
+        entry = {"model": name, "kind": kind, "build": digest, "perplexity": perplexity}
         if kind == "moe":
             entry.update(gate_shares(model, tokenizer, {e: rows[e] for e in expert_names if e in rows}))
         results.append(entry)
@@ -249,17 +251,23 @@ def markdown(results: dict) -> str:
             "",
             "| model | "
             + " | ".join(f"ppl {d}" for d in m["domains"])
+            + " | vs own dense expert "
+            + "/".join(m["experts"])
             + " | own-expert share "
             + "/".join(m["experts"])
             + " | unused |",
-            "|---|" + "---:|" * len(m["domains"]) + "---|---|",
+            "|---|" + "---:|" * len(m["domains"]) + "---|---|---|",
         ]
         for r in m["rows"]:
-            ppl = " | ".join(f"{r['perplexity'][d]:.2f}" for d in m["domains"])
+            ppl = " | ".join(
+                f"{v:.3f}" if (v := r["perplexity"][d]) < 10 else f"{v:.2f}" for d in m["domains"]
+            )
+            versus = "/".join(f"{r['vs_own_dense_expert'][e]:+.1%}" for e in m["experts"])
             share = "/".join(f"{r['own_share'][e]:.2f}" for e in m["experts"]) if "own_share" in r else "—"
             unused = ", ".join(m["experts"][i] for i in r.get("unused_experts", []) if i < len(m["experts"]))
             lines.append(
-                f"| {r['model']} | {ppl} | {share} | {unused or ('none' if 'own_share' in r else '—')} |"
+                f"| {r['model']} | {ppl} | {versus} | {share} | "
+                f"{unused or ('none' if 'own_share' in r else '—')} |"
             )
         lines.append("")
     if "routing" in results:
@@ -321,8 +329,17 @@ def plots(results: dict) -> None:
         ax.set_yticks(range(len(names)), names)
         for i, r in enumerate(m["rows"]):
             for j, d in enumerate(m["domains"]):
-                ax.text(j, i, f"{r['perplexity'][d]:.2f}", ha="center", va="center", fontsize=8, color="w")
-        ax.set_title("held-out perplexity (colour: log-ppl above the column's best)")
+                v = r["perplexity"][d]
+                ax.text(
+                    j,
+                    i,
+                    f"{v:.3f}" if v < 10 else f"{v:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="w",
+                )
+        ax.set_title("held-out perplexity\n(colour: log-ppl above the column's best)", fontsize=10)
         fig.tight_layout()
         fig.savefig(RESULTS / "quality-merge-heatmap.png", dpi=110)
         plt.close(fig)

@@ -37,34 +37,56 @@ def base_recipe(zoo: Path) -> dict:
     return recipe.model_dump(mode="json", exclude_none=True)
 
 
+# The gate calibration the zoo used until 2026-11-23: 64 prompts per expert, no answers, ridge λ 0.001.
+PROMPTS_ONLY = {"gate": {"ridge_lambda": 0.001}}
+DENSE_METHODS = (("linear", "linear"), ("TIES", "ties"), ("DARE-TIES", "dare_ties"))
+
+
 def variants(zoo: Path, with_mergekit: bool, with_tuned: bool = True) -> list[Variant]:
+    """Table 1's merges. "MoE ridge gates" is the zoo's own recipe; each other row changes one thing."""
     recipe = base_recipe(zoo)
 
-    def vary(shared: dict | None = None, gate: dict | None = None, prompts: int | None = None) -> dict:
+    def vary(
+        shared: dict | None = None,
+        gate: dict | None = None,
+        prompts: int | None = None,
+        answers: bool | None = None,
+    ) -> dict:
         out = json.loads(json.dumps(recipe))
         out["shared"].update(shared or {})
         out["gate"].update(gate or {})
-        if prompts is not None:  # calibration prompts per expert, for the gates
-            out["gate"]["max_prompts"] = prompts
-            for expert in out["experts"]:
-                for source in expert.get("data", []):
+        for expert in out["experts"]:
+            for source in expert.get("data", []):
+                if prompts is not None:  # calibration prompts per expert, for the gates
                     source["limit"] = prompts
+                if answers is True:  # fit the gates on reference-answer tokens too
+                    source["response_field"] = "response"
+                elif answers is False:
+                    source.pop("response_field", None)
+        if prompts is not None:
+            out["gate"]["max_prompts"] = prompts
         return out
 
+    def old(shared: dict | None = None, gate: dict | None = None, prompts: int = 64) -> dict:
+        """The zoo's earlier calibration (prompts only, λ 0.001), with `shared`, `gate`, `prompts` changed."""
+        return vary(shared, {**PROMPTS_ONLY["gate"], **(gate or {})}, prompts, answers=False)
+
     found = [
-        Variant("dense linear", "dense", vary({"method": "linear"})),
-        Variant("dense TIES", "dense", vary({"method": "ties"})),
-        Variant("dense DARE-TIES", "dense", vary({"method": "dare_ties"})),
-        *[Variant(f"MoE {g} gates", "moe", vary(gate={"init": g})) for g in ("random", "uniform", "hidden")],
+        # Dense merges and random or uniform gates read no calibration data, so the calibration they
+        # are built with does not matter: they keep the earlier one, and with it their cached builds.
+        *[Variant(f"dense {label}", "dense", old({"method": m})) for label, m in DENSE_METHODS],
+        *[Variant(f"MoE {g} gates", "moe", old(gate={"init": g})) for g in ("random", "uniform")],
+        Variant("MoE hidden gates", "moe", vary(gate={"init": "hidden"})),
         Variant("MoE ridge gates", "moe", vary(gate={"init": "ridge"})),
+        Variant("MoE ridge gates, 64 prompts + answers", "moe", vary(gate={"init": "ridge"}, prompts=64)),
         *[
-            Variant(f"MoE ridge gates, {n} prompts", "moe", vary(gate={"init": "ridge"}, prompts=n))
-            for n in (256, 1024)
+            Variant(f"MoE ridge gates, {n} prompts, λ 0.001", "moe", old(gate={"init": "ridge"}, prompts=n))
+            for n in (64, 256, 1024)
         ],
-        Variant(  # as many prompts, a quarter of the tokens each: the cheaper calibration
-            "MoE ridge gates, 1024 prompts × 32 tokens",
+        Variant(  # as many prompts, a quarter of the tokens each
+            "MoE ridge gates, 1024 prompts × 32 tokens, λ 0.001",
             "moe",
-            vary(gate={"init": "ridge", "max_tokens": 32}, prompts=1024),
+            old(gate={"init": "ridge", "max_tokens": 32}, prompts=1024),
         ),
     ]
     if with_tuned:

@@ -1,0 +1,85 @@
+"""Sweep the MoE's gate calibration: build variants of the zoo's MoE recipe and score them like table 1.
+
+Each variant changes the zoo's recipe (`runs/zoo/moe-recipe.yaml`) by a JSON spec, is built by the real
+`moerge merge` (cached by recipe hash under WORK/models), and is scored on the same held-out rows as
+`bench/quality.py`'s merge table: perplexity per domain and each domain's own-expert token share.
+
+    .venv/bin/python bench/gate_sweep.py '{"lam 0.1": {"gate": {"ridge_lambda": 0.1}}, \\
+        "64 + answers": {"prompts": 64, "answers": true}, "top-2": {"top_k": 2}}'
+
+Spec keys: `gate` (fields of the recipe's `gate`), `prompts` (calibration prompts per expert),
+`answers` (true: fit on reference answers too; false: prompts only), `top_k` (experts per token).
+One JSON line per variant is printed. `bench/gate_sweep.json` is the sweep behind the README's merge notes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+from quality import ROOT, gate_shares, heldout_rows, log, release
+from quality_variants import Variant, base_recipe, build
+
+from merge.evaluate import load_causal_lm, score_references
+
+
+def varied(recipe: dict, spec: dict) -> dict:
+    out = json.loads(json.dumps(recipe))
+    out["gate"].update(spec.get("gate", {}))
+    if "top_k" in spec:
+        out["experts_per_token"] = spec["top_k"]
+    if "prompts" in spec:
+        out["gate"]["max_prompts"] = spec["prompts"]
+    for expert in out["experts"]:
+        for source in expert.get("data", []):
+            if "prompts" in spec:
+                source["limit"] = spec["prompts"]
+            if spec.get("answers") is True:
+                source["response_field"] = "response"
+            elif spec.get("answers") is False:
+                source.pop("response_field", None)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("specs", help='JSON object {"name": {spec}, ...}, or a .json file holding one')
+    parser.add_argument("--zoo", type=Path, default=ROOT / "runs" / "zoo")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "gate-sweep")
+    parser.add_argument("--rows", type=int, default=24, help="held-out prompts per domain")
+    args = parser.parse_args()
+    specs = json.loads(Path(args.specs).read_text() if args.specs.endswith(".json") else args.specs)
+    recipe = base_recipe(args.zoo)
+    domains = [e["name"] for e in recipe["experts"]]
+    rows = {d: heldout_rows(args.zoo, d, args.rows) for d in domains}
+    for name, spec in specs.items():
+        started = time.perf_counter()
+        folder = build(Variant(name, "moe", varied(recipe, spec)), args.work, {}, log)
+        seconds = time.perf_counter() - started
+        model, tokenizer = load_causal_lm(folder)
+        perplexity = {}
+        for d in domains:
+            scores = score_references(model, tokenizer, rows[d])
+            perplexity[d] = round(math.exp(sum(s.nll for s in scores) / sum(s.tokens for s in scores)), 4)
+        shares = gate_shares(model, tokenizer, rows)["own_share"]
+        release(model, tokenizer)
+        print(
+            json.dumps(
+                {
+                    "name": name,
+                    "spec": spec,
+                    "build_seconds": round(seconds, 1),  # 0 when the build was cached
+                    "perplexity": perplexity,
+                    "own_share": {k: round(v, 3) for k, v in shares.items()},
+                },
+                ensure_ascii=False,
+            ),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
