@@ -16,32 +16,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
-from quality import ROOT, gate_shares, heldout_rows, log, release
-from quality_variants import Variant, base_recipe, build
+from quality import ROOT, gate_shares, heldout_rows, log, perplexities, release
+from quality_variants import Variant, base_recipe, build, varied_recipe
 
-from merge.evaluate import load_causal_lm, score_references
+from merge.evaluate import load_causal_lm
 
 
 def varied(recipe: dict, spec: dict) -> dict:
-    out = json.loads(json.dumps(recipe))
-    out["gate"].update(spec.get("gate", {}))
-    if "top_k" in spec:
-        out["experts_per_token"] = spec["top_k"]
-    if "prompts" in spec:
-        out["gate"]["max_prompts"] = spec["prompts"]
-    for expert in out["experts"]:
-        for source in expert.get("data", []):
-            if "prompts" in spec:
-                source["limit"] = spec["prompts"]
-            if spec.get("answers") is True:
-                source["response_field"] = "response"
-            elif spec.get("answers") is False:
-                source.pop("response_field", None)
-    return out
+    """The zoo's recipe with one spec's changes (keys as in the module docstring)."""
+    unknown = set(spec) - {"gate", "prompts", "answers", "top_k"}
+    if unknown:
+        raise SystemExit(f"unknown spec keys {sorted(unknown)}: expected gate, prompts, answers, top_k")
+    return varied_recipe(
+        recipe,
+        gate=spec.get("gate"),
+        prompts=spec.get("prompts"),
+        answers=spec.get("answers"),
+        top_k=spec.get("top_k"),
+    )
 
 
 def main() -> None:
@@ -60,10 +55,7 @@ def main() -> None:
         folder = build(Variant(name, "moe", varied(recipe, spec)), args.work, {}, log)
         seconds = time.perf_counter() - started
         model, tokenizer = load_causal_lm(folder)
-        perplexity = {}
-        for d in domains:
-            scores = score_references(model, tokenizer, rows[d])
-            perplexity[d] = round(math.exp(sum(s.nll for s in scores) / sum(s.tokens for s in scores)), 4)
+        perplexity = {d: round(v, 4) for d, v in perplexities(model, tokenizer, rows).items()}
         shares = gate_shares(model, tokenizer, rows)["own_share"]
         release(model, tokenizer)
         print(

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from quality_variants import build, variants  # noqa: E402
+from quality_variants import build, digest, variants  # noqa: E402
 
 from merge.evaluate import load_causal_lm, routing_load, score_references  # noqa: E402
 
@@ -86,25 +86,26 @@ def merge_table(
     for variant in all_variants:
         try:
             built[variant.name] = build(variant, work, built, log)
-            digest = built[variant.name].with_name(built[variant.name].name + ".sha256").read_text()
-            models.append((variant.name, variant.kind, built[variant.name], digest))
+            models.append((variant.name, variant.kind, built[variant.name], digest(variant)))
         except (RuntimeError, OSError) as error:
             log(f"skipping {variant.name}: {error}")
     results = []
-    for name, kind, folder, digest in models:
+    for name, kind, folder, key in models:
         # Each model's scores are kept beside the variants, so an interrupted run resumes where it stopped;
         # they are reused only for the very build they were measured on.
         cache = work / "evals" / f"{name.replace(' ', '_').replace('/', '_')}-{n}-{'_'.join(domains)}.json"
-        if cache.exists() and json.loads(cache.read_text()).get("build") == digest:
-            results.append(json.loads(cache.read_text()))
+        cached = json.loads(cache.read_text()) if cache.exists() else {}
+        if cached and cached.get("build") == key:
+            results.append(cached)
             continue
         log(f"evaluating {name}")
         model, tokenizer = load_causal_lm(folder)
-        perplexity = {}
-        for d in domains:
-            scores = score_references(model, tokenizer, rows[d])
-            perplexity[d] = math.exp(sum(s.nll for s in scores) / max(1, sum(s.tokens for s in scores)))
-        entry = {"model": name, "kind": kind, "build": digest, "perplexity": perplexity}
+        entry = {
+            "model": name,
+            "kind": kind,
+            "build": key,
+            "perplexity": perplexities(model, tokenizer, rows),
+        }
         if kind == "moe":
             entry.update(gate_shares(model, tokenizer, {e: rows[e] for e in expert_names if e in rows}))
         results.append(entry)
@@ -119,6 +120,15 @@ def merge_table(
             if e in entry["perplexity"]
         }
     return {"domains": domains, "experts": expert_names, "rows": results, "n_per_domain": n}
+
+
+def perplexities(model, tokenizer, rows: dict[str, list[dict]]) -> dict[str, float]:
+    """Held-out perplexity per domain: the reference answers' tokens given the chat-formatted prompt."""
+    out = {}
+    for domain, domain_rows in rows.items():
+        scores = score_references(model, tokenizer, domain_rows)
+        out[domain] = math.exp(sum(s.nll for s in scores) / max(1, sum(s.tokens for s in scores)))
+    return out
 
 
 def gate_shares(model, tokenizer, rows: dict[str, list[dict]]) -> dict:

@@ -38,38 +38,51 @@ def base_recipe(zoo: Path) -> dict:
 
 
 # The gate calibration the zoo used until 2026-11-23: 64 prompts per expert, no answers, ridge λ 0.001.
-PROMPTS_ONLY = {"gate": {"ridge_lambda": 0.001}}
+OLD_GATE = {"ridge_lambda": 0.001}
 DENSE_METHODS = (("linear", "linear"), ("TIES", "ties"), ("DARE-TIES", "dare_ties"))
+
+
+def varied_recipe(
+    recipe: dict,
+    *,
+    shared: dict | None = None,
+    gate: dict | None = None,
+    prompts: int | None = None,
+    answers: bool | None = None,
+    top_k: int | None = None,
+) -> dict:
+    """A copy of `recipe` with some knobs changed: shared-merge and gate fields, calibration prompts per
+    expert, reference answers on (True) or off (False), experts per token. None leaves a knob as it is."""
+    out = json.loads(json.dumps(recipe))
+    out["shared"].update(shared or {})
+    out["gate"].update(gate or {})
+    if top_k is not None:
+        out["experts_per_token"] = top_k
+    for expert in out["experts"]:
+        for source in expert.get("data", []):
+            if prompts is not None:
+                source["limit"] = prompts
+            if answers is True:
+                source["response_field"] = "response"
+            elif answers is False:
+                source.pop("response_field", None)
+    if prompts is not None:
+        out["gate"]["max_prompts"] = prompts
+    return out
 
 
 def variants(zoo: Path, with_mergekit: bool, with_tuned: bool = True) -> list[Variant]:
     """Table 1's merges. "MoE ridge gates" is the zoo's own recipe; each other row changes one thing."""
     recipe = base_recipe(zoo)
 
-    def vary(
-        shared: dict | None = None,
-        gate: dict | None = None,
-        prompts: int | None = None,
-        answers: bool | None = None,
-    ) -> dict:
-        out = json.loads(json.dumps(recipe))
-        out["shared"].update(shared or {})
-        out["gate"].update(gate or {})
-        for expert in out["experts"]:
-            for source in expert.get("data", []):
-                if prompts is not None:  # calibration prompts per expert, for the gates
-                    source["limit"] = prompts
-                if answers is True:  # fit the gates on reference-answer tokens too
-                    source["response_field"] = "response"
-                elif answers is False:
-                    source.pop("response_field", None)
-        if prompts is not None:
-            out["gate"]["max_prompts"] = prompts
-        return out
+    def vary(gate: dict | None = None, prompts: int | None = None) -> dict:
+        return varied_recipe(recipe, gate=gate, prompts=prompts)
 
     def old(shared: dict | None = None, gate: dict | None = None, prompts: int = 64) -> dict:
         """The zoo's earlier calibration (prompts only, λ 0.001), with `shared`, `gate`, `prompts` changed."""
-        return vary(shared, {**PROMPTS_ONLY["gate"], **(gate or {})}, prompts, answers=False)
+        return varied_recipe(
+            recipe, shared=shared, gate={**OLD_GATE, **(gate or {})}, prompts=prompts, answers=False
+        )
 
     found = [
         # Dense merges and random or uniform gates read no calibration data, so the calibration they
@@ -127,16 +140,21 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
-def build(variant: Variant, work: Path, built: dict[str, Path], log) -> Path:
-    """Build one variant unless an identical build is already there; return its folder."""
-    out = work / "models" / slug(variant.name)
+def digest(variant: Variant) -> str:
+    """What a build is keyed by: its recipe and how it is made (results measured on it are keyed so too)."""
     spec = json.dumps(
         {"recipe": variant.recipe, "tune_from": variant.tune_from, "mergekit": variant.mergekit},
         sort_keys=True,
     )
-    digest = hashlib.sha256(spec.encode()).hexdigest()
+    return hashlib.sha256(spec.encode()).hexdigest()
+
+
+def build(variant: Variant, work: Path, built: dict[str, Path], log) -> Path:
+    """Build one variant unless an identical build is already there; return its folder."""
+    out = work / "models" / slug(variant.name)
+    key = digest(variant)
     stamp = out.parent / f"{out.name}.sha256"
-    if out.is_dir() and stamp.exists() and stamp.read_text() == digest:
+    if out.is_dir() and stamp.exists() and stamp.read_text() == key:
         return out
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -156,5 +174,5 @@ def build(variant: Variant, work: Path, built: dict[str, Path], log) -> Path:
     )
     if result.returncode != 0:
         raise RuntimeError(f"{variant.name}: {' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
-    stamp.write_text(digest)
+    stamp.write_text(key)
     return out
