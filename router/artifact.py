@@ -2,7 +2,7 @@
 
     router.json         kind, experts, head parameters (temperatures …), policy, encoder reference
                         (model, sha256 of its files, max_seq_length, precision), training metadata
-    weights.safetensors every array (classifier coef/intercept, gate vectors, centroids, kNN bank)
+    weights.safetensors every array (classifier coef/intercept, gate vectors, centroids, kNN and novelty banks)
     heldout.jsonl       the held-out evaluation split (never trained on), for `moerge router eval`
     manifest.json       sha256 and byte size of every file above
 
@@ -148,6 +148,7 @@ def load_router(
     from router.gates import TokenGates
     from router.learned import LearnedRouter
     from router.ngram import NgramModel
+    from router.novelty import NoveltyCheck
     from router.policy import Policy
     from router.scorers import build_heads
 
@@ -186,6 +187,9 @@ def load_router(
         ngram = None
         if spec.get("fast_path") and (fast_path or (fast_path is None and chosen == spec["kind"])):
             ngram = NgramModel.from_artifact(tensors, spec["fast_path"])
+        novelty = None
+        if spec.get("novelty"):
+            novelty = NoveltyCheck.from_artifact(tensors, spec["novelty"])
         p = spec["policy"]
         policy = Policy(
             experts,
@@ -194,6 +198,7 @@ def load_router(
             float(p["stickiness"]),
             float(p.get("context_threshold", 0.0)),
             int(p.get("context_turns", 0)),
+            dict(spec.get("serve_as") or {}),
         )
         return LearnedRouter(
             experts,
@@ -206,6 +211,7 @@ def load_router(
             cache_size=cache_size,
             meta=spec,
             fast_path=ngram,
+            novelty=novelty,
         )
     except (KeyError, TypeError, ValueError) as error:
         raise ArtifactError(f"{path}: inconsistent artifact ({error!r})") from None

@@ -124,6 +124,18 @@ class FastPathConfig(Strict):
         return value
 
 
+class NoveltyConfig(Strict):
+    """The novelty check (router/novelty.py): prompts far from the picked expert's training prompts go to
+    the fallback."""
+
+    enabled: bool = False
+    quantile: float = Field(
+        0.05, gt=0, lt=1, description="share of each expert's validation prompts that would fall back"
+    )
+    k: int = Field(5, ge=1, description="nearest training prompts averaged into the similarity")
+    max_examples: int = Field(20000, ge=1, description="training prompts kept in the bank (sampled)")
+
+
 class PolicyConfig(Strict):
     confidence_floor: float = Field(0.0, ge=0, le=1)
     fallback: str | None = Field(None, description="expert below the floor; default: the largest class")
@@ -143,6 +155,7 @@ class TrainConfig(Strict):
     hybrid: HybridConfig = HybridConfig()
     knn: KnnConfig = KnnConfig()
     fast_path: FastPathConfig = FastPathConfig()
+    novelty: NoveltyConfig = NoveltyConfig()
     policy: PolicyConfig = PolicyConfig()
     seed: int = 0
     min_examples: int = Field(20, ge=1, description="fewest training rows an expert may have")
@@ -157,6 +170,12 @@ class TrainConfig(Strict):
     label_field: str = Field("domain", description="the eval data's field naming the true class")
     label_map: dict[str, str] | None = Field(
         None, description="label value → expert; default: expert names and their `where` on label_field"
+    )
+    serve_as: dict[str, str] | None = Field(
+        None,
+        description="class (a key of `experts`) → the served expert that answers it, when one expert "
+        "serves several classes (e.g. an MoE of math, code and text experts); default: each class is served "
+        "under its own name",
     )
 
     @field_validator("experts")
@@ -173,10 +192,26 @@ class TrainConfig(Strict):
     def _names_known(self) -> TrainConfig:
         if self.policy.fallback is not None and self.policy.fallback not in self.experts:
             raise ValueError(f"policy.fallback {self.policy.fallback!r} is not one of {list(self.experts)}")
+        if self.novelty.enabled and self.validation_fraction <= 0:
+            raise ValueError(
+                "novelty.enabled needs validation rows for its thresholds: validation_fraction > 0"
+            )
+        unknown = sorted(set(self.serve_as or {}) - set(self.experts))
+        if unknown:
+            raise ValueError(f"serve_as: {unknown} are not classes (keys of experts: {list(self.experts)})")
+        served = self.serve_as or {}
+        clashing = sorted(e for e in set(served.values()) if e in self.experts and served.get(e, e) != e)
+        if clashing:
+            raise ValueError(f"serve_as: {clashing} name both a class served by another expert and an expert")
         for label, expert in (self.label_map or {}).items():
             if expert not in self.experts:
                 raise ValueError(f"label_map[{label!r}] = {expert!r} is not one of {list(self.experts)}")
         return self
+
+    def served_label_map(self) -> dict[str, str]:
+        """label value → the served expert that answers it (through `serve_as`)."""
+        served = self.serve_as or {}
+        return {label: served.get(c, c) for label, c in self.resolved_label_map().items()}
 
     def resolved_label_map(self) -> dict[str, str]:
         if self.label_map is not None:

@@ -120,14 +120,26 @@ def plot_confusion(matrix: list[list[int]], labels: Sequence[str], path: Path, t
     plt.close(fig)
 
 
-def policy_decisions(router: LearnedRouter, kind: str, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Head probabilities → (expert indices, confidences, fallbacks) through the serving policy."""
+def policy_decisions(
+    router: LearnedRouter, kind: str, p: np.ndarray, novel: Sequence[tuple[str, float] | None] | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Head probabilities (and novelty verdicts, see `served_novelty`) → (expert indices, confidences,
+    fallbacks) through the serving policy."""
     maker = DecisionMaker(router.policy, kind, router.version)
     index = {e: i for i, e in enumerate(router.experts)}
-    decided = [maker.decide(row, None, kind, {}) for row in p]
+    verdicts = novel if novel is not None else [None] * len(p)
+    decided = [maker.decide(row, None, kind, {}, v) for row, v in zip(p, verdicts, strict=True)]
     pred = np.array([index[d.expert] for d in decided])
-    fallbacks = sum(d.reason.startswith("below-floor") for d in decided)
+    fallbacks = sum(d.reason.startswith(("below-floor", "novel")) for d in decided)
     return pred, p.max(1), fallbacks
+
+
+def served_novelty(
+    router: LearnedRouter, feats: Features, served_p: np.ndarray, answered: np.ndarray
+) -> list[tuple[str, float] | None]:
+    """The novelty verdicts serving reaches: only prompts the fast path left to the encoder are checked."""
+    verdicts = router.novel(feats.sentence, served_p)
+    return [None if done else v for v, done in zip(verdicts, answered, strict=True)]
 
 
 def measure_latency(
@@ -175,13 +187,15 @@ def evaluate(
     feats, truncated = router.features(texts, needs_tokens=needs_tokens)
     head_p = router.head.proba(feats)
     p, fast_p, answered = router.cascade(texts, head_p)  # what serving decides
-    pred, confidence, fallbacks = policy_decisions(router, router.kind, p)
+    novel = served_novelty(router, feats, p, answered)
+    pred, confidence, fallbacks = policy_decisions(router, router.kind, p, novel)
     result: dict[str, Any] = {
         "router": router.kind,
         "version": router.version,
         **classification_metrics(y, pred, confidence, router.experts),
-        "accuracy_without_floor": round(float((p.argmax(1) == y).mean()), 4),
+        "accuracy_without_floor": round(float((router.served_of[p.argmax(1)] == y).mean()), 4),
         "fallback_rate": round(fallbacks / len(y), 4),
+        "novel_rate": round(sum(v is not None for v in novel) / len(y), 4),
         "truncated_prompts": int(truncated.sum()),
     }
     if group_field:
@@ -193,7 +207,7 @@ def evaluate(
             for g, ix in sorted(groups.items())
         }
     if router.fast_path is not None:
-        right = p.argmax(1) == y
+        right = router.served_of[p.argmax(1)] == y
         result["fast_path"] = {
             "threshold": router.fast_path.threshold,
             "share": round(float(answered.mean()), 4),
@@ -227,7 +241,10 @@ def compare_heads(router: LearnedRouter, feats: Features, y: np.ndarray) -> dict
         p = head.proba(feats)
         pred, confidence, fallbacks = policy_decisions(router, kind, p)
         m = classification_metrics(y, pred, confidence, router.experts)
-        out[kind] = {**_summary(m), "accuracy_without_floor": round(float((p.argmax(1) == y).mean()), 4)}
+        out[kind] = {
+            **_summary(m),
+            "accuracy_without_floor": round(float((router.served_of[p.argmax(1)] == y).mean()), 4),
+        }
         if kind == "hybrid":
             out[kind]["combine"] = head.params().get("combine")
     return out
@@ -241,7 +258,10 @@ def compare_fast_path(
     for name, p in (("ngram", fast_p), (f"ngram→{router.kind}", cascade)):
         pred, confidence, _ = policy_decisions(router, name, p)
         m = classification_metrics(y, pred, confidence, router.experts)
-        out[name] = {**_summary(m), "accuracy_without_floor": round(float((p.argmax(1) == y).mean()), 4)}
+        out[name] = {
+            **_summary(m),
+            "accuracy_without_floor": round(float((router.served_of[p.argmax(1)] == y).mean()), 4),
+        }
     return out
 
 

@@ -3,6 +3,8 @@
 One class serves every learned kind: encode the latest user turn once (sentence embedding and, where the
 head needs them, token-gate aggregates), score it with the kind's head, and apply the Policy. With a fast
 path (router/ngram.py), prompts the n-gram stage is sure of skip the encoder; their reason is `ngram`.
+With a novelty check (router/novelty.py), encoder-scored prompts unlike the picked expert's training
+prompts go to the fallback (reason `novel→fallback`).
 Repeated prompts hit an LRU cache of probabilities. `decide_batch` never raises: any failure becomes a fallback
 decision whose reason and details say what went wrong.
 """
@@ -20,17 +22,20 @@ from router.base import Decision, Router, RoutingRequest
 from router.encoder import Encoder
 from router.gates import TokenGates
 from router.ngram import NgramModel
+from router.novelty import NoveltyCheck
 from router.policy import DecisionMaker, Policy
 from router.scorers import Features, Head
 from router.text import CHARS_PER_TOKEN_CAP, RoutingText, context_text, routing_text
 
 
 class Scored(NamedTuple):
-    """One prompt's probabilities, whether the encoder truncated it, and the stage that scored it."""
+    """One prompt's probabilities, whether the encoder truncated it, the stage that scored it, and
+    (expert, similarity) when the novelty check found it unlike the picked expert's training prompts."""
 
     p: np.ndarray
     truncated: bool
     stage: str  # the head's kind, or "ngram" for the fast path
+    novel: tuple[str, float] | None = None
 
 
 class LearnedRouter(Router):
@@ -47,14 +52,21 @@ class LearnedRouter(Router):
         batch_size: int = 64,
         meta: dict[str, Any] | None = None,
         fast_path: NgramModel | None = None,
+        novelty: NoveltyCheck | None = None,
     ) -> None:
-        super().__init__(experts)
+        # `experts` are the classes the heads score; decisions name the experts serving them (Policy.serve_as)
+        self.classes = list(experts)
+        if list(policy.experts) != self.classes:
+            raise ValueError(f"the policy's classes {list(policy.experts)} differ from {self.classes}")
+        super().__init__(policy.served_experts)
+        # class index → index of the expert serving it, for harnesses that take argmaxes of probabilities
+        self.served_of = np.array([self.experts.index(policy.served(c)) for c in self.classes])
         if kind not in heads:
             raise ValueError(f"this artifact has no {kind!r} head; it has: {', '.join(sorted(heads))}")
         self.name, self.kind, self.version = kind, kind, version
         self.encoder, self.heads, self.gates, self.policy = encoder, heads, gates, policy
         self.head = heads[kind]
-        self.fast_path = fast_path
+        self.fast_path, self.novelty = fast_path, novelty
         if self.head.needs_tokens and gates is None:
             raise ValueError(f"the {kind!r} head needs token gates, which this artifact lacks")
         self.cache_size, self.batch_size = cache_size, batch_size
@@ -67,7 +79,7 @@ class LearnedRouter(Router):
 
     def _self_check(self) -> None:
         """Score one all-zero feature row with every head: shapes that disagree fail at load, not later."""
-        n = len(self.experts)
+        n = len(self.classes)
         probe = Features(
             np.zeros((1, self.encoder.sentence_dim), np.float32), np.zeros((1, 3 * n), np.float32)
         )
@@ -78,13 +90,24 @@ class LearnedRouter(Router):
         for kind, head in self.heads.items():
             shape = head.proba(probe).shape
             if shape != (1, n):
-                raise ValueError(f"head {kind!r} scores {shape[-1]} classes, the artifact names {n} experts")
+                raise ValueError(f"head {kind!r} scores {shape[-1]} classes, the artifact names {n}")
         if self.fast_path is not None and self.fast_path.proba(["probe"]).shape != (1, n):
-            raise ValueError(f"the n-gram fast path does not score the artifact's {n} experts")
+            raise ValueError(f"the n-gram fast path does not score the artifact's {n} classes")
+        if self.novelty is not None and (
+            self.novelty.dim != self.encoder.sentence_dim or len(self.novelty.thresholds) != n
+        ):
+            raise ValueError(
+                f"the novelty check has {self.novelty.dim}-d prompts and {len(self.novelty.thresholds)} "
+                f"thresholds; the encoder gives {self.encoder.sentence_dim}-d and the artifact names {n} classes"
+            )
 
     def training_counts(self) -> dict[str, int]:
         data = self.meta.get("training", {}).get("data", {})
-        return {e: int(data.get(e, {}).get("train_rows", 0)) for e in self.experts}
+        counts: dict[str, int] = {}
+        for c in self.classes:  # per served expert: the sum over its classes
+            served = self.policy.served(c)
+            counts[served] = counts.get(served, 0) + int(data.get(c, {}).get("train_rows", 0))
+        return counts
 
     # -- features and probabilities (shared with the eval harness) --------------------------------
     def features(self, texts: Sequence[str], needs_tokens: bool | None = None) -> tuple[Features, np.ndarray]:
@@ -93,7 +116,7 @@ class LearnedRouter(Router):
             needs_tokens = self.head.needs_tokens
         n = len(texts)
         sentence = np.zeros((n, self.encoder.sentence_dim), dtype=np.float32)
-        tokens = np.zeros((n, 3 * len(self.experts)), dtype=np.float32) if needs_tokens else None
+        tokens = np.zeros((n, 3 * len(self.classes)), dtype=np.float32) if needs_tokens else None
         truncated = np.zeros(n, dtype=bool)
         for index, chunk in self.encoder.encode(texts, batch_size=self.batch_size):
             sentence[index] = chunk.sentence
@@ -112,9 +135,20 @@ class LearnedRouter(Router):
         fast_p, answered = self.fast_path_split(texts)
         return np.where(answered[:, None], fast_p, head_p), fast_p, answered
 
+    def novel(self, sentence: np.ndarray, p: np.ndarray) -> list[tuple[str, float] | None]:
+        """Per encoder-scored prompt: (picked class, similarity) if the novelty check flags it, else None."""
+        if self.novelty is None or not len(p):
+            return [None] * len(p)
+        picked = p.argmax(1)
+        flagged, similarity = self.novelty.novel(sentence, picked)
+        return [
+            (self.classes[e], float(s)) if f else None
+            for e, f, s in zip(picked, flagged, similarity, strict=True)
+        ]
+
     def fast_path_split(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(n-gram probabilities, answered-by-the-fast-path mask); nothing answered without a fast path."""
-        n = len(self.experts)
+        n = len(self.classes)
         if self.fast_path is None or not texts:
             return np.zeros((len(texts), n), np.float32), np.zeros(len(texts), bool)
         p = self.fast_path.proba(texts)
@@ -141,8 +175,9 @@ class LearnedRouter(Router):
             if rest:
                 feats, truncated = self.features([unique[j] for j in rest])
                 probs = self.head.proba(feats)
+                novel = self.novel(feats.sentence, probs)
                 for k, j in enumerate(rest):
-                    entries[j] = Scored(probs[k], bool(truncated[k]), self.kind)
+                    entries[j] = Scored(probs[k], bool(truncated[k]), self.kind, novel[k])
             with self._cache_lock:
                 for text, entry in zip(unique, entries, strict=True):
                     assert entry is not None
@@ -179,16 +214,16 @@ class LearnedRouter(Router):
             if i not in by_index:
                 out.append(self._maker.no_text(previous, details))
                 continue
-            p, truncated, reason = by_index[i]
+            p, truncated, reason, novel = by_index[i]
             if i in with_context:
-                (p, truncated, stage), context = with_context[i]
+                (p, truncated, stage, novel), context = with_context[i]
                 details.update({k: v for k, v in context.notes.items() if k not in details})
                 details["context_turns"] = self.policy.context_turns
                 reason = f"{stage}+context"
             if truncated or "chars_cut" in details:
                 details["truncated"] = True
                 details["max_seq_length"] = self.encoder.max_seq_length
-            out.append(self._maker.decide(p, previous, reason, details))
+            out.append(self._maker.decide(p, previous, reason, details, novel))
         return out
 
     def _rescore_with_context(
@@ -202,8 +237,8 @@ class LearnedRouter(Router):
         if policy.context_turns <= 0 or policy.context_threshold <= 0:
             return {}
         contexts: dict[int, RoutingText] = {}
-        catch_all = self.experts.index(policy.fallback)
-        for i, (p, _, _) in by_index.items():
+        catch_all = self.classes.index(policy.fallback)
+        for i, (p, _, _, _) in by_index.items():
             if float(p.max()) < policy.context_threshold or int(p.argmax()) == catch_all:
                 context = context_text(requests[i], policy.context_turns, self.max_chars)
                 if context is not None and not context.empty:

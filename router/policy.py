@@ -9,9 +9,15 @@ Multi-turn policy (the router applies steps 1–2, this module 3–4):
 3. If the conversation's previous expert is known, mix in a point mass on it,
    p' = (1 − s)·p + s·onehot(previous), s = `stickiness`: the conversation switches expert only when
    the new turn clearly belongs elsewhere (p_new − p_prev > s / (1 − s)).
-4. Below the confidence floor the previous expert keeps the conversation; without one, the configured
-   fallback expert serves. Empty turns behave the same way.
+4. Below the confidence floor, or when the novelty check (router/novelty.py) finds the prompt unlike the
+   picked expert's training prompts, the previous expert keeps the conversation; without one, the
+   configured fallback expert serves. Empty turns behave the same way.
 Every deviation from the plain argmax is named in the decision's reason.
+
+With `serve_as`, the router's classes are not the served experts themselves (a router trained on
+domains, several of which one MoE serves): the policy decides a class, the decision names the expert
+serving it (the class stays in `details["class"]`, scores are summed per expert), and a previous expert
+stands for the most probable of its classes.
 """
 
 from __future__ import annotations
@@ -33,10 +39,25 @@ class Policy:
     stickiness: float = 0.0
     context_threshold: float = 0.0
     context_turns: int = 1
+    serve_as: dict[str, str] = field(default_factory=dict)  # class → served expert; absent: itself
 
     def __post_init__(self) -> None:
         if self.fallback not in self.experts:
             raise ValueError(f"fallback {self.fallback!r} is not one of the experts {list(self.experts)}")
+        unknown = sorted(set(self.serve_as) - set(self.experts))
+        if unknown:
+            raise ValueError(f"serve_as names classes the router does not have: {unknown}")
+        clashing = sorted(e for e in set(self.serve_as.values()) if e in self.experts and self.served(e) != e)
+        if clashing:
+            raise ValueError(f"serve_as: {clashing} are both a class served elsewhere and a served expert")
+
+    def served(self, cls: str) -> str:
+        return self.serve_as.get(cls, cls)
+
+    @property
+    def served_experts(self) -> list[str]:
+        """The experts decisions can name, in class order."""
+        return list(dict.fromkeys(self.served(c) for c in self.experts))
         if not 0.0 <= self.confidence_floor <= 1.0:
             raise ValueError(f"confidence_floor must be in [0, 1], got {self.confidence_floor}")
         if not 0.0 <= self.context_threshold <= 1.0 or self.context_turns < 0:
@@ -57,24 +78,51 @@ class DecisionMaker:
     def __post_init__(self) -> None:
         self.index = {e: i for i, e in enumerate(self.policy.experts)}
 
-    def _make(self, expert: str, p: np.ndarray, confidence: float, reason: str, details: dict) -> Decision:
-        scores = {e: round(float(x), 6) for e, x in zip(self.policy.experts, p, strict=True)}
+    def _make(self, cls: str, p: np.ndarray, confidence: float, reason: str, details: dict) -> Decision:
+        policy = self.policy
+        scores: dict[str, float] = {}
+        for c, x in zip(policy.experts, p, strict=True):
+            scores[policy.served(c)] = scores.get(policy.served(c), 0.0) + float(x)
+        if policy.serve_as:
+            details = {**details, "class": cls}
         return Decision(
-            expert, scores, round(float(confidence), 6), self.router, self.version, reason, details
+            policy.served(cls),
+            {e: round(x, 6) for e, x in scores.items()},
+            round(float(confidence), 6),
+            self.router,
+            self.version,
+            reason,
+            details,
         )
+
+    def _as_class(self, previous: str | None, p: np.ndarray) -> str | None:
+        """The class a previous (served) expert stands for: itself, or the most probable of its classes."""
+        if previous is None or previous in self.index:
+            return previous
+        mine = [i for i, c in enumerate(self.policy.experts) if self.policy.served(c) == previous]
+        return self.policy.experts[max(mine, key=lambda i: p[i])] if mine else None
 
     def no_text(self, previous: str | None, details: dict[str, Any], why: str = "empty-prompt") -> Decision:
         """No usable text: keep the conversation's expert, else the fallback."""
         n = len(self.policy.experts)
         p = np.full(n, 1.0 / n)
-        if previous in self.index:
-            return self._make(previous, p, 0.0, f"{why}→previous-expert", details)
+        kept = self._as_class(previous, p)
+        if kept is not None:
+            return self._make(kept, p, 0.0, f"{why}→previous-expert", details)
         return self._make(self.policy.fallback, p, 0.0, f"{why}→fallback", details)
 
     def decide(
-        self, p: np.ndarray, previous: str | None, base_reason: str, details: dict[str, Any]
+        self,
+        p: np.ndarray,
+        previous: str | None,
+        base_reason: str,
+        details: dict[str, Any],
+        novel: tuple[str, float] | None = None,
     ) -> Decision:
+        """`novel`: (expert, similarity) when the novelty check found the prompt unlike that expert's
+        training prompts; it matters only if that expert is still the pick after the prior."""
         policy = self.policy
+        previous = self._as_class(previous, p)
         reason = base_reason
         if previous in self.index and policy.stickiness > 0:
             prior = np.zeros_like(p)
@@ -91,4 +139,9 @@ class DecisionMaker:
             if previous in self.index:
                 return self._make(previous, p, confidence, "below-floor→previous-expert", details)
             return self._make(policy.fallback, p, confidence, "below-floor→fallback", details)
+        if novel is not None and novel[0] == policy.experts[best]:
+            details = {**details, "would_be": novel[0], "similarity": round(float(novel[1]), 4)}
+            if previous in self.index:
+                return self._make(previous, p, confidence, "novel→previous-expert", details)
+            return self._make(policy.fallback, p, confidence, "novel→fallback", details)
         return self._make(policy.experts[best], p, confidence, reason, details)

@@ -38,6 +38,7 @@ from router.data import (
 from router.gates import TokenGates
 from router.linear import fit_linear, fit_temperature
 from router.ngram import fit_ngram
+from router.novelty import NoveltyCheck
 from router.scorers import (
     CentroidHead,
     Features,
@@ -114,6 +115,34 @@ def fit_heads(
         both = np.concatenate([encoded.sentence, tokens], axis=1)[rows]
         heads["hybrid:features"] = HybridFeaturesHead(fit_linear(both, yy, n, **clf))
     return gates, tokens, heads
+
+
+def fit_novelty(
+    cfg: TrainConfig, sentence: np.ndarray, y: np.ndarray, valid: np.ndarray, n: int, fallback: int
+) -> NoveltyCheck:
+    """Thresholds from the validation rows against a bank of the fitting rows; the served bank then holds
+    every training row (of the experts that are checked: the fallback's rows are never compared with)."""
+    checked = y != fallback
+
+    def bank(rows: np.ndarray) -> np.ndarray:
+        chosen = np.flatnonzero(rows & checked)
+        if len(chosen) > cfg.novelty.max_examples:
+            chosen = np.sort(np.random.default_rng(cfg.seed).choice(chosen, cfg.novelty.max_examples, False))
+        return chosen
+
+    fit_rows = bank(~valid)
+    check = NoveltyCheck.fit(
+        sentence[fit_rows],
+        y[fit_rows],
+        sentence[valid],
+        y[valid],
+        n,
+        skip=fallback,
+        k=cfg.novelty.k,
+        quantile=cfg.novelty.quantile,
+    )
+    served = bank(np.ones(len(y), bool))
+    return NoveltyCheck(sentence[served], y[served], check.thresholds, check.k, check.quantile)
 
 
 def accuracy(p: np.ndarray, y: np.ndarray) -> float:
@@ -225,6 +254,8 @@ def train_router(
             features_head if combine == "features" else HybridTiebreakHead(clf, tok, cfg.hybrid.tie_margin)
         )
 
+    counts = Counter(int(v) for v in y)
+    fallback = cfg.policy.fallback or experts[max(range(n), key=lambda i: counts[i])]
     tensors: dict[str, np.ndarray] = {"gates.center": gates.center, "gates.vectors": gates.vectors}
     for head in final.values():
         tensors.update(head.tensors())
@@ -250,13 +281,18 @@ def train_router(
         log(f"n-gram fast path: {fast_report}")
         tensors.update(ngram.tensors())
         fast_path = {**ngram.params(), "report": fast_report}
-    counts = Counter(int(v) for v in y)
-    fallback = cfg.policy.fallback or experts[max(range(n), key=lambda i: counts[i])]
+    novelty = None
+    if cfg.novelty.enabled:
+        check = fit_novelty(cfg, encoded.sentence, y, valid, n, experts.index(fallback))
+        log(f"novelty check: {check.params()}")
+        tensors.update(check.tensors())
+        novelty = check.params()
     spec: dict[str, Any] = {
         "kind": cfg.kind,
         "experts": experts,
         "heads": {name: head.params() for name, head in final.items()},
         "fast_path": fast_path,
+        "novelty": novelty,
         "gates": {"top_k": gates.top_k, "method": "standardised contrastive mean direction, cosine"},
         "policy": {
             "confidence_floor": cfg.policy.confidence_floor,
@@ -267,7 +303,8 @@ def train_router(
         },
         "encoder": encoder.reference(),
         "label_field": cfg.label_field,
-        "label_map": cfg.resolved_label_map(),
+        "label_map": cfg.served_label_map(),
+        "serve_as": cfg.serve_as or {},
         "training": {
             "config": cfg.model_dump(mode="json"),
             "data": data_meta,

@@ -464,21 +464,28 @@ def test_fast_path_answers_sure_prompts_without_the_encoder(artifact: Path, held
     assert load_router(artifact, kind="centroid", fast_path=True).fast_path is not None
 
 
-def test_fast_path_weights_are_checked_at_load(artifact: Path, tmp_path: Path) -> None:
-    """An artifact whose n-gram weights disagree with its parameters is refused, not half-loaded."""
+def _with_weight_cut(artifact: Path, tmp_path: Path, name: str) -> Path:
+    """A copy of the artifact whose array `name` lost its last entry, with a manifest that matches again
+    (so the load gets past the integrity check to the consistency checks)."""
+    import hashlib
+
     from safetensors.numpy import load_file, save_file
 
     bad = _copy(artifact, tmp_path)
     tensors = load_file(str(bad / "weights.safetensors"))
-    tensors["ngram.idf"] = tensors["ngram.idf"][:-1]
+    tensors[name] = tensors[name][:-1]
     save_file(tensors, str(bad / "weights.safetensors"))
     manifest = json.loads((bad / "manifest.json").read_text())
-    import hashlib
-
     content = (bad / "weights.safetensors").read_bytes()
     entry = {"sha256": hashlib.sha256(content).hexdigest(), "bytes": len(content)}
     manifest["files"]["weights.safetensors"] = entry
     (bad / "manifest.json").write_text(json.dumps(manifest))
+    return bad
+
+
+def test_fast_path_weights_are_checked_at_load(artifact: Path, tmp_path: Path) -> None:
+    """An artifact whose n-gram weights disagree with its parameters is refused, not half-loaded."""
+    bad = _with_weight_cut(artifact, tmp_path, "ngram.idf")
     with pytest.raises(ArtifactError, match="ngram arrays disagree with n_features"):
         load_router(bad)
 
@@ -529,3 +536,93 @@ def test_serving_loads_the_artifact_with_its_options(artifact: Path) -> None:
         serving_load_router(
             "r", RouterConfig(artifact=str(artifact), params={"threshold": 0.5}), list(DOMAINS)
         )
+
+
+# -- the novelty check -------------------------------------------------------------------------------------
+def test_novelty_check_sends_unfamiliar_prompts_to_the_fallback(
+    data_dir: Path, heldout_sample: Path, tmp_path: Path
+) -> None:
+    """Trained with `novelty.enabled`: the artifact holds a bank and a threshold per checked expert (not the
+    fallback), serving flags prompts unlike the picked expert's training prompts (reason, similarity), the
+    eval reports how many, and a bank that disagrees with its thresholds is refused at load."""
+    config = small_config(data_dir, novelty={"enabled": True, "quantile": 0.1}, all_heads=False)
+    code, output = _train(tmp_path, config)
+    assert code == 0, output
+    spec = json.loads((tmp_path / "out" / "router.json").read_text())
+    thresholds = spec["novelty"]["thresholds"]
+    assert spec["novelty"]["quantile"] == 0.1 and set(thresholds) == {"0", "1", "2", "3"}  # not general
+    loaded = load_router(tmp_path / "out", cache_size=0)
+    assert isinstance(loaded, LearnedRouter) and loaded.novelty is not None
+    assert "general" not in {DOMAINS[i] for i in np.unique(loaded.novelty.labels)}
+
+    rows = _prompts(heldout_sample)
+    decisions = loaded.decide_batch([RoutingRequest.from_prompt(r["prompt"]) for r in rows])
+    novel = [d for d in decisions if d.reason.startswith("novel")]
+    assert novel and len(novel) < len(decisions) / 2
+    for d in novel:
+        assert d.expert == "general" and d.details["would_be"] != "general"
+        assert d.details["similarity"] < thresholds[str(DOMAINS.index(d.details["would_be"]))]
+    # the training prompts themselves are familiar
+    with (data_dir / "math.jsonl").open(encoding="utf-8") as handle:
+        familiar = [RoutingRequest.from_prompt(json.loads(next(handle))["prompt"]) for _ in range(5)]
+    assert not any(d.reason.startswith("novel") for d in loaded.decide_batch(familiar))
+
+    result = runner.invoke(
+        router_app,
+        [
+            "eval",
+            str(tmp_path / "out"),
+            str(heldout_sample),
+            "--latency-samples",
+            "0",
+            "--png",
+            str(tmp_path / "cm.png"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["novel_rate"] == pytest.approx(len(novel) / len(rows), abs=1e-3)
+
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(ArtifactError, match="novelty"):
+        load_router(_with_weight_cut(tmp_path / "out", tmp_path / "bad", "novelty.thresholds"))
+
+
+# -- classes served by one expert --------------------------------------------------------------------------
+def test_router_trained_on_domains_serves_experts(
+    data_dir: Path, heldout_sample: Path, tmp_path: Path
+) -> None:
+    """`serve_as`: trained on five domains, deciding between the two experts that serve them. Decisions,
+    scores, the eval's labels and serving's check are all in served experts; the class is in the details."""
+    serve_as = {"math": "moe", "code": "moe", "text": "moe", "knowledge": "base", "general": "base"}
+    code, output = _train(tmp_path, small_config(data_dir, serve_as=serve_as, all_heads=False))
+    assert code == 0, output
+    spec = json.loads((tmp_path / "out" / "router.json").read_text())
+    assert spec["experts"] == list(DOMAINS) and spec["serve_as"] == serve_as
+    assert spec["label_map"]["math"] == "moe" and spec["label_map"]["general"] == "base"
+    loaded = load_router(tmp_path / "out", cache_size=0)
+    assert isinstance(loaded, LearnedRouter)
+    assert loaded.experts == ["moe", "base"] and loaded.classes == list(DOMAINS)
+    rows = _prompts(heldout_sample)
+    decisions = loaded.decide_batch([RoutingRequest.from_prompt(r["prompt"]) for r in rows])
+    assert {d.expert for d in decisions} == {"moe", "base"}
+    for d in decisions:
+        assert serve_as[d.details["class"]] == d.expert and set(d.scores) == {"moe", "base"}
+    right = np.mean([d.expert == serve_as[r["domain"]] for d, r in zip(decisions, rows, strict=True)])
+    assert right > 0.8
+    empty = loaded.decide(RoutingRequest(messages=[{"role": "user", "content": " "}], previous_expert="moe"))
+    assert (empty.expert, empty.reason) == ("moe", "empty-prompt→previous-expert")
+
+    args = ["eval", str(tmp_path / "out"), str(heldout_sample), "--latency-samples", "0", "--compare"]
+    result = runner.invoke(router_app, [*args, "--png", str(tmp_path / "cm.png")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert set(report["per_class"]) == {"moe", "base"} and report["accuracy"] > 0.8
+    assert report["compare"]["majority"]["accuracy"] == pytest.approx(0.6, abs=0.01)  # moe: 3 of 5 domains
+
+    from serving.config import RouterConfig
+    from serving.routing import load_router as serving_load_router
+
+    served = serving_load_router("r", RouterConfig(artifact=str(tmp_path / "out")), ["moe", "base", "x"])
+    assert served.experts == ["moe", "base"]
+    with pytest.raises(ValueError, match="not served"):
+        serving_load_router("r", RouterConfig(artifact=str(tmp_path / "out")), list(DOMAINS))

@@ -212,6 +212,101 @@ def test_policy_stickiness_keeps_a_conversation_unless_the_turn_is_clear() -> No
         Policy(EXPERTS, "nope")
 
 
+def test_policy_novel_prompts_go_to_the_fallback_or_stay_in_their_conversation() -> None:
+    maker = _maker(floor=0.3, stickiness=0.0)
+    p = np.array([0.9, 0.05, 0.05])
+    novel = maker.decide(p, None, "classifier", {}, ("math", 0.41))
+    assert (novel.expert, novel.reason) == ("general", "novel→fallback")
+    assert novel.details == {"would_be": "math", "similarity": 0.41}
+    assert maker.decide(p, "code", "classifier", {}, ("math", 0.41)).reason == "novel→previous-expert"
+    # a verdict about another expert than the pick (the prior moved it) does not apply
+    assert maker.decide(p, None, "classifier", {}, ("code", 0.41)).expert == "math"
+
+
+def test_policy_serve_as_maps_classes_to_served_experts() -> None:
+    """Classes math/code share one served expert: decisions name it, scores sum over its classes, the class
+    stays in the details, and a previous served expert pulls towards the most probable of its classes."""
+    policy = Policy(
+        ["math", "code", "general"], "general", 0.3, 0.25, serve_as={"math": "moe", "code": "moe"}
+    )
+    assert policy.served_experts == ["moe", "general"]
+    maker = DecisionMaker(policy, "test", "v1")
+    d = maker.decide(np.array([0.5, 0.2, 0.3]), None, "classifier", {})
+    assert (d.expert, d.details["class"], d.reason) == ("moe", "math", "classifier")
+    assert d.scores == {"moe": 0.7, "general": 0.3}
+    # general wins alone (0.45), but the previous expert `moe` stands for code (its likelier class)
+    sticky = maker.decide(np.array([0.15, 0.4, 0.45]), "moe", "classifier", {})
+    assert (sticky.expert, sticky.details["class"]) == ("moe", "code")
+    assert sticky.reason == "classifier+previous-expert-prior"
+    assert maker.no_text("moe", {}).expert == "moe" and maker.no_text(None, {}).expert == "general"
+    with pytest.raises(ValueError, match="not have"):
+        Policy(["math", "general"], "general", serve_as={"physics": "moe"})
+    with pytest.raises(ValueError, match="both a class"):
+        Policy(["math", "general"], "general", serve_as={"math": "general", "general": "base"})
+
+
+def test_config_serve_as_is_validated(tmp_path: Path) -> None:
+    experts = {e: {"files": [str(tmp_path / f"{e}.jsonl")], "where": {"domain": e}} for e in EXPERTS}
+    config = parse_config({"experts": experts, "serve_as": {"math": "moe", "code": "moe"}}, tmp_path)
+    assert config.served_label_map() == {"math": "moe", "code": "moe", "general": "general"}
+    with pytest.raises(ConfigError, match="serve_as: \\['physics'\\] are not classes"):
+        parse_config({"experts": experts, "serve_as": {"physics": "moe"}}, tmp_path)
+
+
+def _unit(v: list[float]) -> np.ndarray:
+    x = np.array(v, np.float32)
+    return x / np.linalg.norm(x)
+
+
+def test_novelty_check_thresholds_and_verdicts() -> None:
+    """Thresholds are a quantile of each expert's validation similarities; the fallback is never checked;
+    a prompt far from its picked expert's bank is novel, one near it is not."""
+    from router.novelty import NoveltyCheck
+
+    rng = np.random.default_rng(0)
+    centers = [_unit([1, 0, 0, 0]), _unit([0, 1, 0, 0]), _unit([0, 0, 1, 0])]
+
+    def around(c: np.ndarray, n: int) -> np.ndarray:
+        x = c + 0.1 * rng.standard_normal((n, 4)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    bank = np.concatenate([around(c, 40) for c in centers])
+    labels = np.repeat(np.arange(3), 40)
+    valid = np.concatenate([around(c, 20) for c in centers])
+    valid_labels = np.repeat(np.arange(3), 20)
+    check = NoveltyCheck.fit(bank, labels, valid, valid_labels, 3, skip=2, k=3, quantile=0.1)
+    assert np.isfinite(check.thresholds[:2]).all() and check.thresholds[2] == -np.inf
+    own = check.similarity(valid, valid_labels)
+    for expert in (0, 1):  # about 10 % of each expert's validation rows are below its threshold
+        assert 0 < (own[valid_labels == expert] < check.thresholds[expert]).mean() <= 0.15
+    far = _unit([0, 0, 0, 1])[None, :]
+    flagged, similarity = check.novel(np.concatenate([far, far, centers[0][None, :]]), np.array([0, 2, 0]))
+    assert flagged.tolist() == [True, False, False] and similarity[0] < 0.5
+    loo = check.similarity(bank[:1], np.array([0]), exclude_self=True)
+    assert loo[0] < check.similarity(bank[:1], np.array([0]))[0]
+    again = NoveltyCheck.from_artifact(check.tensors(), check.params())
+    assert np.allclose(again.thresholds, check.thresholds) and again.k == 3
+    assert check.params()["thresholds"].keys() == {0, 1}
+    with pytest.raises(ValueError, match="bank .* and labels .* disagree"):
+        NoveltyCheck(bank, labels[:-1], check.thresholds)
+    with pytest.raises(ValueError, match="must name one of the 3 experts"):
+        NoveltyCheck(bank, labels + 1, check.thresholds)
+
+
+def test_novelty_config_needs_validation_rows(tmp_path: Path) -> None:
+    config = {
+        "experts": {e: {"files": [str(tmp_path / f"{e}.jsonl")]} for e in EXPERTS},
+        "novelty": {"enabled": True},
+        "validation_fraction": 0.0,
+    }
+    with pytest.raises(ConfigError, match="validation_fraction > 0"):
+        parse_config(config, tmp_path)
+    with pytest.raises(ConfigError, match="novelty.quantile"):
+        parse_config(
+            {**config, "validation_fraction": 0.1, "novelty": {"enabled": True, "quantile": 1.5}}, tmp_path
+        )
+
+
 # -- text extraction ----------------------------------------------------------------------------------
 def test_routing_text_takes_latest_user_turn_and_never_raises() -> None:
     request = RoutingRequest(
