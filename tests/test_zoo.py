@@ -51,7 +51,7 @@ def tiny_config(base: Path) -> ZooConfig:
                 "base_eval_rows": 4,
                 "n_positions": 64,
             },
-            "router": {"max_train": 30, "eval_rows": 10},
+            "router": {"max_train": 60, "eval_rows": 10},
             "eval": {"rows": 4, "max_tokens": 256},
         }
     )
@@ -141,7 +141,7 @@ def test_second_run_skips_and_damaged_outputs_are_rebuilt(
     assert {"data", "base", "expert:math", "expert:text", "router"} <= set(rebuilt["skipped"])
     load_model(out / "experts" / "code")  # the rebuilt expert loads again
 
-    changed = cfg.model_copy(update={"router": cfg.router.model_copy(update={"max_train": 25})})
+    changed = cfg.model_copy(update={"router": cfg.router.model_copy(update={"max_train": 75})})
     third = build_zoo(out, shared_data, changed, log=lambda m: None)
     assert "router" in third["built"] and "expert:math" in third["skipped"]
 
@@ -204,8 +204,14 @@ def test_serve_yaml_passes_serving_validation(built: tuple[Path, dict]) -> None:
     assert config.routing_models["auto"] == "learned"
     assert config.routers["learned"].artifact == str((out / "router").resolve())
     router_cfg = yaml.safe_load((out / "router.yaml").read_text())
-    assert set(router_cfg["experts"]) == set(config.experts), "router classes are the served experts"
+    domains = {"math", "code", "text", "knowledge", "general", "arithmetic"}
+    assert set(router_cfg["experts"]) == domains, "the router's classes are the domains"
+    assert set(router_cfg["serve_as"].values()) == set(config.experts), "... each served by an expert"
+    assert router_cfg["policy"]["fallback"] == "general" and router_cfg["serve_as"]["general"] == "base"
     assert all(f.endswith(".train.jsonl") for e in router_cfg["experts"].values() for f in e["files"])
+    from router.artifact import load_router
+
+    assert set(load_router(out / "router").experts) == set(config.experts)
 
 
 def test_router_eval_cli_works_on_the_heldout_files(built: tuple[Path, dict], tmp_path: Path) -> None:
@@ -254,6 +260,9 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
         load_zoo_config(bad)
     bad.write_text("router: {fallback: nobody}\n")
     with pytest.raises(ZooConfigError, match="fallback"):
+        load_zoo_config(bad)
+    bad.write_text("router: {catch_all: math}\n")
+    with pytest.raises(ZooConfigError, match="catch_all: 'math' is not one of the fallback's domains"):
         load_zoo_config(bad)
 
 

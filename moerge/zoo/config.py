@@ -142,7 +142,8 @@ class HeteroStage(_Strict):
 
 
 class RouterStage(_Strict):
-    """Classes are the SERVED experts; `served` maps each to the domains whose train rows teach it."""
+    """`served` maps each served expert to the domains it answers. The router's classes are the domains
+    (`classes: domains`, each decision then names the expert serving the domain) or the served experts."""
 
     served: dict[str, list[str]] = Field(
         default_factory=lambda: {
@@ -152,9 +153,18 @@ class RouterStage(_Strict):
         }
     )
     kind: Literal["hybrid", "classifier", "token-gates", "centroid", "knn"] = "hybrid"
-    max_train: int = Field(1000, ge=2, description="training prompts per served expert")
+    max_train: int = Field(
+        1000, ge=2, description="training prompts per served expert (shared evenly by its domains)"
+    )
     eval_rows: int = Field(300, ge=1, description="held-out prompts per domain scored for the manifest")
+    classes: Literal["domains", "experts"] = Field(
+        "domains",
+        description="train on one class per domain (then mapped to its expert) or one per served expert",
+    )
     fallback: str = "base"
+    catch_all: str = Field(
+        "general", description="with classes: domains, the domain whose class is the policy's fallback"
+    )
     pool_layers: Literal["all", "last"] = Field(
         "all",
         description="MiniLM layers pooled into the sentence vector (as examples/router-shared-data.yaml)",
@@ -170,6 +180,10 @@ class RouterStage(_Strict):
     def _fallback_served(self) -> RouterStage:
         if self.fallback not in self.served:
             raise ValueError(f"fallback: {self.fallback!r} is not one of {list(self.served)}")
+        if self.classes == "domains" and self.catch_all not in self.served[self.fallback]:
+            raise ValueError(
+                f"catch_all: {self.catch_all!r} is not one of the fallback's domains {self.served[self.fallback]}"
+            )
         domains = [d for ds in self.served.values() for d in ds]
         dupes = sorted({d for d in domains if domains.count(d) > 1})
         if dupes:

@@ -49,18 +49,34 @@ def moe_recipe(cfg: ZooConfig) -> dict[str, Any]:
 
 
 def router_config(cfg: ZooConfig) -> dict[str, Any]:
-    """Classes are the served experts; train split files only (holdout fraction 0)."""
-    experts = {
-        name: {
-            "files": [f"data/{d}.train.jsonl" for d in domains],
-            "holdout": {"fraction": 0.0},
-            "max_train": cfg.router.max_train,
-            # `base` = knowledge + general: 139 general rows must not drown in 8,000 knowledge rows
-            "balance_field": "domain" if cfg.router.balance_domains else None,
+    """Train split files only (holdout fraction 0). With `classes: domains` one class per domain, mapped
+    to its served expert by `serve_as`; else one class per served expert, fed by all its domains."""
+    stage = cfg.router
+    by_domain = stage.classes == "domains"
+    if by_domain:
+        experts = {
+            d: {
+                "files": [f"data/{d}.train.jsonl"],
+                "holdout": {"fraction": 0.0},
+                "max_train": max(2, stage.max_train // len(domains)),
+            }
+            for domains in stage.served.values()
+            for d in domains
         }
-        for name, domains in cfg.router.served.items()
-    }
-    label_map = {d: name for name, domains in cfg.router.served.items() for d in domains}
+        label_map = {d: d for d in experts}
+    else:
+        experts = {
+            name: {
+                "files": [f"data/{d}.train.jsonl" for d in domains],
+                "holdout": {"fraction": 0.0},
+                "max_train": stage.max_train,
+                # `base` = knowledge + general: 139 general rows must not drown in 8,000 knowledge rows
+                "balance_field": "domain" if stage.balance_domains else None,
+            }
+            for name, domains in stage.served.items()
+        }
+        label_map = {d: name for name, domains in stage.served.items() for d in domains}
+    serve_as = {d: name for name, domains in stage.served.items() for d in domains} if by_domain else None
     return {
         "kind": cfg.router.kind,
         "seed": 0,
@@ -74,10 +90,11 @@ def router_config(cfg: ZooConfig) -> dict[str, Any]:
         },
         "classifier": {"model": cfg.router.classifier, "C": cfg.router.C, "class_weight": "balanced"},
         "fast_path": {"enabled": cfg.router.fast_path},
-        "policy": {"confidence_floor": 0.3, "fallback": cfg.router.fallback},
+        "policy": {"confidence_floor": 0.3, "fallback": stage.catch_all if by_domain else stage.fallback},
         "all_heads": True,
         "label_field": "domain",
         "label_map": label_map,
+        **({"serve_as": serve_as} if serve_as else {}),
     }
 
 
