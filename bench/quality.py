@@ -131,7 +131,9 @@ def perplexities(model, tokenizer, rows: dict[str, list[dict]]) -> dict[str, flo
     return out
 
 
-def gate_shares(model, tokenizer, rows: dict[str, list[dict]]) -> dict:
+def gate_shares(model, tokenizer, rows: dict[str, list[dict]], own: dict[str, int] | None = None) -> dict:
+    """Per domain, the share of tokens sent to its own expert (`own`: domain → expert index; default: the
+    i-th domain's is expert i); each expert's load; experts that get under 1 % of tokens."""
     prompts = {
         d: [
             tokenizer.apply_chat_template(
@@ -143,10 +145,11 @@ def gate_shares(model, tokenizer, rows: dict[str, list[dict]]) -> dict:
     }
     counts = routing_load(model, tokenizer, prompts)  # [layer, domain, expert]
     share = counts / counts.sum(-1, keepdim=True).clamp_min(1)
-    own = {d: float(share[:, i, i].mean()) for i, d in enumerate(prompts)}
+    own = own if own is not None else {d: i for i, d in enumerate(prompts)}
+    own_share = {d: float(share[:, i, own[d]].mean()) for i, d in enumerate(prompts) if d in own}
     load = counts.sum((0, 1)) / counts.sum().clamp_min(1)
     unused = [int(i) for i in torch.nonzero(load < 0.01).flatten()]
-    return {"own_share": own, "expert_load": [float(x) for x in load], "unused_experts": unused}
+    return {"own_share": own_share, "expert_load": [float(x) for x in load], "unused_experts": unused}
 
 
 # ---------------------------------------------------------------- table 2: routing
@@ -154,7 +157,7 @@ def gate_shares(model, tokenizer, rows: dict[str, list[dict]]) -> dict:
 
 def routing_table(zoo: Path, n: int) -> dict:
     from router.artifact import load_router
-    from router.evaluate import classification_metrics, policy_decisions
+    from router.evaluate import classification_metrics, policy_decisions, served_novelty
 
     router = load_router(zoo / "router", cache_size=0)
     label_map = dict(router.meta.get("label_map") or {})
@@ -172,9 +175,14 @@ def routing_table(zoo: Path, n: int) -> dict:
         predictions[kind], _, _ = policy_decisions(router, kind, head.proba(feats))
     if router.fast_path is not None:  # what serving decides: n-grams where sure, else the default head
         texts = router.prompt_texts([r["prompt"] for r in rows])
-        served, fast_p, _ = router.cascade(texts, router.heads[router.kind].proba(feats))
+        served, fast_p, answered = router.cascade(texts, router.heads[router.kind].proba(feats))
         predictions["ngram"], _, _ = policy_decisions(router, "ngram", fast_p)
-        predictions[f"ngram→{router.kind} (served)"], _, _ = policy_decisions(router, router.kind, served)
+        novel = served_novelty(router, feats, served, answered)
+        if router.novelty is not None:
+            predictions[f"ngram→{router.kind}"], _, _ = policy_decisions(router, router.kind, served)
+        predictions[f"ngram→{router.kind}{' + novelty' if router.novelty else ''} (served)"], _, _ = (
+            policy_decisions(router, router.kind, served, novel)
+        )
     out = {}
     domain_of = np.array([r["domain"] for r in rows])
     for kind, pred in predictions.items():
@@ -234,9 +242,13 @@ def e2e_table(zoo: Path, n: int) -> dict:
         best = min(single, key=single.get)
         oracle = float(matrix.min(0).mean())
         by_label = router.meta.get("label_map", {}).get(d)
+        low, high = bootstrap_interval(routed - matrix[names.index(best)])
         table[d] = {
+            "n": len(picked),
             "single": single,
             "best_single": best,
+            # 95 % interval of the mean paired difference routed − best single, over prompts
+            "regret_interval": [low, high],
             # a perfect sequence-level router: every prompt to the expert its true domain is served by
             "true_domain": single.get(by_label, float("nan")),
             "routed": float(np.nanmean(routed)),
@@ -245,7 +257,30 @@ def e2e_table(zoo: Path, n: int) -> dict:
             "regret_vs_best_single": float(np.nanmean(routed)) - single[best],
             "gap_to_oracle": float(np.nanmean(routed)) / oracle - 1,
         }
+    # every domain weighted alike: the routed system against each single expert serving everything
+    overall = {e: float(np.mean([table[d]["single"][e] for d in domains])) for e in candidates}
+    table["all (mean of domains)"] = {
+        "n": sum(table[d]["n"] for d in domains),
+        "single": overall,
+        "best_single": min(overall, key=overall.get),
+        "regret_interval": [float("nan"), float("nan")],
+        "true_domain": float(np.mean([table[d]["true_domain"] for d in domains])),
+        "routed": float(np.mean([table[d]["routed"] for d in domains])),
+        "oracle": float(np.mean([table[d]["oracle"] for d in domains])),
+    }
+    row = table["all (mean of domains)"]
+    row["regret_vs_best_single"] = row["routed"] - overall[row["best_single"]]
+    row["gap_to_oracle"] = row["routed"] / row["oracle"] - 1
     return {"domains": domains, "experts": list(candidates), "rows": table, "n_per_domain": n}
+
+
+def bootstrap_interval(diff: np.ndarray, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of mean(diff) over prompts (NaN rows dropped)."""
+    diff = diff[~np.isnan(diff)]
+    if len(diff) == 0:
+        return float("nan"), float("nan")
+    means = diff[np.random.default_rng(seed).integers(0, len(diff), (draws, len(diff)))].mean(1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
 # ---------------------------------------------------------------- output
@@ -283,7 +318,7 @@ def markdown(results: dict) -> str:
     if "routing" in results:
         t = results["routing"]
         lines += [
-            f"**Routing** — {t['n']} held-out prompts; classes are the served experts "
+            f"**Routing** — {t['n']} held-out prompts, scored by the served expert each is sent to "
             f"({', '.join(f'{d}→{e}' for d, e in t['label_map'].items())}):",
             "",
             "| router | "
@@ -303,19 +338,24 @@ def markdown(results: dict) -> str:
     if "e2e" in results:
         e = results["e2e"]
         lines += [
-            f"**End to end** — mean reference NLL per byte ({e['n_per_domain']} held-out prompts a domain; "
-            "lower is better):",
+            f"**End to end** — mean reference NLL per byte (up to {e['n_per_domain']} held-out prompts a "
+            "domain; lower is better; the interval is a 95 % bootstrap interval over prompts):",
             "",
-            "| domain | " + " | ".join(e["experts"]) + " | best single | routed | true-domain routing | "
-            "per-prompt oracle | routed − best | routed vs oracle | true-domain vs oracle |",
-            "|---|" + "---:|" * (len(e["experts"]) + 7),
+            "| domain | n | " + " | ".join(e["experts"]) + " | best single | routed | true-domain routing | "
+            "per-prompt oracle | routed − best [95 % interval] | routed vs best | routed vs oracle | "
+            "true-domain vs oracle |",
+            "|---|---:|" + "---:|" * (len(e["experts"]) + 8),
         ]
         for d, r in e["rows"].items():
             single = " | ".join(f"{r['single'][x]:.4f}" for x in e["experts"])
             ideal = r.get("true_domain", float("nan"))
+            best = r["single"][r["best_single"]]
+            low, high = r.get("regret_interval", [float("nan")] * 2)
+            interval = f" [{low:+.4f}, {high:+.4f}]" if not math.isnan(low) else ""
             lines.append(
-                f"| {d} | {single} | {r['best_single']} | {r['routed']:.4f} | {ideal:.4f} | {r['oracle']:.4f} | "
-                f"{r['regret_vs_best_single']:+.4f} | {100 * r['gap_to_oracle']:+.1f}% | "
+                f"| {d} | {r.get('n', '')} | {single} | {r['best_single']} | {r['routed']:.4f} | {ideal:.4f} | "
+                f"{r['oracle']:.4f} | {r['regret_vs_best_single']:+.4f}{interval} | "
+                f"{100 * (r['routed'] / best - 1):+.1f}% | {100 * r['gap_to_oracle']:+.1f}% | "
                 f"{100 * (ideal / r['oracle'] - 1):+.1f}% |"
             )
         lines.append("")
@@ -377,7 +417,10 @@ def main() -> None:
     parser.add_argument(
         "--work", type=Path, default=ROOT / "runs" / "quality", help="merge variants, results"
     )
-    parser.add_argument("--rows", type=int, default=64, help="held-out prompts per domain")
+    parser.add_argument("--rows", type=int, default=64, help="held-out prompts per domain (table 1)")
+    parser.add_argument(
+        "--e2e-rows", type=int, default=96, help="held-out prompts per domain (table 3; general has 36)"
+    )
     parser.add_argument("--tables", default="merge,routing,e2e", help="comma-separated subset")
     parser.add_argument("--skip-mergekit", action="store_true", help="leave mergekit-moe out of table 1")
     parser.add_argument(
@@ -413,7 +456,7 @@ def main() -> None:
     if "routing" in tables:
         results["routing"] = routing_table(args.zoo, max(args.rows, 200))
     if "e2e" in tables:
-        results["e2e"] = e2e_table(args.zoo, args.rows)
+        results["e2e"] = e2e_table(args.zoo, args.e2e_rows)
     results["seconds"] = round(time.perf_counter() - started, 1)
     results_path.write_text(json.dumps(results, indent=2))
     text = markdown(results)

@@ -134,6 +134,9 @@ class NoveltyConfig(Strict):
     )
     k: int = Field(5, ge=1, description="nearest training prompts averaged into the similarity")
     max_examples: int = Field(20000, ge=1, description="training prompts kept in the bank (sampled)")
+    classes: list[str] | None = Field(
+        None, description="the classes checked (e.g. a narrow specialist's); default: all but the fallback"
+    )
 
 
 class PolicyConfig(Strict):
@@ -192,6 +195,15 @@ class TrainConfig(Strict):
     def _names_known(self) -> TrainConfig:
         if self.policy.fallback is not None and self.policy.fallback not in self.experts:
             raise ValueError(f"policy.fallback {self.policy.fallback!r} is not one of {list(self.experts)}")
+        unknown = sorted(set(self.novelty.classes or []) - set(self.experts))
+        if unknown:
+            raise ValueError(
+                f"novelty.classes: {unknown} are not classes (keys of experts: {list(self.experts)})"
+            )
+        if self.policy.fallback is not None and self.policy.fallback in (self.novelty.classes or []):
+            raise ValueError(
+                f"novelty.classes: {self.policy.fallback!r} is the fallback, which is never checked"
+            )
         if self.novelty.enabled and self.validation_fraction <= 0:
             raise ValueError(
                 "novelty.enabled needs validation rows for its thresholds: validation_fraction > 0"

@@ -6,6 +6,9 @@ demo's `general` catch-all, a P3 template the text expert never saw), and it oft
 This check asks a second question of the encoder's verdict: is the prompt near the picked expert's own
 training prompts? Its score is the mean cosine similarity to the k nearest training prompts of that
 expert; below the expert's threshold the prompt is "novel" and the policy sends it to the fallback.
+Only the classes with rows in the bank are checked (`novelty.classes`; default all but the fallback).
+A narrow specialist is the clearest case: the demo's arithmetic model, trained from scratch on sums,
+is useless for anything else, so a prompt unlike its training prompts should never reach it.
 
 Each expert's threshold is the `quantile` of the same score over its validation prompts (the training
 rows held out from fitting), so about that share of in-distribution prompts fall back. The fallback

@@ -121,8 +121,10 @@ def fit_novelty(
     cfg: TrainConfig, sentence: np.ndarray, y: np.ndarray, valid: np.ndarray, n: int, fallback: int
 ) -> NoveltyCheck:
     """Thresholds from the validation rows against a bank of the fitting rows; the served bank then holds
-    every training row (of the experts that are checked: the fallback's rows are never compared with)."""
-    checked = y != fallback
+    every training row of the checked classes (`novelty.classes`, never the fallback)."""
+    names = list(cfg.experts)
+    classes = cfg.novelty.classes or [c for c in names if names.index(c) != fallback]
+    checked = np.isin(y, [names.index(c) for c in classes]) & (y != fallback)
 
     def bank(rows: np.ndarray) -> np.ndarray:
         chosen = np.flatnonzero(rows & checked)

@@ -301,6 +301,15 @@ def test_novelty_config_needs_validation_rows(tmp_path: Path) -> None:
     }
     with pytest.raises(ConfigError, match="validation_fraction > 0"):
         parse_config(config, tmp_path)
+    with pytest.raises(ConfigError, match="novelty.classes: \\['physics'\\] are not classes"):
+        parse_config(
+            {**config, "validation_fraction": 0.1, "novelty": {"enabled": True, "classes": ["physics"]}},
+            tmp_path,
+        )
+    with pytest.raises(ConfigError, match="'general' is the fallback"):
+        policy = {"fallback": "general"}
+        novelty = {"enabled": True, "classes": ["general"]}
+        parse_config({**config, "validation_fraction": 0.1, "novelty": novelty, "policy": policy}, tmp_path)
     with pytest.raises(ConfigError, match="novelty.quantile"):
         parse_config(
             {**config, "validation_fraction": 0.1, "novelty": {"enabled": True, "quantile": 1.5}}, tmp_path

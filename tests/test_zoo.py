@@ -211,7 +211,11 @@ def test_serve_yaml_passes_serving_validation(built: tuple[Path, dict]) -> None:
     assert all(f.endswith(".train.jsonl") for e in router_cfg["experts"].values() for f in e["files"])
     from router.artifact import load_router
 
-    assert set(load_router(out / "router").experts) == set(config.experts)
+    loaded = load_router(out / "router")
+    assert set(loaded.experts) == set(config.experts)
+    # only the arithmetic class is checked for novelty: its bank holds arithmetic prompts alone
+    assert loaded.novelty is not None
+    assert {loaded.classes[i] for i in set(loaded.novelty.labels.tolist())} == {"arithmetic"}
 
 
 def test_router_eval_cli_works_on_the_heldout_files(built: tuple[Path, dict], tmp_path: Path) -> None:
@@ -260,6 +264,9 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
         load_zoo_config(bad)
     bad.write_text("router: {fallback: nobody}\n")
     with pytest.raises(ZooConfigError, match="fallback"):
+        load_zoo_config(bad)
+    bad.write_text("router: {novelty: [general]}\n")
+    with pytest.raises(ZooConfigError, match="novelty: \\['general'\\] are not classes other than"):
         load_zoo_config(bad)
     bad.write_text("router: {catch_all: math}\n")
     with pytest.raises(ZooConfigError, match="catch_all: 'math' is not one of the fallback's domains"):

@@ -165,6 +165,14 @@ class RouterStage(_Strict):
     catch_all: str = Field(
         "general", description="with classes: domains, the domain whose class is the policy's fallback"
     )
+    novelty: list[str] = Field(
+        default_factory=lambda: ["arithmetic"],
+        description="classes whose prompts must resemble their training prompts, else the fallback serves "
+        "(router/novelty.py); the from-scratch arithmetic model is useless for anything else. [] turns it off",
+    )
+    novelty_quantile: float = Field(
+        0.01, gt=0, lt=1, description="share of a checked class's validation prompts that would fall back"
+    )
     pool_layers: Literal["all", "last"] = Field(
         "all",
         description="MiniLM layers pooled into the sentence vector (as examples/router-shared-data.yaml)",
@@ -180,6 +188,15 @@ class RouterStage(_Strict):
     def _fallback_served(self) -> RouterStage:
         if self.fallback not in self.served:
             raise ValueError(f"fallback: {self.fallback!r} is not one of {list(self.served)}")
+        classes = (
+            list(self.served) if self.classes == "experts" else [d for ds in self.served.values() for d in ds]
+        )
+        fallback = self.catch_all if self.classes == "domains" else self.fallback
+        wrong = sorted(set(self.novelty) - (set(classes) - {fallback}))
+        if wrong:
+            raise ValueError(
+                f"novelty: {wrong} are not classes other than the fallback {fallback!r}: {classes}"
+            )
         if self.classes == "domains" and self.catch_all not in self.served[self.fallback]:
             raise ValueError(
                 f"catch_all: {self.catch_all!r} is not one of the fallback's domains {self.served[self.fallback]}"

@@ -90,6 +90,11 @@ def router_config(cfg: ZooConfig) -> dict[str, Any]:
         },
         "classifier": {"model": cfg.router.classifier, "C": cfg.router.C, "class_weight": "balanced"},
         "fast_path": {"enabled": cfg.router.fast_path},
+        "novelty": {
+            "enabled": bool(stage.novelty),
+            "quantile": stage.novelty_quantile,
+            "classes": stage.novelty or None,
+        },
         "policy": {"confidence_floor": 0.3, "fallback": stage.catch_all if by_domain else stage.fallback},
         "all_heads": True,
         "label_field": "domain",
