@@ -8,7 +8,8 @@ Each variant changes the zoo's recipe (`runs/zoo/moe-recipe.yaml`) by a JSON spe
         "64 + answers": {"prompts": 64, "answers": true}, "top-2": {"top_k": 2}}'
 
 Spec keys: `gate` (fields of the recipe's `gate`), `prompts` (calibration prompts per expert),
-`answers` (true: fit on reference answers too; false: prompts only), `top_k` (experts per token).
+`answers` (true: fit on reference answers too; false: prompts only), `top_k` (experts per token),
+`generalist` (domains: add the base model's own FFN as one more expert, calibrated on these domains).
 One JSON line per variant is printed. `bench/gate_sweep.json` is the sweep behind the README's merge notes.
 """
 
@@ -27,15 +28,17 @@ from merge.evaluate import load_causal_lm
 
 def varied(recipe: dict, spec: dict) -> dict:
     """The zoo's recipe with one spec's changes (keys as in the module docstring)."""
-    unknown = set(spec) - {"gate", "prompts", "answers", "top_k"}
+    keys = {"gate", "prompts", "answers", "top_k", "generalist"}
+    unknown = set(spec) - keys
     if unknown:
-        raise SystemExit(f"unknown spec keys {sorted(unknown)}: expected gate, prompts, answers, top_k")
+        raise SystemExit(f"unknown spec keys {sorted(unknown)}: expected {', '.join(sorted(keys))}")
     return varied_recipe(
         recipe,
         gate=spec.get("gate"),
         prompts=spec.get("prompts"),
         answers=spec.get("answers"),
         top_k=spec.get("top_k"),
+        generalist=spec.get("generalist"),
     )
 
 
@@ -45,10 +48,13 @@ def main() -> None:
     parser.add_argument("--zoo", type=Path, default=ROOT / "runs" / "zoo")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "gate-sweep")
     parser.add_argument("--rows", type=int, default=24, help="held-out prompts per domain")
+    parser.add_argument(
+        "--domains", default=None, help="comma-separated domains scored (default: the experts' own)"
+    )
     args = parser.parse_args()
     specs = json.loads(Path(args.specs).read_text() if args.specs.endswith(".json") else args.specs)
     recipe = base_recipe(args.zoo)
-    domains = [e["name"] for e in recipe["experts"]]
+    domains = args.domains.split(",") if args.domains else [e["name"] for e in recipe["experts"]]
     rows = {d: heldout_rows(args.zoo, d, args.rows) for d in domains}
     for name, spec in specs.items():
         started = time.perf_counter()
@@ -56,7 +62,9 @@ def main() -> None:
         seconds = time.perf_counter() - started
         model, tokenizer = load_causal_lm(folder)
         perplexity = {d: round(v, 4) for d, v in perplexities(model, tokenizer, rows).items()}
-        shares = gate_shares(model, tokenizer, rows)["own_share"]
+        experts = varied(recipe, spec)["experts"]
+        own = {Path(src["path"]).name.split(".")[0]: i for i, e in enumerate(experts) for src in e["data"]}
+        shares = gate_shares(model, tokenizer, rows, own)["own_share"]
         release(model, tokenizer)
         print(
             json.dumps(

@@ -50,9 +50,11 @@ def varied_recipe(
     prompts: int | None = None,
     answers: bool | None = None,
     top_k: int | None = None,
+    generalist: list[str] | None = None,
 ) -> dict:
     """A copy of `recipe` with some knobs changed: shared-merge and gate fields, calibration prompts per
-    expert, reference answers on (True) or off (False), experts per token. None leaves a knob as it is."""
+    expert, reference answers on (True) or off (False), experts per token, and `generalist`: one more
+    expert that is the base model itself, calibrated on these domains. None leaves a knob as it is."""
     out = json.loads(json.dumps(recipe))
     out["shared"].update(shared or {})
     out["gate"].update(gate or {})
@@ -68,6 +70,20 @@ def varied_recipe(
                 source.pop("response_field", None)
     if prompts is not None:
         out["gate"]["max_prompts"] = prompts
+    if generalist:
+        data_dir = Path(out["experts"][0]["data"][0]["path"]).parent
+        per_domain = -(-out["gate"]["max_prompts"] // len(generalist))
+        template = {k: v for k, v in out["experts"][0]["data"][0].items() if k not in {"path", "limit"}}
+        out["experts"].append(
+            {
+                "name": "generalist",
+                "path": out["base"],
+                "data": [
+                    {**template, "path": str(data_dir / f"{d}.train.jsonl"), "limit": per_domain}
+                    for d in generalist
+                ],
+            }
+        )
     return out
 
 
