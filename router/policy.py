@@ -50,6 +50,12 @@ class Policy:
         clashing = sorted(e for e in set(self.serve_as.values()) if e in self.experts and self.served(e) != e)
         if clashing:
             raise ValueError(f"serve_as: {clashing} are both a class served elsewhere and a served expert")
+        if not 0.0 <= self.confidence_floor <= 1.0:
+            raise ValueError(f"confidence_floor must be in [0, 1], got {self.confidence_floor}")
+        if not 0.0 <= self.context_threshold <= 1.0 or self.context_turns < 0:
+            raise ValueError("context_threshold must be in [0, 1] and context_turns ≥ 0")
+        if not 0.0 <= self.stickiness < 1.0:
+            raise ValueError(f"stickiness must be in [0, 1), got {self.stickiness}")
 
     def served(self, cls: str) -> str:
         return self.serve_as.get(cls, cls)
@@ -58,12 +64,6 @@ class Policy:
     def served_experts(self) -> list[str]:
         """The experts decisions can name, in class order."""
         return list(dict.fromkeys(self.served(c) for c in self.experts))
-        if not 0.0 <= self.confidence_floor <= 1.0:
-            raise ValueError(f"confidence_floor must be in [0, 1], got {self.confidence_floor}")
-        if not 0.0 <= self.context_threshold <= 1.0 or self.context_turns < 0:
-            raise ValueError("context_threshold must be in [0, 1] and context_turns ≥ 0")
-        if not 0.0 <= self.stickiness < 1.0:
-            raise ValueError(f"stickiness must be in [0, 1), got {self.stickiness}")
 
 
 @dataclass

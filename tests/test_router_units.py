@@ -210,6 +210,12 @@ def test_policy_stickiness_keeps_a_conversation_unless_the_turn_is_clear() -> No
     assert abs(sum(clear.scores.values()) - 1.0) < 1e-5
     with pytest.raises(ValueError, match="fallback 'nope'"):
         Policy(EXPERTS, "nope")
+    with pytest.raises(ValueError, match="confidence_floor must be in"):
+        Policy(EXPERTS, "general", confidence_floor=1.5)
+    with pytest.raises(ValueError, match="stickiness must be in"):
+        Policy(EXPERTS, "general", stickiness=1.0)
+    with pytest.raises(ValueError, match="context_threshold must be in"):
+        Policy(EXPERTS, "general", context_threshold=-0.1)
 
 
 def test_policy_novel_prompts_go_to_the_fallback_or_stay_in_their_conversation() -> None:
