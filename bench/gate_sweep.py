@@ -58,11 +58,13 @@ def main() -> None:
     rows = {d: heldout_rows(args.zoo, d, args.rows) for d in domains}
     for name, spec in specs.items():
         started = time.perf_counter()
-        folder = build(Variant(name, "moe", varied(recipe, spec)), args.work, {}, log)
+        variant_recipe = varied(recipe, spec)
+        folder = build(Variant(name, "moe", variant_recipe), args.work, {}, log)
         seconds = time.perf_counter() - started
         model, tokenizer = load_causal_lm(folder)
         perplexity = {d: round(v, 4) for d, v in perplexities(model, tokenizer, rows).items()}
-        experts = varied(recipe, spec)["experts"]
+        # a domain's own expert: the one calibrated on its train file (data/<domain>.train.jsonl)
+        experts = variant_recipe["experts"]
         own = {Path(src["path"]).name.split(".")[0]: i for i, e in enumerate(experts) for src in e["data"]}
         shares = gate_shares(model, tokenizer, rows, own)["own_share"]
         release(model, tokenizer)

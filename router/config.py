@@ -12,6 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from router.policy import serve_as_problem
 from router.scorers import LEARNED_KINDS
 
 LearnedKind = Literal["hybrid", "classifier", "token-gates", "centroid", "knn"]
@@ -208,13 +209,9 @@ class TrainConfig(Strict):
             raise ValueError(
                 "novelty.enabled needs validation rows for its thresholds: validation_fraction > 0"
             )
-        unknown = sorted(set(self.serve_as or {}) - set(self.experts))
-        if unknown:
-            raise ValueError(f"serve_as: {unknown} are not classes (keys of experts: {list(self.experts)})")
-        served = self.serve_as or {}
-        clashing = sorted(e for e in set(served.values()) if e in self.experts and served.get(e, e) != e)
-        if clashing:
-            raise ValueError(f"serve_as: {clashing} name both a class served by another expert and an expert")
+        problem = serve_as_problem(list(self.experts), self.serve_as or {})
+        if problem:
+            raise ValueError(f"serve_as: {problem}")
         for label, expert in (self.label_map or {}).items():
             if expert not in self.experts:
                 raise ValueError(f"label_map[{label!r}] = {expert!r} is not one of {list(self.experts)}")

@@ -51,21 +51,27 @@ class NoveltyCheck:
         """Mean cosine similarity of each row to the k nearest bank prompts of its expert (nan: none).
 
         `exclude_self` drops each row's single best match (leave-one-out, for rows that are in the bank)."""
-        sims = np.asarray(sentence, np.float32) @ self.bank.T
-        out = np.full(len(sims), np.nan, np.float32)
-        for row, expert in enumerate(np.asarray(experts)):
-            own = sims[row, self.labels == expert]
-            if exclude_self and len(own):
-                own = np.delete(own, int(own.argmax()))
-            if len(own):
-                k = min(self.k, len(own))
-                out[row] = float(np.partition(own, len(own) - k)[-k:].mean())
+        sentence, experts = np.asarray(sentence, np.float32), np.asarray(experts)
+        out = np.full(len(experts), np.nan, np.float32)
+        for expert in np.unique(experts):  # one product per expert, against its own bank rows only
+            rows, own = np.flatnonzero(experts == expert), self.bank[self.labels == expert]
+            sims = sentence[rows] @ own.T
+            if exclude_self and sims.shape[1]:
+                sims = np.sort(sims, axis=1)[:, :-1]
+            k = min(self.k, sims.shape[1])
+            if k:
+                out[rows] = np.partition(sims, sims.shape[1] - k, axis=1)[:, -k:].mean(1)
         return out
 
     def novel(self, sentence: np.ndarray, experts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(novel mask, similarity) for prompts whose picked experts are `experts`."""
-        similarity = self.similarity(sentence, experts)
-        limit = self.thresholds[np.asarray(experts)]
+        """(novel mask, similarity) for prompts whose picked experts are `experts`; only prompts whose
+        expert is checked are scored (the others get similarity nan)."""
+        experts = np.asarray(experts)
+        limit = self.thresholds[experts]
+        checked = np.isfinite(limit)
+        similarity = np.full(len(experts), np.nan, np.float32)
+        if checked.any():
+            similarity[checked] = self.similarity(np.asarray(sentence)[checked], experts[checked])
         return np.nan_to_num(similarity, nan=np.inf) < limit, similarity
 
     @classmethod

@@ -31,6 +31,18 @@ import numpy as np
 from router.base import Decision
 
 
+def serve_as_problem(classes: Sequence[str], serve_as: dict[str, str]) -> str | None:
+    """What is wrong with a class → served expert map, or None: keys must be classes, and a served name
+    that is also a class must be served under its own name (else a previous expert would be ambiguous)."""
+    unknown = sorted(set(serve_as) - set(classes))
+    if unknown:
+        return f"{unknown} are not classes: the router does not have them (its classes: {list(classes)})"
+    clashing = sorted(e for e in set(serve_as.values()) if e in classes and serve_as.get(e, e) != e)
+    if clashing:
+        return f"{clashing} name both a class served by another expert and an expert"
+    return None
+
+
 @dataclass(frozen=True)
 class Policy:
     experts: Sequence[str]
@@ -44,12 +56,9 @@ class Policy:
     def __post_init__(self) -> None:
         if self.fallback not in self.experts:
             raise ValueError(f"fallback {self.fallback!r} is not one of the experts {list(self.experts)}")
-        unknown = sorted(set(self.serve_as) - set(self.experts))
-        if unknown:
-            raise ValueError(f"serve_as names classes the router does not have: {unknown}")
-        clashing = sorted(e for e in set(self.serve_as.values()) if e in self.experts and self.served(e) != e)
-        if clashing:
-            raise ValueError(f"serve_as: {clashing} are both a class served elsewhere and a served expert")
+        problem = serve_as_problem(self.experts, self.serve_as)
+        if problem:
+            raise ValueError(f"serve_as: {problem}")
         if not 0.0 <= self.confidence_floor <= 1.0:
             raise ValueError(f"confidence_floor must be in [0, 1], got {self.confidence_floor}")
         if not 0.0 <= self.context_threshold <= 1.0 or self.context_turns < 0:

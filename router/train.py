@@ -130,7 +130,7 @@ def fit_novelty(
     """Thresholds from the validation rows against a bank of the fitting rows; the served bank then holds
     every training row of the checked classes (`novelty.classes`, never the fallback)."""
     names = list(cfg.experts)
-    classes = cfg.novelty.classes or [c for c in names if names.index(c) != fallback]
+    classes = cfg.novelty.classes or names  # the fallback is never checked, named or not
     checked = np.isin(y, [names.index(c) for c in classes]) & (y != fallback)
 
     def bank(rows: np.ndarray) -> np.ndarray:
