@@ -130,7 +130,7 @@ class Metrics:
         )
         self.log_dropped = Counter(
             "moerge_decision_log_dropped",
-            "Rows dropped (reason: queue_full while the database is slow or down, shutdown, invalid)",
+            "Rows dropped (reason: queue_full while the database is slow or down, shutdown, rejected by it)",
             ["reason"],
             registry=r,
         )
