@@ -118,10 +118,12 @@ def create_app(config: ServeConfig, metrics: Metrics | None = None) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        """Readiness: every backend is up (last probe passed, breaker not open) and not shutting down."""
-        ok, backends = gateway.readiness()
+        """Readiness: every routing model can be served by some expert of its chain; not shutting down."""
+        ok, detail = gateway.readiness()
         ok = ok and not slots.draining
-        return JSONResponse({"ready": ok, "backends": backends}, status_code=200 if ok else 503)
+        return JSONResponse(
+            {"ready": ok, "draining": slots.draining, **detail}, status_code=200 if ok else 503
+        )
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
@@ -279,7 +281,7 @@ async def _serve(
     # request; once streaming, Starlette's own disconnect watch cancels the relay, which closes it.
     served = await _cancel_on_disconnect(
         request,
-        gateway.dispatch(rec.endpoint, payload, request, decision.expert),  # type: ignore[arg-type]
+        gateway.dispatch(rec.endpoint, payload, request, decision.expert, rec.api_key),  # type: ignore[arg-type]
     )
     if served is None:  # the client left; the backend request was cancelled, which aborts it
         rec.status = 499

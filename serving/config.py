@@ -56,8 +56,11 @@ class Timeouts(_Strict):
 
 
 class RetryConfig(_Strict):
-    attempts: int = Field(1, ge=0, le=10, description="extra tries on the same expert before its fallback")
+    """Retries and fallbacks: at most (1 + max_fallbacks) experts x (1 + attempts) tries per request."""
+
+    attempts: int = Field(1, ge=0, le=5, description="extra tries on the same expert before its fallback")
     backoff_s: float = Field(0.05, ge=0, le=10)
+    max_fallbacks: int = Field(3, ge=0, le=16, description="fallback experts tried after the decided one")
 
 
 class BreakerConfig(_Strict):

@@ -50,6 +50,13 @@ def load_router(name: str, cfg: RouterConfig, experts: Sequence[str]) -> Router:
     return router
 
 
+def decidable_experts(router: Router) -> list[str]:
+    """The experts a router can decide: a fixed router's one expert, otherwise all of its experts."""
+    from router.fixed import FixedRouter
+
+    return [router.expert] if isinstance(router, FixedRouter) else list(router.experts)
+
+
 def direct_decision(expert: str) -> Decision:
     return Decision(expert, {expert: 1.0}, 1.0, "direct", "1", "direct")
 

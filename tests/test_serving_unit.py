@@ -155,6 +155,23 @@ def test_circuit_breaker_opens_half_opens_and_closes() -> None:
     assert cb.state is BreakerState.CLOSED and cb.up
 
 
+def test_good_probe_does_not_close_a_breaker_that_requests_opened() -> None:
+    """/health answering while requests fail must not re-close the breaker every probe interval."""
+    now = [0.0]
+    cb = CircuitBreaker(failure_threshold=2, reset_after_s=10, clock=lambda: now[0])
+    cb.record_failure("HTTP 500")
+    cb.record_failure("HTTP 500")
+    cb.record_probe(True)
+    assert cb.state is BreakerState.OPEN and not cb.allow()
+    cb.record_probe(False)  # a failed probe on top does not turn it into a probe-opened breaker
+    cb.record_probe(True)
+    assert cb.state is BreakerState.OPEN
+    now[0] = 10.5
+    assert cb.allow(), "the half-open trial decides"
+    cb.record_success()
+    assert cb.state is BreakerState.CLOSED
+
+
 # -- micro-batching ---------------------------------------------------------------------------------
 class RecordingRouter(Router):
     name = "recording"
@@ -303,6 +320,7 @@ def gateway(fakes: dict[str, ThreadedServer]) -> Iterator[str]:
                 "slow": remote(fakes["hang"].url + "/v1", fallback="good"),
                 "lonely": remote(dead),
                 "flaky": remote(fakes["cut"].url + "/v1", fallback="good"),
+                "doomed": remote(fakes["fail500"].url + "/v1"),
             },
             "routers": {"r": {"kind": "fixed", "params": {"expert": "ghost"}}},
             "timeouts": {"first_token_s": 1, "total_s": 1, "connect_s": 1},
@@ -383,12 +401,16 @@ def test_models_health_ready_metrics_openapi(gateway: str) -> None:
         "slow": "expert",
         "lonely": "expert",
         "flaky": "expert",
+        "doomed": "expert",
         "auto": "routing",
     }
     assert httpx.get(gateway + "/health").status_code == 200
+    # `auto` decides `ghost`, which is down, but its fallback `good` is up: the replica can serve
     ready = httpx.get(gateway + "/ready")
-    assert ready.status_code == 503 and ready.json()["backends"]["ghost"]["up"] is False
+    assert ready.status_code == 200 and ready.json()["routing_models"] == {"auto": True}, ready.text
+    assert ready.json()["backends"]["ghost"] == {"backend": "openai", "up": False, "breaker": "open"}
     assert ready.json()["backends"]["good"]["up"] is True
+    assert LOOPBACK not in ready.text and "error" not in ready.text, "no addresses or errors on /ready"
     metrics = httpx.get(gateway + "/metrics").text
     assert (
         'moerge_backend_up{expert="good"} 1.0' in metrics
@@ -434,6 +456,112 @@ def test_failure_after_first_token_ends_stream_with_error_event(gateway: str) ->
 def test_no_backend_left_is_503(gateway: str) -> None:
     err = assert_openai_error(post(gateway, msg("lonely")), 503)
     assert err["code"] == "backend_unavailable"
+    assert LOOPBACK not in err["message"] and "Connect" not in err["message"], "no internal address"
+    err = assert_openai_error(post(gateway, msg("doomed")), 503)
+    assert "exploded" not in err["message"] and err["message"].endswith("(tried: doomed failed)."), err
+
+
+async def started(config: dict[str, Any]) -> Any:
+    from serving.gateway import Gateway
+
+    gw = Gateway(parse_config(config))
+    await gw.start()
+    return gw
+
+
+async def test_readiness_needs_every_routing_model_servable(fakes: dict[str, ThreadedServer]) -> None:
+    dead = f"http://{LOOPBACK}:{free_port()}/v1"
+    experts = {
+        "good": remote(fakes["ok"].url + "/v1"),
+        "ghost": remote(dead, fallback="good"),
+        "lonely": remote(dead),
+    }
+    routers = {
+        "to-ghost": {"kind": "fixed", "params": {"expert": "ghost"}},
+        "to-lonely": {"kind": "fixed", "params": {"expert": "lonely"}, "fallback": "lonely"},
+    }
+    gw = await started({"experts": experts, "routers": routers, "routing_models": {"auto": "to-ghost"}})
+    try:
+        ok, detail = gw.readiness()
+        assert ok and detail["routing_models"] == {"auto": True} and not detail["backends"]["lonely"]["up"]
+    finally:
+        await gw.close()
+    models = {"auto": "to-ghost", "solo": "to-lonely"}
+    gw = await started({"experts": experts, "routers": routers, "routing_models": models})
+    try:
+        ok, detail = gw.readiness()
+        assert not ok and detail["routing_models"] == {"auto": True, "solo": False}
+    finally:
+        await gw.close()
+    gw = await started({"experts": {"lonely": experts["lonely"], "good": experts["good"]}})
+    try:
+        assert gw.readiness()[0], "no routing models: ready while some expert is up"
+    finally:
+        await gw.close()
+
+
+async def test_fallback_chain_honours_the_key_and_is_bounded(fakes: dict[str, ThreadedServer]) -> None:
+    dead = f"http://{LOOPBACK}:{free_port()}/v1"
+    key = {"sha256": "0" * 64}
+    config = {
+        "experts": {
+            "a": remote(dead, fallback="b"),
+            "b": remote(dead, fallback="c"),
+            "c": remote(dead, fallback="good"),
+            "good": remote(fakes["ok"].url + "/v1"),
+        },
+        "routers": {"to-a": {"kind": "fixed", "params": {"expert": "a"}, "fallback": "a"}},
+        "auth": {
+            "keys": {
+                "a-only": {**key, "models": ["a"]},
+                "auto-only": {**key, "sha256": "1" * 64, "models": ["auto"]},
+                "any": {**key, "sha256": "2" * 64},
+            }
+        },
+        "retry": {"max_fallbacks": 2},
+    }
+    gw = await started(config)
+    try:
+        assert gw.fallback_chain("a") == ["a", "b", "c"], "at most two fallbacks"
+        assert gw.fallback_chain("a", "a-only") == ["a"]
+        assert gw.fallback_chain("a", "auto-only") == ["a", "b", "c"], "auto may be served by a's chain"
+        assert gw.fallback_chain("a", "any") == ["a", "b", "c"]
+    finally:
+        await gw.close()
+
+
+@pytest.fixture(scope="module")
+def keyed_gateway(fakes: dict[str, ThreadedServer]) -> Iterator[str]:
+    from serving.app import create_app
+    from serving.auth import hash_key
+
+    dead = f"http://{LOOPBACK}:{free_port()}/v1"
+    config = parse_config(
+        {
+            "experts": {"good": remote(fakes["ok"].url + "/v1"), "ghost": remote(dead, fallback="good")},
+            "routers": {"r": {"kind": "fixed", "params": {"expert": "ghost"}, "fallback": "ghost"}},
+            "auth": {
+                "keys": {
+                    "ghost-only": {"sha256": hash_key("sk-ghost"), "models": ["ghost"]},
+                    "auto-only": {"sha256": hash_key("sk-auto"), "models": ["auto"]},
+                }
+            },
+            "circuit_breaker": {"health_interval_s": 0.5},
+        }
+    )
+    with ThreadedServer(create_app(config)) as server:
+        yield server.url
+
+
+def test_fallback_never_serves_a_model_the_key_may_not_use(keyed_gateway: str) -> None:
+    """A key allowed only `ghost` is not answered by `good` when `ghost` is down; a key allowed `auto`
+    is served by the chain of what `auto` decides."""
+    resp = post(keyed_gateway, msg("ghost"), headers={"authorization": "Bearer sk-ghost"})
+    assert_openai_error(resp, 503)
+    resp = post(keyed_gateway, msg("auto"), headers={"authorization": "Bearer sk-auto"})
+    assert resp.status_code == 200 and resp.headers["x-moerge-expert"] == "good"
+    resp = post(keyed_gateway, msg("good"), headers={"authorization": "Bearer sk-auto"})
+    assert_openai_error(resp, 403)
 
 
 def test_cli_check(tmp_path: Path) -> None:
