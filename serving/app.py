@@ -361,7 +361,9 @@ async def record_feedback(gateway: Gateway, body: FeedbackRequest) -> dict[str, 
         raise OpenAIError(503, "The decision log is full; feedback was not stored.", code="decision_log_full")
     if experiment is not None:
         m = gateway.metrics
-        m.ab_feedback.labels(experiment, arm or "", body.label or "score").inc()
+        m.ab_feedback.labels(
+            experiment, arm or "", gateway.config.decision_log.metric_label(body.label)
+        ).inc()
         if body.score is not None:
             m.ab_feedback_score.labels(experiment, arm or "").observe(body.score)
     return {

@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -220,6 +229,10 @@ class ExperimentConfig(_Strict):
         return self
 
 
+LABEL_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+DEFAULT_FEEDBACK_LABELS = ("good", "bad", "thumbs_up", "thumbs_down", "wrong_expert")
+
+
 class DecisionLogConfig(_Strict):
     """One row per request in a SQL database (SQLAlchemy): SQLite by default, PostgreSQL by URL."""
 
@@ -235,6 +248,25 @@ class DecisionLogConfig(_Strict):
     batch_size: int = Field(256, ge=1, le=100_000)
     flush_interval_s: float = Field(0.5, gt=0, le=60)
     connect_timeout_s: float = Field(3.0, gt=0, le=60)
+    feedback_labels: list[Annotated[str, Field(pattern=LABEL_PATTERN)]] = Field(
+        default_factory=lambda: list(DEFAULT_FEEDBACK_LABELS),
+        max_length=64,
+        description="feedback labels counted by name in moerge_ab_feedback_total; any other label is "
+        "counted as `other` (the decision log stores it as sent)",
+    )
+
+    @field_validator("feedback_labels")
+    @classmethod
+    def _own_labels(cls, labels: list[str]) -> list[str]:
+        if reserved := sorted({"score", "other"} & set(labels)):
+            raise ValueError(f"{reserved} are the metric's own labels (no label, any other label)")
+        return labels
+
+    def metric_label(self, label: str | None) -> str:
+        """The `label` of moerge_ab_feedback_total for a feedback: bounded, whatever a client sends."""
+        if label is None:
+            return "score"
+        return label if label in self.feedback_labels else "other"
 
     def resolved_url(self) -> str:
         """The URL to connect to (url_env first), driver-mapped; ValueError naming the field if unusable."""

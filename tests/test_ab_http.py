@@ -277,6 +277,34 @@ def test_feedback(gateway: ThreadedServer, db: Path) -> None:
 
 
 # -- auth, limits ---------------------------------------------------------------------------------------
+def test_feedback_labels_do_not_grow_metric_series(gateway: ThreadedServer, db: Path) -> None:
+    """Labels outside `decision_log.feedback_labels` are counted as `other`: a client cannot add series.
+    The decision log keeps each label as sent (cleaned: this one has a NUL)."""
+    rid = chat(gateway.url, user="fb-labels").headers["x-moerge-request-id"]
+    size = len(httpx.get(gateway.url + "/metrics").text)
+    for i in range(60):
+        body = {"request_id": rid, "label": f"spam-{i}\u0000"}
+        assert httpx.post(gateway.url + "/v1/feedback", json=body, headers=auth()).status_code == 200
+    body = {"request_id": rid, "label": "thumbs_up"}
+    assert httpx.post(gateway.url + "/v1/feedback", json=body, headers=auth()).status_code == 200
+    text = httpx.get(gateway.url + "/metrics").text
+    assert "spam" not in text and len(text) - size < 2_000
+    assert metric(gateway.url, "moerge_ab_feedback_total", label="other") >= 60
+    assert metric(gateway.url, "moerge_ab_feedback_total", label="thumbs_up") >= 1
+    assert wait_for(lambda: len([f for f in db_rows(db, feedback) if f["request_id"] == rid]) == 61)
+    labels = {f["label"] for f in db_rows(db, feedback) if f["request_id"] == rid}
+    assert "spam-7" in labels and "thumbs_up" in labels
+
+
+def test_feedback_label_set_is_validated() -> None:
+    base = {"experts": {"a": {"backend": "openai", "url": "http://127.0.0.1:9/v1"}}}
+    for bad in (["other"], ["score"], ["has space"], ["x" * 65]):
+        with pytest.raises(ValueError, match="decision_log.feedback_labels"):
+            parse_config({**base, "decision_log": {"feedback_labels": bad}})
+    cfg = parse_config({**base, "decision_log": {"feedback_labels": ["ok"]}}).decision_log
+    assert [cfg.metric_label(x) for x in ("ok", "good", None)] == ["ok", "other", "score"]
+
+
 def test_auth_401_and_403(gateway: ThreadedServer) -> None:
     err = error_of(chat(gateway.url, key=None), 401)
     assert err["code"] == "invalid_api_key" and err["type"] == "authentication_error"
