@@ -6,6 +6,7 @@ import asyncio
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -252,7 +253,7 @@ def chunk_of(body: dict[str, Any]) -> dict[str, Any]:
 def fake_backend(mode: str) -> FastAPI:
     """A stand-in OpenAI server for one dispatch rule: `ok`, `fail500`, or `hang` (never answers)."""
     app = FastAPI()
-    calls = {"n": 0}
+    calls = {"n": 0, "closed": 0}
     app.state.calls = calls
 
     @app.get("/health")
@@ -267,6 +268,17 @@ def fake_backend(mode: str) -> FastAPI:
             return JSONResponse({"error": {"message": "engine exploded", "type": "server_error"}}, 500)
         if mode == "hang":
             await asyncio.sleep(3600)
+        if mode == "texterr":  # an error event with a text code first, then nothing: the stream stays open
+
+            async def text_error() -> Any:
+                try:
+                    error = {"message": "engine busy", "type": "server_error", "code": "server_error"}
+                    yield f"data: {json.dumps({'error': error})}\n\n"
+                    await asyncio.sleep(3600)
+                finally:
+                    calls["closed"] += 1
+
+            return StreamingResponse(text_error(), media_type="text/event-stream")
         if mode == "cut":  # one event, then the connection drops mid-stream
 
             async def cut() -> Any:
@@ -299,7 +311,9 @@ def fake_backend(mode: str) -> FastAPI:
 
 @pytest.fixture(scope="module")
 def fakes() -> Iterator[dict[str, ThreadedServer]]:
-    servers = {m: ThreadedServer(fake_backend(m)).start() for m in ("ok", "fail500", "hang", "cut")}
+    servers = {
+        m: ThreadedServer(fake_backend(m)).start() for m in ("ok", "fail500", "hang", "cut", "texterr")
+    }
     yield servers
     for s in servers.values():
         s.stop()
@@ -321,6 +335,7 @@ def gateway(fakes: dict[str, ThreadedServer]) -> Iterator[str]:
                 "lonely": remote(dead),
                 "flaky": remote(fakes["cut"].url + "/v1", fallback="good"),
                 "doomed": remote(fakes["fail500"].url + "/v1"),
+                "texty": remote(fakes["texterr"].url + "/v1", fallback="good"),
             },
             "routers": {"r": {"kind": "fixed", "params": {"expert": "ghost"}}},
             "timeouts": {"first_token_s": 1, "total_s": 1, "connect_s": 1},
@@ -402,6 +417,7 @@ def test_models_health_ready_metrics_openapi(gateway: str) -> None:
         "lonely": "expert",
         "flaky": "expert",
         "doomed": "expert",
+        "texty": "expert",
         "auto": "routing",
     }
     assert httpx.get(gateway + "/health").status_code == 200
@@ -434,6 +450,32 @@ def test_failures_before_first_token_fall_back(gateway: str, expert: str, stream
         # ghost is known down (health probe opened its breaker): skipped; the others are retried once
         assert ext["expert"] == "good" and ext["fallback"] is True
         assert ext["attempts"] == (1 if expert == "ghost" else 3)
+
+
+def test_error_event_with_a_text_code_falls_back_and_closes_upstream(
+    gateway: str, fakes: dict[str, ThreadedServer]
+) -> None:
+    """A stream whose first event is `{"error": {"code": "server_error"}}`: retried, then the fallback
+    serves; every upstream stream is closed (it would otherwise stay open, sleeping)."""
+    calls = fakes["texterr"].app.state.calls
+    before = calls["n"]
+    resp = post(gateway, msg("texty", stream=True))
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-moerge-expert"] == "good" and resp.headers["x-moerge-routed-expert"] == "texty"
+    assert calls["n"] - before == 2, "tried twice (one retry)"
+    deadline = time.monotonic() + 10
+    while calls["closed"] < calls["n"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert calls["closed"] == calls["n"], "the upstream connections were closed"
+
+
+def test_error_status_of_openai_error_objects() -> None:
+    from serving.backends.base import error_status
+
+    assert error_status({"code": 503}) == 503 and error_status({"code": "429"}) == 429
+    assert error_status({"code": "server_error"}) == 500 and error_status({}) == 500
+    assert error_status({"code": "bad", "type": "invalid_request_error"}) == 400
+    assert error_status({"code": True}) == 500 and error_status({"code": 7}) == 500
 
 
 def test_routed_request_falls_back_and_reports_decision(gateway: str) -> None:
