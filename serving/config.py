@@ -85,6 +85,13 @@ class BatchingConfig(_Strict):
 
     max_batch: int = Field(64, ge=1)
     max_wait_ms: float = Field(0.0, ge=0, le=1000, description="extra wait to grow a batch (0: none)")
+    max_queue: int = Field(
+        1024,
+        ge=1,
+        le=1_000_000,
+        description="requests waiting per router; beyond, serving requests get the router's fallback "
+        "expert and shadow decisions are shed",
+    )
 
 
 class _ExpertBase(_Strict):

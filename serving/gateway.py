@@ -118,6 +118,8 @@ class Gateway:
                 self.config.batching.max_batch,
                 self.config.batching.max_wait_ms,
                 observe=self._observe_batch(name),
+                max_queue=self.config.batching.max_queue,
+                on_shed=lambda kind, n=name: self.metrics.router_shed.labels(n, kind).inc(),
             )
         self._key_experts = {
             name: self._experts_for_models(key.models)
@@ -323,7 +325,8 @@ class Gateway:
         key = assignment_key(exp.config.assign_by, user, headers or {}, api_key)
         assignment = exp.assign(key, request_id)
         shadow = {
-            name: asyncio.ensure_future(self.batchers[name].decide(request)) for name in exp.config.shadow
+            name: asyncio.ensure_future(self.batchers[name].decide(request, shadow=True))
+            for name in exp.config.shadow
         }
         arm = exp.arm_config(assignment.arm)
         if arm.router is not None:

@@ -51,6 +51,13 @@ class Metrics:
             buckets=_FAST,
             registry=r,
         )
+        self.router_shed = Counter(
+            "moerge_router_shed",
+            "Routing requests refused at a full router queue (kind: shadow, not decided; serving, "
+            "given the router's fallback expert)",
+            ["router", "kind"],
+            registry=r,
+        )
         self.attempts = Counter(
             "moerge_backend_attempts", "Backend attempts by outcome", ["expert", "outcome"], registry=r
         )

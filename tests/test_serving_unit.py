@@ -23,7 +23,7 @@ from serving.backends.inprocess import engine_argv
 from serving.cli import register_serve_commands
 from serving.config import ConfigError, load_config, missing_paths, parse_config
 from serving.health import BreakerState, CircuitBreaker
-from serving.routing import MicroBatcher
+from serving.routing import MicroBatcher, RouterOverloaded
 from serving.testing import LOOPBACK, ThreadedServer, free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -228,6 +228,46 @@ async def test_micro_batcher_calls_cheap_routers_inline() -> None:
     assert threading.get_ident() not in slow.router.threads
     batcher.close()
     slow.close()
+
+
+async def test_micro_batcher_drops_cancelled_requests_undecided() -> None:
+    """Shadow decisions whose caller gave up are not decided (and no longer hold their messages)."""
+    router = RecordingRouter(["a", "b"])
+    batcher = MicroBatcher("r", router, fallback="a")
+    first = asyncio.create_task(batcher.decide(RoutingRequest.from_prompt("x")))
+    await asyncio.sleep(0.05)  # the first batch is being decided (the router waits on its gate)
+    shadows = [
+        asyncio.create_task(batcher.decide(RoutingRequest.from_prompt("y" * 10_000), shadow=True))
+        for _ in range(20)
+    ]
+    await asyncio.sleep(0.01)
+    for task in shadows[:15]:
+        task.cancel()
+    router.gate.set()
+    await first
+    decided = await asyncio.gather(*shadows[15:])
+    assert len(decided) == 5 and sum(router.batches) == 1 + 5, router.batches
+    assert batcher.queued() == 0
+    batcher.close()
+
+
+async def test_micro_batcher_queue_is_bounded() -> None:
+    router = RecordingRouter(["a", "b"])
+    shed: list[str] = []
+    batcher = MicroBatcher("r", router, fallback="b", max_queue=3, on_shed=shed.append)
+    first = asyncio.create_task(batcher.decide(RoutingRequest.from_prompt("x")))
+    await asyncio.sleep(0.05)
+    waiting = [asyncio.create_task(batcher.decide(RoutingRequest.from_prompt("x"))) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    over = await batcher.decide(RoutingRequest.from_prompt("x"))
+    assert over.expert == "b" and over.reason == "router-overloaded→fallback"
+    with pytest.raises(RouterOverloaded):
+        await batcher.decide(RoutingRequest.from_prompt("x"), shadow=True)
+    assert shed == ["serving", "shadow"]
+    router.gate.set()
+    await asyncio.gather(first, *waiting)
+    assert sum(router.batches) == 4
+    batcher.close()
 
 
 async def test_micro_batcher_router_failure_falls_back() -> None:
