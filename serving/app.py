@@ -37,6 +37,7 @@ from serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     FeedbackRequest,
+    check_max_tokens,
     install_openapi_schemas,
     parse_body,
     prompt_messages,
@@ -240,6 +241,7 @@ async def _handle(
         rec.api_key = _authenticate(gateway, request)
         payload, body = await parse_body(request, model_cls)
         rec.model, rec.stream, rec.messages = body.model, bool(body.stream), to_messages(body)
+        check_max_tokens(body, gateway.config.max_tokens_for(rec.api_key))
         _admit(gateway, rec.api_key, body.model)
         return await _serve(gateway, request, rec, payload, body.user)
     except OpenAIError as err:

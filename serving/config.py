@@ -53,6 +53,11 @@ class ServerConfig(_Strict):
     drain_s: float = Field(
         30.0, ge=0, le=3600, description="on shutdown, how long open requests and streams may finish"
     )
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="most tokens a request may ask for (max_tokens / max_completion_tokens; 400 beyond)",
+    )
 
 
 class Timeouts(_Strict):
@@ -169,6 +174,9 @@ class ApiKey(_Strict):
     models: list[Name] | None = Field(None, description="models this key may use (default: all)")
     requests_per_minute: int | None = Field(None, ge=1)
     tokens_per_minute: int | None = Field(None, ge=1, description="prompt + completion tokens")
+    max_tokens: int | None = Field(
+        None, ge=1, description="most tokens one request of this key may ask for (below server.max_tokens)"
+    )
 
 
 class AuthConfig(_Strict):
@@ -374,6 +382,11 @@ class ServeConfig(_Strict):
                 if m not in experts and m not in self.routing_models:
                     raise ValueError(f"auth.keys.{key_name}.models: unknown model {m!r}")
         return self
+
+    def max_tokens_for(self, key: str | None) -> int | None:
+        """The max_tokens cap of a request by `key` (None: auth off): the lower of the key's and the server's."""
+        caps = [self.server.max_tokens, self.auth.keys[key].max_tokens if key in self.auth.keys else None]
+        return min((c for c in caps if c is not None), default=None)
 
     def resolve_paths(self, base: Path) -> ServeConfig:
         """Resolve `./` and `../` model and artifact paths against `base` (the config file's folder)."""

@@ -29,7 +29,7 @@ from serving.testing import LOOPBACK, ThreadedServer, free_port
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = {"alice": "sk-alice", "bob": "sk-bob", "slow": "sk-slow", "thin": "sk-thin"}
+KEYS = {"alice": "sk-alice", "bob": "sk-bob", "slow": "sk-slow", "thin": "sk-thin", "capped": "sk-capped"}
 
 
 def chunk(model: str, content: str | None = "ok", usage: dict[str, int] | None = None) -> str:
@@ -102,7 +102,7 @@ def backends(gate: threading.Event) -> Iterator[dict[str, ThreadedServer]]:
 def base_config(backends: dict[str, ThreadedServer], db: Path, **extra: Any) -> dict[str, Any]:
     ok, gated = backends["ok"].url + "/v1", backends["gated"].url + "/v1"
     return {
-        "server": {"max_concurrent_requests": 1, "log_decisions": True},
+        "server": {"max_concurrent_requests": 1, "log_decisions": True, "max_tokens": 100},
         "experts": {
             "good": {"backend": "openai", "url": ok},
             "other": {"backend": "openai", "url": ok},
@@ -126,6 +126,7 @@ def base_config(backends: dict[str, ThreadedServer], db: Path, **extra: Any) -> 
                 "bob": {"sha256": hash_key(KEYS["bob"]), "models": ["auto"]},
                 "slow": {"sha256": hash_key(KEYS["slow"]), "requests_per_minute": 2},
                 "thin": {"sha256": hash_key(KEYS["thin"]), "tokens_per_minute": 5},
+                "capped": {"sha256": hash_key(KEYS["capped"]), "max_tokens": 8},
             }
         },
         "circuit_breaker": {"health_interval_s": 0.5},
@@ -323,6 +324,15 @@ def test_auth_401_and_403(gateway: ThreadedServer) -> None:
     assert httpx.get(gateway.url + "/health").status_code == 200, "health stays open"
     assert metric(gateway.url, "moerge_rejected_total", reason="auth") >= 3
     assert metric(gateway.url, "moerge_rejected_total", reason="model_not_allowed") >= 1
+
+
+def test_max_tokens_caps_per_key_and_gateway(gateway: ThreadedServer) -> None:
+    assert chat(gateway.url, key="capped", max_tokens=8).status_code == 200
+    err = error_of(chat(gateway.url, key="capped", max_tokens=9), 400)
+    assert err["param"] == "max_tokens" and "at most 8" in err["message"]
+    assert chat(gateway.url, max_tokens=100).status_code == 200
+    err = error_of(chat(gateway.url, max_completion_tokens=101), 400)
+    assert err["param"] == "max_completion_tokens" and "at most 100" in err["message"]
 
 
 def test_rate_limits_answer_429_with_retry_after(gateway: ThreadedServer) -> None:

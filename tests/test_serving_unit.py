@@ -422,11 +422,38 @@ def assert_openai_error(resp: httpx.Response, status: int, param: str | None = N
         (msg("good", n=0), 400, "n"),
         (msg("good", top_logprobs=99), 400, "top_logprobs"),
         (msg("good", stream="maybe"), 400, "stream"),
+        (msg("good", stream=1), 400, "stream"),
+        (msg("good", parallel_tool_calls=0), 400, "parallel_tool_calls"),
+        (msg("good", n=17), 400, "n"),
+        (msg("good", max_tokens=2**20 + 1), 400, "max_tokens"),
+        (msg("good", max_completion_tokens=2**20 + 1), 400, "max_completion_tokens"),
+        (msg("good", stop=["x"] * 17), 400, "stop"),
+        (msg("good", user="u" * 257), 400, "user"),
+        ({"model": "good", "messages": [{"role": "¼K"}]}, 400, "messages.0.role"),
         (msg("nope"), 404, "model"),
     ],
 )
 def test_bad_requests_get_openai_errors(gateway: str, body: Any, status: int, param: str | None) -> None:
     assert_openai_error(post(gateway, body), status, param)
+
+
+def test_protocol_bounds() -> None:
+    """Bounds no real request needs: refused by the schema, before a router or backend sees them."""
+    from pydantic import ValidationError
+
+    from serving.protocol import MAX_MESSAGES, ChatCompletionRequest, CompletionRequest
+
+    many = [{"role": "user", "content": "x"}] * (MAX_MESSAGES + 1)
+    with pytest.raises(ValidationError, match="messages"):
+        ChatCompletionRequest.model_validate({"model": "m", "messages": many})
+    ChatCompletionRequest.model_validate({"model": "m", "messages": many[:MAX_MESSAGES]})
+    for prompt in ("", [], [""], [[]]):
+        with pytest.raises(ValidationError):
+            CompletionRequest.model_validate({"model": "m", "prompt": prompt})
+    for prompt in ("x", ["x", "y"], [1, 2], [[1], [2]]):
+        CompletionRequest.model_validate({"model": "m", "prompt": prompt})
+    with pytest.raises(ValidationError, match="best_of"):
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", "best_of": 17})
 
 
 def test_oversize_body_is_413(gateway: str) -> None:
