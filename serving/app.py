@@ -164,9 +164,9 @@ def decision_headers(routed: Routed, served: str, request_id: str) -> dict[str, 
     headers = {
         "x-moerge-request-id": request_id,
         "x-moerge-expert": served,
-        "x-moerge-router": decision.router,
+        "x-moerge-router": _header_value(decision.router),
         "x-moerge-confidence": f"{decision.confidence:.4f}",
-        "x-moerge-reason": decision.reason.replace("→", "->").encode("ascii", "replace").decode(),
+        "x-moerge-reason": _header_value(decision.reason),
     }
     if served != decision.expert:
         headers["x-moerge-routed-expert"] = decision.expert
@@ -174,6 +174,12 @@ def decision_headers(routed: Routed, served: str, request_id: str) -> dict[str, 
         headers["x-moerge-experiment"] = routed.experiment
         headers["x-moerge-arm"] = routed.arm or ""
     return headers
+
+
+def _header_value(text: str) -> str:
+    """`text` as one line of printable ASCII (a router's reason may quote a pattern with a newline)."""
+    ascii_text = text.replace("→", "->").encode("ascii", "replace").decode()
+    return "".join(c if " " <= c <= "~" else " " for c in ascii_text)
 
 
 def extension(routed: Routed, served: Served, requested: str, request_id: str) -> dict[str, Any]:

@@ -377,7 +377,15 @@ def gateway(fakes: dict[str, ThreadedServer]) -> Iterator[str]:
                 "doomed": remote(fakes["fail500"].url + "/v1"),
                 "texty": remote(fakes["texterr"].url + "/v1", fallback="good"),
             },
-            "routers": {"r": {"kind": "fixed", "params": {"expert": "ghost"}}},
+            "routers": {
+                "r": {"kind": "fixed", "params": {"expert": "ghost"}},
+                "ruled": {
+                    "kind": "rules",
+                    "experts": ["good"],
+                    "params": {"rules": [{"pattern": "x\n|hi", "expert": "good"}]},
+                },
+            },
+            "routing_models": {"auto": "r", "ruled": "ruled"},
             "timeouts": {"first_token_s": 1, "total_s": 1, "connect_s": 1},
             "retry": {"attempts": 1, "backoff_s": 0.01},
             "circuit_breaker": {"failure_threshold": 50, "health_interval_s": 0.5},
@@ -486,11 +494,12 @@ def test_models_health_ready_metrics_openapi(gateway: str) -> None:
         "doomed": "expert",
         "texty": "expert",
         "auto": "routing",
+        "ruled": "routing",
     }
     assert httpx.get(gateway + "/health").status_code == 200
     # `auto` decides `ghost`, which is down, but its fallback `good` is up: the replica can serve
     ready = httpx.get(gateway + "/ready")
-    assert ready.status_code == 200 and ready.json()["routing_models"] == {"auto": True}, ready.text
+    assert ready.status_code == 200 and ready.json()["routing_models"] == {"auto": True, "ruled": True}
     assert ready.json()["backends"]["ghost"] == {"backend": "openai", "up": False, "breaker": "open"}
     assert ready.json()["backends"]["good"]["up"] is True
     assert LOOPBACK not in ready.text and "error" not in ready.text, "no addresses or errors on /ready"
@@ -543,6 +552,14 @@ def test_error_status_of_openai_error_objects() -> None:
     assert error_status({"code": "server_error"}) == 500 and error_status({}) == 500
     assert error_status({"code": "bad", "type": "invalid_request_error"}) == 400
     assert error_status({"code": True}) == 500 and error_status({"code": 7}) == 500
+
+
+def test_router_reason_with_a_newline_is_a_valid_header(gateway: str) -> None:
+    """A rules pattern with a newline names itself in x-moerge-reason: the header must stay one line."""
+    resp = post(gateway, msg("ruled"))
+    assert resp.status_code == 200 and resp.headers["x-moerge-expert"] == "good"
+    assert resp.headers["x-moerge-reason"] == "rule:0:x |hi"
+    assert resp.json()["moerge"]["reason"] == "rule:0:x\n|hi", "the body keeps the reason as it is"
 
 
 def test_routed_request_falls_back_and_reports_decision(gateway: str) -> None:
