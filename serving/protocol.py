@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, TypeVar, get_args
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from serving.errors import OpenAIError, validation_message
 
@@ -147,7 +147,10 @@ async def parse_body(request: Request, model: type[Body]) -> tuple[dict[str, Any
     Parsed by hand rather than by FastAPI so that any content type is accepted (curl's default form
     type included) and the backend receives exactly the client's fields.
     """
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # the client left mid-upload: counted as 499 (it gets no answer), not 500
+        raise OpenAIError(499, "The client closed the connection before sending the whole body.") from None
     try:
         payload = json.loads(raw, parse_constant=_no_constants)
     except (ValueError, RecursionError) as err:

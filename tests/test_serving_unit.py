@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
@@ -462,6 +463,28 @@ def test_protocol_bounds() -> None:
         CompletionRequest.model_validate({"model": "m", "prompt": prompt})
     with pytest.raises(ValidationError, match="best_of"):
         CompletionRequest.model_validate({"model": "m", "prompt": "x", "best_of": 17})
+
+
+def requests_by_status(url: str, status: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    pattern = rf'^moerge_requests_total\{{[^}}]*status="{status}"[^}}]*\}} (\S+)$'
+    return sum(float(v) for v in re.findall(pattern, text, re.M))
+
+
+def test_client_leaving_mid_upload_is_499_not_500(gateway: str) -> None:
+    before = {s: requests_by_status(gateway, s) for s in ("499", "500")}
+    host, port = gateway.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b'content-length: 1000\r\n\r\n{"model": "good", '
+        )
+        time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while requests_by_status(gateway, "499") == before["499"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert requests_by_status(gateway, "499") == before["499"] + 1
+    assert requests_by_status(gateway, "500") == before["500"]
 
 
 def test_oversize_body_is_413(gateway: str) -> None:
