@@ -75,11 +75,15 @@ def create_app(config: ServeConfig, metrics: Metrics | None = None) -> FastAPI:
             await slots.wait_idle(config.server.drain_s)
             await gateway.close()
 
+    docs = config.server.docs  # off: no /docs, /redoc, /openapi.json
     app = FastAPI(
         title="moerge",
         version="0.1.0",
         lifespan=lifespan,
         description="OpenAI-compatible gateway routing each request to a recycled expert LLM.",
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
     )
     app.state.gateway = gateway
     app.state.slots = slots
@@ -126,12 +130,11 @@ def create_app(config: ServeConfig, metrics: Metrics | None = None) -> FastAPI:
             {"ready": ok, "draining": slots.draining, **detail}, status_code=200 if ok else 503
         )
 
-    @app.get("/metrics")
-    async def metrics_endpoint() -> Response:
-        gateway.update_gauges()
-        if gateway.decision_log is not None:
-            m.log_queue.set(gateway.decision_log.pending())
-        return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+    if config.server.metrics_port is None:  # else the gateway serves them on their own port
+
+        @app.get("/metrics")
+        async def metrics_endpoint() -> Response:
+            return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
     install_openapi_schemas(app, [ChatCompletionRequest, CompletionRequest, FeedbackRequest])
     return app

@@ -48,8 +48,17 @@ class ServerConfig(_Strict):
     )
     access_log: bool = False
     max_concurrent_requests: int | None = Field(
-        None, ge=1, description="requests served at once (streams until they end); more get a fast 503"
+        256,
+        ge=1,
+        description="requests served at once (streams until they end); more get a fast 503 (null: no cap)",
     )
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="serve /metrics on this port (same host) instead of the API port (null: the API port)",
+    )
+    docs: bool = Field(True, description="serve /docs, /redoc and /openapi.json (turn off in production)")
     drain_s: float = Field(
         30.0, ge=0, le=3600, description="on shutdown, how long open requests and streams may finish"
     )

@@ -78,6 +78,8 @@ class Gateway:
         self.limiter = RateLimiter(config.auth.keys)
         self.tracer = Tracer(config.tracing)
         self.decision_log = self._make_decision_log() if config.decision_log.enabled else None
+        self.metrics.before_collect(self._refresh_gauges)
+        self._metrics_server: Any = None
         self.accountant = Accountant(
             self.metrics,
             self.limiter,
@@ -131,12 +133,19 @@ class Gateway:
             await backend.start()
         await self.probe()
         self._health_task = asyncio.create_task(self._health_loop())
+        if (port := self.config.server.metrics_port) is not None:  # /metrics off the API port
+            from prometheus_client import start_http_server
+
+            self._metrics_server, _ = start_http_server(port, self.config.server.host, self.metrics.registry)
         if self.decision_log is not None:
             self.decision_log.start()
 
     async def close(self) -> None:
         if self._health_task is not None:
             self._health_task.cancel()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         await self.accountant.drain(5.0)
         if self.decision_log is not None:
             await asyncio.to_thread(self.decision_log.close, 10.0)
@@ -178,6 +187,11 @@ class Gateway:
         for name, breaker in self.breakers.items():
             self.metrics.backend_up.labels(name).set(1 if breaker.up else 0)
             self.metrics.breaker_open.labels(name).set(1 if breaker.state.value == "open" else 0)
+
+    def _refresh_gauges(self) -> None:
+        self.update_gauges()
+        if self.decision_log is not None:
+            self.metrics.log_queue.set(self.decision_log.pending())
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready when every routing model can be served by some expert in its chain (with no routing

@@ -713,6 +713,28 @@ def test_fallback_never_serves_a_model_the_key_may_not_use(keyed_gateway: str) -
     assert_openai_error(resp, 403)
 
 
+def test_metrics_on_their_own_port_and_docs_off(fakes: dict[str, ThreadedServer]) -> None:
+    from serving.app import create_app
+
+    port = free_port()
+    config = parse_config(
+        {
+            "server": {"metrics_port": port, "docs": False},
+            "experts": {"good": remote(fakes["ok"].url + "/v1")},
+        }
+    )
+    assert config.server.max_concurrent_requests == 256, "a concurrency cap by default"
+    with ThreadedServer(create_app(config)) as server:
+        assert post(server.url, msg("good")).status_code == 200
+        for path in ("/metrics", "/docs", "/redoc", "/openapi.json"):
+            assert_openai_error(httpx.get(server.url + path), 404)
+        metrics = httpx.get(f"http://{LOOPBACK}:{port}/metrics").text
+        assert 'moerge_backend_up{expert="good"} 1.0' in metrics, "gauges are fresh on the metrics port"
+        assert 'moerge_requests_total{endpoint="chat",expert="good",model="good",status="200"} 1.0' in metrics
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://{LOOPBACK}:{port}/metrics")
+
+
 def test_cli_check(tmp_path: Path) -> None:
     app = typer.Typer()
     register_serve_commands(app)
