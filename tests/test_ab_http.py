@@ -6,7 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +29,7 @@ from serving.auth import hash_key
 from serving.config import load_config, parse_config
 from serving.decision_log import decisions, feedback
 from serving.logging_json import JsonFormatter
-from serving.testing import LOOPBACK, ThreadedServer, free_port
+from serving.testing import LOOPBACK, ThreadedServer, free_port, wait_http_ok
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[1]
@@ -450,6 +454,54 @@ def test_graceful_shutdown_drains_open_streams(
     assert not server.thread.is_alive()
     rows = db_rows(tmp_path / "d.db")
     assert [r["status"] for r in rows] == [200], "the drained stream was logged before exit"
+
+
+def test_sigterm_drains_a_moerge_serve_process(
+    backends: dict[str, ThreadedServer], gate: threading.Event, tmp_path: Path
+) -> None:
+    """A real SIGTERM to `moerge serve` with two open streams: new requests get 503 `shutting_down`
+    (and /ready 503) while the streams finish; then the process exits, their rows logged."""
+    gate.clear()
+    port = free_port()
+    config = base_config(backends, tmp_path / "d.db")
+    config["server"] = {"port": port, "drain_s": 30}
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    url = f"http://{LOOPBACK}:{port}"
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving", "serve", str(path)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    body = {"model": "gated", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    try:
+        wait_http_ok(url + "/ready", 120, proc)
+        with (
+            httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=auth(), timeout=30) as a,
+            httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=auth(), timeout=30) as b,
+        ):
+            streams = [a.iter_lines(), b.iter_lines()]
+            assert all(next(lines).startswith("data: ") for lines in streams)
+            proc.send_signal(signal.SIGTERM)
+            assert wait_for(lambda: httpx.get(url + "/ready").status_code == 503)
+            assert httpx.get(url + "/ready").json()["draining"] is True
+            refused = chat(url, model="good")
+            assert error_of(refused, 503)["code"] == "shutting_down" and refused.headers["retry-after"]
+            assert proc.poll() is None, "the process waits for its open streams"
+            gate.set()
+            rests = [[line for line in lines if line] for lines in streams]
+        assert all(len(rest) == 4 and rest[-1] == "data: [DONE]" for rest in rests), rests
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        gate.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    rows = db_rows(tmp_path / "d.db")
+    assert sorted(r["status"] for r in rows) == [200, 200], "both drained streams were logged"
 
 
 def test_tracing_spans(backends: dict[str, ThreadedServer], tmp_path: Path) -> None:
