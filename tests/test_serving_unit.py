@@ -568,6 +568,44 @@ def test_error_event_with_a_text_code_falls_back_and_closes_upstream(
     assert calls["closed"] == calls["n"], "the upstream connections were closed"
 
 
+@pytest.mark.parametrize("closing", [False, True])
+async def test_stream_relay_is_closed_at_once(closing: bool) -> None:
+    """A client that leaves while the relay is parked at a `yield` (its `send` blocked): Starlette only
+    drops the generator, whose `finally` closes the upstream connection when the garbage collector
+    gets to it, late when a reference cycle holds it (here: an extra reference). This was why the
+    remote-abort test failed in long runs. ClosingStreamingResponse closes it before returning."""
+    from starlette.responses import StreamingResponse
+
+    from serving.app import ClosingStreamingResponse
+
+    closed: list[bool] = []
+
+    async def relay() -> Any:
+        try:
+            while True:
+                yield b"data: {}\n\n"
+        finally:
+            closed.append(True)
+
+    gen = relay()  # held elsewhere, as by a reference cycle
+    left = asyncio.Event()
+
+    async def send(message: dict[str, Any]) -> None:
+        if message.get("body"):
+            left.set()
+            await asyncio.sleep(3600)  # the client stopped reading
+
+    async def receive() -> dict[str, Any]:
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    response = (ClosingStreamingResponse if closing else StreamingResponse)(gen)
+    scope = {"type": "http", "asgi": {"spec_version": "2.3"}}
+    await asyncio.wait_for(response(scope, receive, send), 5)
+    assert closed == ([True] if closing else []), "the relay (and its upstream) is closed at once"
+    await gen.aclose()
+
+
 def test_error_status_of_openai_error_objects() -> None:
     from serving.backends.base import error_status
 
