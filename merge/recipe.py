@@ -22,7 +22,7 @@ class RecipeError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # `weight: .inf` is no weight
 
 
 class DataSource(_Strict):

@@ -1,12 +1,18 @@
 """Writing a checkpoint safely: shards as they fill, into a folder beside the target, renamed at the end.
 
 A crash, Ctrl-C or SIGTERM mid-merge leaves no half-written OUT_DIR: the partial folder is removed, and
-an existing OUT_DIR is only replaced (with --overwrite) once the new one is complete.
+an existing OUT_DIR is only replaced (with --overwrite) once the new one is complete and on disk. The
+swap is one atomic exchange where the OS has one (Linux renameat2 RENAME_EXCHANGE), so OUT_DIR always
+names a complete checkpoint, old or new; elsewhere it is two renames, and if the second fails the old
+output is put back. The parent folder is fsynced after the swap, so the rename itself is durable.
+Every tensor is checked for NaN/Inf before it is written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -41,6 +47,9 @@ class ShardWriter:
         if name in self.weight_map or name in self._buffer:
             raise ValueError(f"tensor {name} written twice")
         t = tensor.detach().to(self.dtype, copy=True).contiguous()  # own storage: safetensors refuses aliases
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = "NaN" if torch.isnan(t).any() else "Inf"
+            raise ValueError(f"merged tensor {name} contains {bad} (in {self.dtype}): nothing was written")
         self._buffer[name] = t
         self._buffered_bytes += t.numel() * t.element_size()
         if self._buffered_bytes >= self.max_shard_bytes:
@@ -91,6 +100,50 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
         raise FileNotFoundError(f"parent folder of the output {out_dir.parent} does not exist")
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE).
+
+    False where the OS or the filesystem has no such call (the caller falls back to two renames).
+    """
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def _replace(partial: Path, out_dir: Path) -> None:
+    """Put the complete `partial` at `out_dir`, keeping any old `out_dir` until the new one is there."""
+    if not out_dir.exists():
+        partial.rename(out_dir)
+    elif exchange(partial, out_dir):
+        shutil.rmtree(partial, ignore_errors=True)  # now the old output
+    else:
+        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+        out_dir.rename(old)
+        try:
+            partial.rename(out_dir)
+        except BaseException:
+            old.rename(out_dir)  # the new merge could not be put in place: the old output comes back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(out_dir.parent)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a fresh folder beside `out_dir`; on success it replaces `out_dir`, on any failure it vanishes."""
@@ -104,13 +157,8 @@ def atomic_output_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
             for file in partial.iterdir():  # durable before the rename makes it visible
                 with open(file, "rb") as fh:
                     os.fsync(fh.fileno())
-            if out_dir.exists():
-                old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-                out_dir.rename(old)
-                partial.rename(out_dir)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                partial.rename(out_dir)
+            _fsync_dir(partial)
+            _replace(partial, out_dir)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -37,6 +37,7 @@ from serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     FeedbackRequest,
+    check_max_tokens,
     install_openapi_schemas,
     parse_body,
     prompt_messages,
@@ -74,11 +75,15 @@ def create_app(config: ServeConfig, metrics: Metrics | None = None) -> FastAPI:
             await slots.wait_idle(config.server.drain_s)
             await gateway.close()
 
+    docs = config.server.docs  # off: no /docs, /redoc, /openapi.json
     app = FastAPI(
         title="moerge",
         version="0.1.0",
         lifespan=lifespan,
         description="OpenAI-compatible gateway routing each request to a recycled expert LLM.",
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
     )
     app.state.gateway = gateway
     app.state.slots = slots
@@ -118,17 +123,18 @@ def create_app(config: ServeConfig, metrics: Metrics | None = None) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        """Readiness: every backend is up (last probe passed, breaker not open) and not shutting down."""
-        ok, backends = gateway.readiness()
+        """Readiness: every routing model can be served by some expert of its chain; not shutting down."""
+        ok, detail = gateway.readiness()
         ok = ok and not slots.draining
-        return JSONResponse({"ready": ok, "backends": backends}, status_code=200 if ok else 503)
+        return JSONResponse(
+            {"ready": ok, "draining": slots.draining, **detail}, status_code=200 if ok else 503
+        )
 
-    @app.get("/metrics")
-    async def metrics_endpoint() -> Response:
-        gateway.update_gauges()
-        if gateway.decision_log is not None:
-            m.log_queue.set(gateway.decision_log.pending())
-        return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+    if config.server.metrics_port is None:  # else the gateway serves them on their own port
+
+        @app.get("/metrics")
+        async def metrics_endpoint() -> Response:
+            return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
     install_openapi_schemas(app, [ChatCompletionRequest, CompletionRequest, FeedbackRequest])
     return app
@@ -161,9 +167,9 @@ def decision_headers(routed: Routed, served: str, request_id: str) -> dict[str, 
     headers = {
         "x-moerge-request-id": request_id,
         "x-moerge-expert": served,
-        "x-moerge-router": decision.router,
+        "x-moerge-router": _header_value(decision.router),
         "x-moerge-confidence": f"{decision.confidence:.4f}",
-        "x-moerge-reason": decision.reason.replace("→", "->").encode("ascii", "replace").decode(),
+        "x-moerge-reason": _header_value(decision.reason),
     }
     if served != decision.expert:
         headers["x-moerge-routed-expert"] = decision.expert
@@ -171,6 +177,12 @@ def decision_headers(routed: Routed, served: str, request_id: str) -> dict[str, 
         headers["x-moerge-experiment"] = routed.experiment
         headers["x-moerge-arm"] = routed.arm or ""
     return headers
+
+
+def _header_value(text: str) -> str:
+    """`text` as one line of printable ASCII (a router's reason may quote a pattern with a newline)."""
+    ascii_text = text.replace("→", "->").encode("ascii", "replace").decode()
+    return "".join(c if " " <= c <= "~" else " " for c in ascii_text)
 
 
 def extension(routed: Routed, served: Served, requested: str, request_id: str) -> dict[str, Any]:
@@ -238,6 +250,7 @@ async def _handle(
         rec.api_key = _authenticate(gateway, request)
         payload, body = await parse_body(request, model_cls)
         rec.model, rec.stream, rec.messages = body.model, bool(body.stream), to_messages(body)
+        check_max_tokens(body, gateway.config.max_tokens_for(rec.api_key))
         _admit(gateway, rec.api_key, body.model)
         return await _serve(gateway, request, rec, payload, body.user)
     except OpenAIError as err:
@@ -279,7 +292,7 @@ async def _serve(
     # request; once streaming, Starlette's own disconnect watch cancels the relay, which closes it.
     served = await _cancel_on_disconnect(
         request,
-        gateway.dispatch(rec.endpoint, payload, request, decision.expert),  # type: ignore[arg-type]
+        gateway.dispatch(rec.endpoint, payload, request, decision.expert, rec.api_key),  # type: ignore[arg-type]
     )
     if served is None:  # the client left; the backend request was cancelled, which aborts it
         rec.status = 499
@@ -359,7 +372,9 @@ async def record_feedback(gateway: Gateway, body: FeedbackRequest) -> dict[str, 
         raise OpenAIError(503, "The decision log is full; feedback was not stored.", code="decision_log_full")
     if experiment is not None:
         m = gateway.metrics
-        m.ab_feedback.labels(experiment, arm or "", body.label or "score").inc()
+        m.ab_feedback.labels(
+            experiment, arm or "", gateway.config.decision_log.metric_label(body.label)
+        ).inc()
         if body.score is not None:
             m.ab_feedback_score.labels(experiment, arm or "").observe(body.score)
     return {

@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -39,10 +48,24 @@ class ServerConfig(_Strict):
     )
     access_log: bool = False
     max_concurrent_requests: int | None = Field(
-        None, ge=1, description="requests served at once (streams until they end); more get a fast 503"
+        256,
+        ge=1,
+        description="requests served at once (streams until they end); more get a fast 503 (null: no cap)",
     )
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="serve /metrics on this port (same host) instead of the API port (null: the API port)",
+    )
+    docs: bool = Field(True, description="serve /docs, /redoc and /openapi.json (turn off in production)")
     drain_s: float = Field(
         30.0, ge=0, le=3600, description="on shutdown, how long open requests and streams may finish"
+    )
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="most tokens a request may ask for (max_tokens / max_completion_tokens; 400 beyond)",
     )
 
 
@@ -56,8 +79,11 @@ class Timeouts(_Strict):
 
 
 class RetryConfig(_Strict):
-    attempts: int = Field(1, ge=0, le=10, description="extra tries on the same expert before its fallback")
+    """Retries and fallbacks: at most (1 + max_fallbacks) experts x (1 + attempts) tries per request."""
+
+    attempts: int = Field(1, ge=0, le=5, description="extra tries on the same expert before its fallback")
     backoff_s: float = Field(0.05, ge=0, le=10)
+    max_fallbacks: int = Field(3, ge=0, le=16, description="fallback experts tried after the decided one")
 
 
 class BreakerConfig(_Strict):
@@ -73,6 +99,13 @@ class BatchingConfig(_Strict):
 
     max_batch: int = Field(64, ge=1)
     max_wait_ms: float = Field(0.0, ge=0, le=1000, description="extra wait to grow a batch (0: none)")
+    max_queue: int = Field(
+        1024,
+        ge=1,
+        le=1_000_000,
+        description="requests waiting per router; beyond, serving requests get the router's fallback "
+        "expert and shadow decisions are shed",
+    )
 
 
 class _ExpertBase(_Strict):
@@ -150,6 +183,9 @@ class ApiKey(_Strict):
     models: list[Name] | None = Field(None, description="models this key may use (default: all)")
     requests_per_minute: int | None = Field(None, ge=1)
     tokens_per_minute: int | None = Field(None, ge=1, description="prompt + completion tokens")
+    max_tokens: int | None = Field(
+        None, ge=1, description="most tokens one request of this key may ask for (below server.max_tokens)"
+    )
 
 
 class AuthConfig(_Strict):
@@ -217,6 +253,10 @@ class ExperimentConfig(_Strict):
         return self
 
 
+LABEL_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+DEFAULT_FEEDBACK_LABELS = ("good", "bad", "thumbs_up", "thumbs_down", "wrong_expert")
+
+
 class DecisionLogConfig(_Strict):
     """One row per request in a SQL database (SQLAlchemy): SQLite by default, PostgreSQL by URL."""
 
@@ -232,6 +272,25 @@ class DecisionLogConfig(_Strict):
     batch_size: int = Field(256, ge=1, le=100_000)
     flush_interval_s: float = Field(0.5, gt=0, le=60)
     connect_timeout_s: float = Field(3.0, gt=0, le=60)
+    feedback_labels: list[Annotated[str, Field(pattern=LABEL_PATTERN)]] = Field(
+        default_factory=lambda: list(DEFAULT_FEEDBACK_LABELS),
+        max_length=64,
+        description="feedback labels counted by name in moerge_ab_feedback_total; any other label is "
+        "counted as `other` (the decision log stores it as sent)",
+    )
+
+    @field_validator("feedback_labels")
+    @classmethod
+    def _own_labels(cls, labels: list[str]) -> list[str]:
+        if reserved := sorted({"score", "other"} & set(labels)):
+            raise ValueError(f"{reserved} are the metric's own labels (no label, any other label)")
+        return labels
+
+    def metric_label(self, label: str | None) -> str:
+        """The `label` of moerge_ab_feedback_total for a feedback: bounded, whatever a client sends."""
+        if label is None:
+            return "score"
+        return label if label in self.feedback_labels else "other"
 
     def resolved_url(self) -> str:
         """The URL to connect to (url_env first), driver-mapped; ValueError naming the field if unusable."""
@@ -332,6 +391,11 @@ class ServeConfig(_Strict):
                 if m not in experts and m not in self.routing_models:
                     raise ValueError(f"auth.keys.{key_name}.models: unknown model {m!r}")
         return self
+
+    def max_tokens_for(self, key: str | None) -> int | None:
+        """The max_tokens cap of a request by `key` (None: auth off): the lower of the key's and the server's."""
+        caps = [self.server.max_tokens, self.auth.keys[key].max_tokens if key in self.auth.keys else None]
+        return min((c for c in caps if c is not None), default=None)
 
     def resolve_paths(self, base: Path) -> ServeConfig:
         """Resolve `./` and `../` model and artifact paths against `base` (the config file's folder)."""

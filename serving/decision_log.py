@@ -5,6 +5,12 @@ slow or down: the request path only appends to a bounded queue, and when that qu
 is dropped and counted (`moerge_decision_log_dropped_total`) — serving never waits for the log. While
 the database is down the writer holds its current batch and retries with backoff, so a short outage
 loses nothing until the queue fills.
+
+A database that is up but refuses a row (a duplicate id, a value it cannot store) is not an outage:
+the batch is retried row by row and only the refused rows are dropped (reason `rejected`), so one bad
+row never blocks the rows behind it. Values are cleaned when recorded (NUL characters and lone
+surrogates removed, strings cut to their column's length, non-finite floats in JSON made null), so
+what a client sends (a feedback label, a model name) cannot make PostgreSQL refuse a row.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -37,7 +44,6 @@ from sqlalchemy import (
     event,
     select,
 )
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 log = logging.getLogger("moerge.serving")
 
@@ -109,10 +115,55 @@ def make_engine(url: str, connect_timeout_s: float = 3.0) -> Engine:
     )
 
 
+def clean_text(text: str, max_length: int | None = None) -> str:
+    """`text` storable in any database: no NUL, no lone surrogate (→ `?`), at most `max_length` chars."""
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "replace").decode()
+    return text[:max_length] if max_length is not None else text
+
+
+def clean_json(value: Any) -> Any:
+    """A JSON value PostgreSQL accepts: strings cleaned, NaN and infinities as null (JSON has neither)."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {clean_text(str(k)): clean_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean_json(v) for v in value]
+    return value
+
+
+def clean_row(table: Table, row: dict[str, Any]) -> dict[str, Any]:
+    """The row with every string bounded by its column's length and every value cleaned (see above)."""
+    out = {}
+    for key, value in row.items():
+        column = table.c.get(key)
+        if column is not None and isinstance(value, str):
+            value = clean_text(value, getattr(column.type, "length", None))
+        elif column is not None and isinstance(column.type, JSON) and value is not None:
+            value = clean_json(value)
+        out[key] = value
+    return out
+
+
 @dataclass
 class _Item:
     table: Table
     row: dict[str, Any]
+
+
+class _Unreachable(Exception):
+    """The database cannot be reached: keep the batch and retry later."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class DecisionLog:
@@ -146,6 +197,7 @@ class DecisionLog:
         self._recent: OrderedDict[str, tuple[str | None, str | None]] = OrderedDict()
         self._recent_max = recent
         self._last_error_log = 0.0
+        self._last_reject_log = 0.0
         self.dropped = 0
         self.written = 0
 
@@ -164,12 +216,11 @@ class DecisionLog:
         return self._recent.get(request_id)
 
     def record(self, row: dict[str, Any]) -> bool:
-        return self._put(_Item(decisions, row))
+        return self._put(_Item(decisions, clean_row(decisions, row)))
 
     def add_feedback(self, request_id: str, score: float | None, label: str | None) -> bool:
-        return self._put(
-            _Item(feedback, {"request_id": request_id, "ts": now(), "score": score, "label": label})
-        )
+        row = {"request_id": request_id, "ts": now(), "score": score, "label": label}
+        return self._put(_Item(feedback, clean_row(feedback, row)))
 
     def _put(self, item: _Item) -> bool:
         try:
@@ -239,42 +290,58 @@ class DecisionLog:
                 if not batch:
                     continue
             try:
-                self._write(batch)
-            except SQLAlchemyError as err:
+                self._write(batch)  # writes what it can; what is left when the database is away stays
+            except _Unreachable as err:
                 failures += 1
                 self._on_error()
-                self._log_error(err)
+                self._log_error(err.cause)
                 if self._stop.wait(min(0.1 * 2 ** min(failures, 6), 5.0)):
                     self.dropped += len(batch)  # shutting down with the database away
                     self._on_drop("shutdown", len(batch))
                     return
                 continue
-            except Exception as err:  # not the database: the rows themselves; drop them, keep the thread
-                log.exception("decision log: dropping %d unwritable rows", len(batch))
-                self.dropped += len(batch)
-                self._on_drop("invalid", len(batch))
-                self._log_error(err)
-                batch = []
-                continue
             failures = 0
-            self.written += len(batch)
-            self._on_written(len(batch))
-            batch = []
 
     def _write(self, batch: list[_Item]) -> None:
-        self._ensure_schema()
+        """Write `batch` (emptying it): in one transaction, or row by row if the database refuses it.
+
+        Raises _Unreachable, with the unwritten rows still in `batch`, when the database cannot be
+        reached; a row it refuses while reachable is dropped (reason `rejected`).
+        """
         try:
+            self._ensure_schema()
             self._insert(batch)
-        except IntegrityError:  # one bad row (a duplicate id) must not block the others: row by row
-            bad = 0
-            for item in batch:
-                try:
-                    self._insert([item])
-                except IntegrityError:
-                    bad += 1
-            if bad:
-                self.dropped += bad
-                self._on_drop("invalid", bad)
+        except Exception as err:
+            if not self._reachable():
+                raise _Unreachable(err) from None
+        else:
+            self._wrote(len(batch))
+            batch.clear()
+            return
+        while batch:  # the database is up and refused something in the batch: find which rows
+            try:
+                self._insert(batch[:1])
+            except Exception as err:
+                if not self._reachable():
+                    raise _Unreachable(err) from None
+                self.dropped += 1
+                self._on_drop("rejected", 1)
+                self._log_rejected(batch[0], err)
+            else:
+                self._wrote(1)
+            del batch[0]
+
+    def _wrote(self, n: int) -> None:
+        self.written += n
+        self._on_written(n)
+
+    def _reachable(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+        except Exception:
+            return False
+        return True
 
     def _insert(self, batch: list[_Item]) -> None:
         with self.engine.begin() as conn:
@@ -282,6 +349,17 @@ class DecisionLog:
                 rows = [i.row for i in batch if i.table is table]
                 if rows:
                     conn.execute(table.insert(), rows)
+
+    def _log_rejected(self, item: _Item, err: Exception) -> None:
+        t = time.monotonic()
+        if t - self._last_reject_log > 10:
+            self._last_reject_log = t
+            log.warning(
+                "decision log: the database refused a %s row (request %s), dropped: %s",
+                item.table.name,
+                str(item.row.get("request_id"))[:64],
+                str(err).splitlines()[0][:300],
+            )
 
     def _log_error(self, err: Exception) -> None:
         t = time.monotonic()

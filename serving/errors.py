@@ -95,10 +95,31 @@ def normalize_error(status: int, body: Any) -> dict[str, Any]:
     return error_body(text or f"backend answered {status}", _TYPES.get(status, "server_error"), None, status)
 
 
+_TAG_WORDS = {"str", "int", "float", "bool", "dict", "list", "none", "bytes", "constrained-str"}
+
+
+def _is_union_tag(part: Any) -> bool:
+    """A location segment naming a union member (`str`, `list[str]`), not a field."""
+    return isinstance(part, str) and ("[" in part or part in _TAG_WORDS)
+
+
 def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None, str]:
-    """(message, param, code) for pydantic errors, naming the first offending field."""
+    """(message, param, code) for pydantic errors, naming the first offending field.
+
+    A union reports one error per member; the error of the member whose type the input has (a list
+    too long, not "should be a valid string") is the one that says what is wrong.
+    """
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "invalid"}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    tag = next((i for i, p in enumerate(first.get("loc", ())) if _is_union_tag(p)), None)
+    if tag is not None:  # the members' errors of this one union field
+        field = tuple(first["loc"][:tag])
+        same = [
+            e
+            for e in errors
+            if tuple(e["loc"][:tag]) == field and len(e["loc"]) > tag and _is_union_tag(e["loc"][tag])
+        ]
+        first = next((e for e in same if not str(e.get("type", "")).endswith("_type")), first)
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_union_tag(p)]
     param = ".".join(loc) or None
     kind = str(first.get("type", ""))
     if kind == "json_invalid":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,7 @@ from serving.errors import OpenAIError
 from serving.experiments import Experiment, assignment_key
 from serving.health import CircuitBreaker
 from serving.metrics import Metrics
-from serving.routing import MicroBatcher, direct_decision, load_router
+from serving.routing import MicroBatcher, decidable_experts, direct_decision, load_router
 from serving.tracing import Tracer
 
 log = logging.getLogger("moerge.serving")
@@ -69,6 +70,7 @@ class Gateway:
             name: CircuitBreaker(cb.failure_threshold, cb.reset_after_s) for name in self.backends
         }
         self.batchers: dict[str, MicroBatcher] = {}
+        self._key_experts: dict[str, frozenset[str]] = {}  # per restricted key: experts it may be served by
         self.created = int(time.time())
         self._health_task: asyncio.Task[None] | None = None
         self.experiments = {name: Experiment(name, cfg) for name, cfg in config.experiments.items()}
@@ -76,6 +78,8 @@ class Gateway:
         self.limiter = RateLimiter(config.auth.keys)
         self.tracer = Tracer(config.tracing)
         self.decision_log = self._make_decision_log() if config.decision_log.enabled else None
+        self.metrics.before_collect(self._refresh_gauges)
+        self._metrics_server: Any = None
         self.accountant = Accountant(
             self.metrics,
             self.limiter,
@@ -116,18 +120,32 @@ class Gateway:
                 self.config.batching.max_batch,
                 self.config.batching.max_wait_ms,
                 observe=self._observe_batch(name),
+                max_queue=self.config.batching.max_queue,
+                on_shed=lambda kind, n=name: self.metrics.router_shed.labels(n, kind).inc(),
             )
+        self._key_experts = {
+            name: self._experts_for_models(key.models)
+            for name, key in self.config.auth.keys.items()
+            if key.models is not None
+        }
         for backend in self.backends.values():
             log.info("starting expert %s (%s)", backend.name, backend.kind)
             await backend.start()
         await self.probe()
         self._health_task = asyncio.create_task(self._health_loop())
+        if (port := self.config.server.metrics_port) is not None:  # /metrics off the API port
+            from prometheus_client import start_http_server
+
+            self._metrics_server, _ = start_http_server(port, self.config.server.host, self.metrics.registry)
         if self.decision_log is not None:
             self.decision_log.start()
 
     async def close(self) -> None:
         if self._health_task is not None:
             self._health_task.cancel()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         await self.accountant.drain(5.0)
         if self.decision_log is not None:
             await asyncio.to_thread(self.decision_log.close, 10.0)
@@ -170,16 +188,58 @@ class Gateway:
             self.metrics.backend_up.labels(name).set(1 if breaker.up else 0)
             self.metrics.breaker_open.labels(name).set(1 if breaker.state.value == "open" else 0)
 
+    def _refresh_gauges(self) -> None:
+        self.update_gauges()
+        if self.decision_log is not None:
+            self.metrics.log_queue.set(self.decision_log.pending())
+
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        backends = {}
-        for name, breaker in self.breakers.items():
-            backends[name] = {
-                "backend": self.backends[name].kind,
-                "up": breaker.up,
-                "breaker": breaker.state.value,
-                "last_error": breaker.last_error,
-            }
-        return all(b["up"] for b in backends.values()), backends
+        """Ready when every routing model can be served by some expert in its chain (with no routing
+        models: when some expert is up). One dead expert with a live fallback is no reason to take the
+        replica out of service. The detail names states only, never backend errors or addresses."""
+        backends = {
+            name: {"backend": self.backends[name].kind, "up": breaker.up, "breaker": breaker.state.value}
+            for name, breaker in self.breakers.items()
+        }
+        models = {
+            model: bool(reach) and all(self.servable(e) for e in reach)
+            for model in self.config.routing_models
+            for reach in [self.routing_reach(model)]
+        }
+        ok = all(models.values()) if models else any(self.servable(e) for e in self.backends)
+        return ok, {"routing_models": models, "backends": backends}
+
+    def servable(self, expert: str) -> bool:
+        """Some expert of `expert`'s fallback chain is up."""
+        return any(self.breakers[name].up for name in self.fallback_chain(expert))
+
+    def routing_reach(self, model: str) -> set[str]:
+        """The experts a routing model's router (or experiment arms) may decide; empty before start."""
+        target = self.config.routing_models.get(model)
+        routers: list[str] = []
+        experts: set[str] = set()
+        if target in self.experiments:
+            for arm in self.experiments[target].config.arms.values():
+                if arm.router is not None:
+                    routers.append(arm.router)
+                elif arm.expert is not None:
+                    experts.add(arm.expert)
+        elif target is not None:
+            routers.append(target)
+        for name in routers:
+            if (batcher := self.batchers.get(name)) is None:
+                return set()
+            experts |= {*decidable_experts(batcher.router), batcher.fallback}
+        return experts
+
+    def _experts_for_models(self, models: Collection[str]) -> frozenset[str]:
+        """What a key allowed `models` may be served by: the experts it names, and for each routing
+        model it names, the experts that model may decide and their fallback chains."""
+        out = {m for m in models if m in self.backends}
+        for model in models:
+            for expert in self.routing_reach(model):
+                out.update(self.fallback_chain(expert))
+        return frozenset(out)
 
     # -- routing -------------------------------------------------------------------------------------
     def models(self) -> list[dict[str, Any]]:
@@ -279,7 +339,8 @@ class Gateway:
         key = assignment_key(exp.config.assign_by, user, headers or {}, api_key)
         assignment = exp.assign(key, request_id)
         shadow = {
-            name: asyncio.ensure_future(self.batchers[name].decide(request)) for name in exp.config.shadow
+            name: asyncio.ensure_future(self.batchers[name].decide(request, shadow=True))
+            for name in exp.config.shadow
         }
         arm = exp.arm_config(assignment.arm)
         if arm.router is not None:
@@ -298,25 +359,36 @@ class Gateway:
             assignment.unit,
         )
 
-    def fallback_chain(self, expert: str) -> list[str]:
+    def fallback_chain(self, expert: str, api_key: str | None = None) -> list[str]:
+        """`expert` then its fallbacks, at most `retry.max_fallbacks` of them, and only experts the API
+        key may be served by (a key allowed only `math` is never answered by `code`)."""
         chain = [expert]
         while (nxt := self.config.experts[chain[-1]].fallback) is not None and nxt not in chain:
             chain.append(nxt)
-        return chain
+        if api_key is not None and (allowed := self._key_experts.get(api_key)) is not None:
+            chain = [name for name in chain if name in allowed]
+        return chain[: 1 + self.config.retry.max_fallbacks]
 
     # -- dispatch ------------------------------------------------------------------------------------
     async def dispatch(
-        self, endpoint: Endpoint, payload: dict[str, Any], raw: Request | None, expert: str
+        self,
+        endpoint: Endpoint,
+        payload: dict[str, Any],
+        raw: Request | None,
+        expert: str,
+        api_key: str | None = None,
     ) -> Served:
         t, retry = self.config.timeouts, self.config.retry
-        errors: list[str] = []
+        errors: list[str] = []  # for the log only: backend errors may name internal addresses
+        outcomes: dict[str, str] = {}  # for the client: expert → what happened
         failed: list[str] = []
         attempts = 0
-        for name in self.fallback_chain(expert):
+        for name in self.fallback_chain(expert, api_key):
             breaker, backend = self.breakers[name], self.backends[name]
             for attempt in range(retry.attempts + 1):
                 if not breaker.allow():
                     errors.append(f"{name}: circuit open ({breaker.last_error})")
+                    outcomes.setdefault(name, "circuit open")
                     self.metrics.attempts.labels(name, "skipped").inc()
                     break
                 attempts += 1
@@ -328,6 +400,7 @@ class Gateway:
                     breaker.record_failure(str(err))
                     self.metrics.attempts.labels(name, "failed").inc()
                     errors.append(str(err))
+                    outcomes[name] = "failed"
                     log.warning("expert %s attempt %d failed: %s", name, attempt + 1, err)
                     if attempt < retry.attempts and retry.backoff_s:
                         await asyncio.sleep(retry.backoff_s * 2**attempt)
@@ -342,9 +415,12 @@ class Gateway:
                 return Served(name, result, attempts, failed)
             failed.append(name)
         self.update_gauges()
+        log.warning("no backend could serve expert %s: %s", expert, "; ".join(errors[-4:]))
+        tried = ", ".join(f"{name} {outcome}" for name, outcome in outcomes.items())
         raise OpenAIError(
             503,
-            f"No backend could serve expert `{expert}`: " + "; ".join(errors[-4:]),
+            f"No backend could serve expert `{expert}`"
+            + (f" (tried: {tried})." if tried else ": no expert this API key may use is configured."),
             type="server_error",
             code="backend_unavailable",
         )

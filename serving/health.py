@@ -2,8 +2,10 @@
 
 Closed: requests flow. After `failure_threshold` consecutive failures the breaker opens and the
 backend is skipped (its fallback serves) for `reset_after_s`; then one trial request (half-open)
-decides whether it closes again. A successful health probe also closes it, so a backend that comes
-back is used again without waiting for traffic to test it.
+decides whether it closes again. A failed health probe opens it at once; a successful probe closes a
+breaker that a failed probe opened (the backend is back: no need to wait for traffic to test it), but
+not one that failing requests opened: a backend whose /health answers while its requests fail must
+still pass the half-open trial.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class CircuitBreaker:
     trial_in_flight: bool = False
     last_error: str | None = None
     healthy: bool | None = field(default=None)  # last probe result; None before the first probe
+    opened_by_probe: bool = False  # open because a probe failed (not requests): a good probe closes it
 
     @property
     def state(self) -> BreakerState:
@@ -52,6 +55,7 @@ class CircuitBreaker:
     def record_success(self) -> None:
         self.failures = 0
         self.opened_at = None
+        self.opened_by_probe = False
         self.trial_in_flight = False
         self.last_error = None
 
@@ -61,14 +65,16 @@ class CircuitBreaker:
         self.trial_in_flight = False
         if self.opened_at is not None or self.failures >= self.failure_threshold:
             self.opened_at = self.clock()
+            self.opened_by_probe = False
 
     def record_probe(self, ok: bool, error: str = "health probe failed") -> None:
-        """A probe that fails opens the breaker at once; one that succeeds closes it."""
+        """A probe that fails opens the breaker at once; one that succeeds closes it if a probe opened it."""
         self.healthy = ok
         if ok:
-            if self.opened_at is not None:
+            if self.opened_at is not None and self.opened_by_probe:
                 self.record_success()
         else:
+            self.opened_by_probe = self.opened_at is None or self.opened_by_probe
             self.last_error = error
             self.failures = max(self.failures, self.failure_threshold)
             self.opened_at = self.clock()

@@ -6,16 +6,34 @@ break requests down by experiment and arm, which is what an A/B dashboard compar
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
+
+class _BeforeCollect(Collector):
+    """Runs hooks (gauges read from live state) whenever the registry is collected, on any thread."""
+
+    def __init__(self) -> None:
+        self.hooks: list[Callable[[], None]] = []
+
+    def collect(self) -> Iterable[Metric]:
+        for hook in self.hooks:
+            hook()
+        return []
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self._before_collect = _BeforeCollect()
+        r.register(self._before_collect)  # first: the gauges it updates are collected after it
         self.requests = Counter(
             "moerge_requests", "Requests answered", ["endpoint", "model", "expert", "status"], registry=r
         )
@@ -49,6 +67,13 @@ class Metrics:
             "Time of one decide_batch call",
             ["router"],
             buckets=_FAST,
+            registry=r,
+        )
+        self.router_shed = Counter(
+            "moerge_router_shed",
+            "Routing requests refused at a full router queue (kind: shadow, not decided; serving, "
+            "given the router's fallback expert)",
+            ["router", "kind"],
             registry=r,
         )
         self.attempts = Counter(
@@ -130,7 +155,7 @@ class Metrics:
         )
         self.log_dropped = Counter(
             "moerge_decision_log_dropped",
-            "Rows dropped (reason: queue_full while the database is slow or down, shutdown, invalid)",
+            "Rows dropped (reason: queue_full while the database is slow or down, shutdown, rejected by it)",
             ["reason"],
             registry=r,
         )
@@ -138,3 +163,7 @@ class Metrics:
             "moerge_decision_log_write_errors", "Failed batch writes (retried)", registry=r
         )
         self.log_queue = Gauge("moerge_decision_log_queue", "Rows waiting to be written", registry=r)
+
+    def before_collect(self, hook: Callable[[], None]) -> None:
+        """Call `hook` before every scrape (the /metrics route or a separate metrics port)."""
+        self._before_collect.hooks.append(hook)

@@ -8,14 +8,26 @@ a router or backend sees it); every field, including engine-specific extensions 
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from starlette.requests import Request
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
+from starlette.requests import ClientDisconnect, Request
 
 from serving.errors import OpenAIError, validation_message
+
+# Upper bounds of the schema: what no request needs, so a request beyond them is refused before any
+# work (a router holding 150,000 messages, n = 128 generations). The config can cap max_tokens lower,
+# per key and for the gateway (`check_max_tokens`).
+MAX_TOKENS = 1 << 20
+MAX_N = 16
+MAX_MESSAGES = 2048
+MAX_PARTS = 256  # content parts of one message
+MAX_TOOLS = 128  # OpenAI's documented limit
+MAX_STOP = 16
+MAX_PROMPTS = 128  # texts (or token lists) of one completions request
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 
 class _Open(BaseModel):
@@ -23,13 +35,13 @@ class _Open(BaseModel):
 
 
 class StreamOptions(_Open):
-    include_usage: bool | None = None
-    continuous_usage_stats: bool | None = None
+    include_usage: StrictBool | None = None
+    continuous_usage_stats: StrictBool | None = None
 
 
 class ChatMessage(_Open):
-    role: str = Field(min_length=1)
-    content: str | list[dict[str, Any]] | None = None
+    role: Role = Field(description="one of " + ", ".join(get_args(Role)))
+    content: str | Annotated[list[dict[str, Any]], Field(max_length=MAX_PARTS)] | None = None
     name: str | None = None
 
 
@@ -37,43 +49,56 @@ class _Sampling(_Open):
     model: str = Field(
         min_length=1, max_length=256, description="an expert, or a routing model such as `auto`"
     )
-    stream: bool | None = False
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
-    max_tokens: int | None = Field(None, ge=0)
-    n: int | None = Field(None, ge=1, le=128)
-    stop: str | list[str] | None = None
+    max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS)
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    logit_bias: dict[str, float] | None = Field(None, max_length=1024)
+    user: str | None = Field(None, max_length=256)
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    logprobs: StrictBool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: StrictBool | None = None
+
+
+_Texts = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_PROMPTS)]
+_Tokens = Annotated[list[int], Field(min_length=1)]
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="text, texts, or token ids")
+    prompt: (
+        Annotated[str, Field(min_length=1)]
+        | _Texts
+        | _Tokens
+        | Annotated[list[_Tokens], Field(min_length=1, max_length=MAX_PROMPTS)]
+    ) = Field(description="text, texts, or token ids")
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool | None = None
+    echo: StrictBool | None = None
     suffix: str | None = None
-    best_of: int | None = Field(None, ge=1, le=128)
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
 
 
 class FeedbackRequest(BaseModel):
     """`POST /v1/feedback`: a score and/or a label for an answered request."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={"anyOf": [{"required": ["score"]}, {"required": ["label"]}]},
+    )
     request_id: str = Field(
         min_length=1, max_length=64, description="the answer's x-moerge-request-id (or moerge.request_id)"
     )
@@ -85,6 +110,21 @@ class FeedbackRequest(BaseModel):
         if self.score is None and self.label is None:
             raise ValueError("give a `score`, a `label`, or both")
         return self
+
+
+def check_max_tokens(body: ChatCompletionRequest | CompletionRequest, cap: int | None) -> None:
+    """400 naming the field when a request asks for more tokens than the key or the gateway allows."""
+    if cap is None:
+        return
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = getattr(body, field, None)
+        if value is not None and value > cap:
+            raise OpenAIError(
+                400,
+                f"Invalid value for '{field}': at most {cap} tokens may be asked for here, not {value}.",
+                param=field,
+                code="invalid_value",
+            )
 
 
 def prompt_messages(prompt: Any) -> list[dict[str, Any]]:
@@ -107,7 +147,10 @@ async def parse_body(request: Request, model: type[Body]) -> tuple[dict[str, Any
     Parsed by hand rather than by FastAPI so that any content type is accepted (curl's default form
     type included) and the backend receives exactly the client's fields.
     """
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # the client left mid-upload: counted as 499 (it gets no answer), not 500
+        raise OpenAIError(499, "The client closed the connection before sending the whole body.") from None
     try:
         payload = json.loads(raw, parse_constant=_no_constants)
     except (ValueError, RecursionError) as err:

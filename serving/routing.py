@@ -13,7 +13,8 @@ import asyncio
 import importlib
 import logging
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,19 @@ def load_router(name: str, cfg: RouterConfig, experts: Sequence[str]) -> Router:
     return router
 
 
+def decidable_experts(router: Router) -> list[str]:
+    """The experts a router can decide: a fixed router's one expert, otherwise all of its experts."""
+    from router.fixed import FixedRouter
+
+    return [router.expert] if isinstance(router, FixedRouter) else list(router.experts)
+
+
 def direct_decision(expert: str) -> Decision:
     return Decision(expert, {expert: 1.0}, 1.0, "direct", "1", "direct")
+
+
+class RouterOverloaded(Exception):
+    """A shadow decision shed because the router's queue is full (it is not decided)."""
 
 
 class MicroBatcher:
@@ -60,6 +72,11 @@ class MicroBatcher:
     A router that has never needed more than `inline_below_s` for a batch of this size (a rule, a coin)
     is called on the loop directly: a thread hop would cost more than the decision, and it cannot block
     the loop for long. The first batch always goes to the thread, to measure.
+
+    The queue is bounded (`max_queue` waiting requests): beyond it a serving request gets the router's
+    fallback expert at once (reason `router-overloaded→fallback`) and a shadow request is shed (raises
+    RouterOverloaded). A request whose caller gave up (a cancelled shadow decision) is dropped from the
+    queue without being decided, and with it the conversation it held.
     """
 
     def __init__(
@@ -71,6 +88,8 @@ class MicroBatcher:
         max_wait_ms: float = 0.0,
         observe: Any = None,
         inline_below_s: float = 0.0002,
+        max_queue: int = 1024,
+        on_shed: Callable[[str], None] | None = None,
     ) -> None:
         self.name = name
         self.router = router
@@ -78,13 +97,25 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
         self.observe = observe  # callable(batch_size, seconds) for metrics
-        self._queue: list[tuple[RoutingRequest, asyncio.Future[Decision]]] = []
+        self.max_queue = max_queue
+        self.on_shed = on_shed or (lambda kind: None)  # kind: "shadow" | "serving"
+        self._queue: deque[tuple[RoutingRequest, asyncio.Future[Decision]]] = deque()
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"router-{name}")
         self.inline_below_s = inline_below_s
         self._slowest = float("inf")  # the router's slowest time per request so far; inf until measured
 
-    async def decide(self, request: RoutingRequest) -> Decision:
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def decide(self, request: RoutingRequest, shadow: bool = False) -> Decision:
+        if len(self._queue) >= self.max_queue:
+            self._queue = deque(item for item in self._queue if not item[1].done())  # drop abandoned ones
+            if len(self._queue) >= self.max_queue:
+                self.on_shed("shadow" if shadow else "serving")
+                if shadow:
+                    raise RouterOverloaded(f"router {self.name}: {self.max_queue} requests queued")
+                return self._fallback_decision(RouterOverloaded(), "router-overloaded→fallback")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Decision] = loop.create_future()
         self._queue.append((request, fut))
@@ -92,13 +123,22 @@ class MicroBatcher:
             self._worker = loop.create_task(self._drain())
         return await fut
 
+    def _next_batch(self) -> list[tuple[RoutingRequest, asyncio.Future[Decision]]]:
+        batch = []
+        while self._queue and len(batch) < self.max_batch:
+            item = self._queue.popleft()
+            if not item[1].done():  # cancelled: nobody waits for this decision
+                batch.append(item)
+        return batch
+
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while self._queue:
             if self.max_wait_s and len(self._queue) < self.max_batch:
                 await asyncio.sleep(self.max_wait_s)
-            batch = self._queue[: self.max_batch]
-            del self._queue[: self.max_batch]
+            batch = self._next_batch()
+            if not batch:
+                continue
             requests = [r for r, _ in batch]
             start = time.perf_counter()
             try:
@@ -129,14 +169,14 @@ class MicroBatcher:
         decisions = self.router.decide_batch(requests)
         return decisions, time.perf_counter() - start
 
-    def _fallback_decision(self, err: Exception) -> Decision:
+    def _fallback_decision(self, err: Exception, reason: str = "router-error→fallback") -> Decision:
         return Decision(
             self.fallback,
             {},
             0.0,
             getattr(self.router, "name", self.name),
             getattr(self.router, "version", "?"),
-            "router-error→fallback",
+            reason,
             {"error": type(err).__name__},
         )
 

@@ -6,7 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,11 +29,11 @@ from serving.auth import hash_key
 from serving.config import load_config, parse_config
 from serving.decision_log import decisions, feedback
 from serving.logging_json import JsonFormatter
-from serving.testing import LOOPBACK, ThreadedServer, free_port
+from serving.testing import LOOPBACK, ThreadedServer, free_port, wait_http_ok
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = {"alice": "sk-alice", "bob": "sk-bob", "slow": "sk-slow", "thin": "sk-thin"}
+KEYS = {"alice": "sk-alice", "bob": "sk-bob", "slow": "sk-slow", "thin": "sk-thin", "capped": "sk-capped"}
 
 
 def chunk(model: str, content: str | None = "ok", usage: dict[str, int] | None = None) -> str:
@@ -102,7 +106,7 @@ def backends(gate: threading.Event) -> Iterator[dict[str, ThreadedServer]]:
 def base_config(backends: dict[str, ThreadedServer], db: Path, **extra: Any) -> dict[str, Any]:
     ok, gated = backends["ok"].url + "/v1", backends["gated"].url + "/v1"
     return {
-        "server": {"max_concurrent_requests": 1, "log_decisions": True},
+        "server": {"max_concurrent_requests": 1, "log_decisions": True, "max_tokens": 100},
         "experts": {
             "good": {"backend": "openai", "url": ok},
             "other": {"backend": "openai", "url": ok},
@@ -126,6 +130,7 @@ def base_config(backends: dict[str, ThreadedServer], db: Path, **extra: Any) -> 
                 "bob": {"sha256": hash_key(KEYS["bob"]), "models": ["auto"]},
                 "slow": {"sha256": hash_key(KEYS["slow"]), "requests_per_minute": 2},
                 "thin": {"sha256": hash_key(KEYS["thin"]), "tokens_per_minute": 5},
+                "capped": {"sha256": hash_key(KEYS["capped"]), "max_tokens": 8},
             }
         },
         "circuit_breaker": {"health_interval_s": 0.5},
@@ -277,6 +282,34 @@ def test_feedback(gateway: ThreadedServer, db: Path) -> None:
 
 
 # -- auth, limits ---------------------------------------------------------------------------------------
+def test_feedback_labels_do_not_grow_metric_series(gateway: ThreadedServer, db: Path) -> None:
+    """Labels outside `decision_log.feedback_labels` are counted as `other`: a client cannot add series.
+    The decision log keeps each label as sent (cleaned: this one has a NUL)."""
+    rid = chat(gateway.url, user="fb-labels").headers["x-moerge-request-id"]
+    size = len(httpx.get(gateway.url + "/metrics").text)
+    for i in range(60):
+        body = {"request_id": rid, "label": f"spam-{i}\u0000"}
+        assert httpx.post(gateway.url + "/v1/feedback", json=body, headers=auth()).status_code == 200
+    body = {"request_id": rid, "label": "thumbs_up"}
+    assert httpx.post(gateway.url + "/v1/feedback", json=body, headers=auth()).status_code == 200
+    text = httpx.get(gateway.url + "/metrics").text
+    assert "spam" not in text and len(text) - size < 2_000
+    assert metric(gateway.url, "moerge_ab_feedback_total", label="other") >= 60
+    assert metric(gateway.url, "moerge_ab_feedback_total", label="thumbs_up") >= 1
+    assert wait_for(lambda: len([f for f in db_rows(db, feedback) if f["request_id"] == rid]) == 61)
+    labels = {f["label"] for f in db_rows(db, feedback) if f["request_id"] == rid}
+    assert "spam-7" in labels and "thumbs_up" in labels
+
+
+def test_feedback_label_set_is_validated() -> None:
+    base = {"experts": {"a": {"backend": "openai", "url": "http://127.0.0.1:9/v1"}}}
+    for bad in (["other"], ["score"], ["has space"], ["x" * 65]):
+        with pytest.raises(ValueError, match="decision_log.feedback_labels"):
+            parse_config({**base, "decision_log": {"feedback_labels": bad}})
+    cfg = parse_config({**base, "decision_log": {"feedback_labels": ["ok"]}}).decision_log
+    assert [cfg.metric_label(x) for x in ("ok", "good", None)] == ["ok", "other", "score"]
+
+
 def test_auth_401_and_403(gateway: ThreadedServer) -> None:
     err = error_of(chat(gateway.url, key=None), 401)
     assert err["code"] == "invalid_api_key" and err["type"] == "authentication_error"
@@ -295,6 +328,15 @@ def test_auth_401_and_403(gateway: ThreadedServer) -> None:
     assert httpx.get(gateway.url + "/health").status_code == 200, "health stays open"
     assert metric(gateway.url, "moerge_rejected_total", reason="auth") >= 3
     assert metric(gateway.url, "moerge_rejected_total", reason="model_not_allowed") >= 1
+
+
+def test_max_tokens_caps_per_key_and_gateway(gateway: ThreadedServer) -> None:
+    assert chat(gateway.url, key="capped", max_tokens=8).status_code == 200
+    err = error_of(chat(gateway.url, key="capped", max_tokens=9), 400)
+    assert err["param"] == "max_tokens" and "at most 8" in err["message"]
+    assert chat(gateway.url, max_tokens=100).status_code == 200
+    err = error_of(chat(gateway.url, max_completion_tokens=101), 400)
+    assert err["param"] == "max_completion_tokens" and "at most 100" in err["message"]
 
 
 def test_rate_limits_answer_429_with_retry_after(gateway: ThreadedServer) -> None:
@@ -412,6 +454,54 @@ def test_graceful_shutdown_drains_open_streams(
     assert not server.thread.is_alive()
     rows = db_rows(tmp_path / "d.db")
     assert [r["status"] for r in rows] == [200], "the drained stream was logged before exit"
+
+
+def test_sigterm_drains_a_moerge_serve_process(
+    backends: dict[str, ThreadedServer], gate: threading.Event, tmp_path: Path
+) -> None:
+    """A real SIGTERM to `moerge serve` with two open streams: new requests get 503 `shutting_down`
+    (and /ready 503) while the streams finish; then the process exits, their rows logged."""
+    gate.clear()
+    port = free_port()
+    config = base_config(backends, tmp_path / "d.db")
+    config["server"] = {"port": port, "drain_s": 30}
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    url = f"http://{LOOPBACK}:{port}"
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving", "serve", str(path)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    body = {"model": "gated", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    try:
+        wait_http_ok(url + "/ready", 120, proc)
+        with (
+            httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=auth(), timeout=30) as a,
+            httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=auth(), timeout=30) as b,
+        ):
+            streams = [a.iter_lines(), b.iter_lines()]
+            assert all(next(lines).startswith("data: ") for lines in streams)
+            proc.send_signal(signal.SIGTERM)
+            assert wait_for(lambda: httpx.get(url + "/ready").status_code == 503)
+            assert httpx.get(url + "/ready").json()["draining"] is True
+            refused = chat(url, model="good")
+            assert error_of(refused, 503)["code"] == "shutting_down" and refused.headers["retry-after"]
+            assert proc.poll() is None, "the process waits for its open streams"
+            gate.set()
+            rests = [[line for line in lines if line] for lines in streams]
+        assert all(len(rest) == 4 and rest[-1] == "data: [DONE]" for rest in rests), rests
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        gate.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    rows = db_rows(tmp_path / "d.db")
+    assert sorted(r["status"] for r in rows) == [200, 200], "both drained streams were logged"
 
 
 def test_tracing_spans(backends: dict[str, ThreadedServer], tmp_path: Path) -> None:

@@ -127,7 +127,52 @@ def test_duplicate_ids_do_not_block_the_batch(db_url: str) -> None:
     for i in range(5):
         log.record(row(i, "control"))  # req-control-1 again, in a batch with four good rows
     log.close(timeout_s=30)
-    assert count(db_url) == 5 and dropped == [("invalid", 1)]
+    assert count(db_url) == 5 and dropped == [("rejected", 1)]
+
+
+def test_bad_values_are_cleaned_and_bounded(db_url: str) -> None:
+    """A NUL in a label, a lone surrogate, an over-long router name, NaN in the scores: PostgreSQL refuses
+    each as given (and used to stop the log for good); they are cleaned when recorded and every row lands."""
+    log = DecisionLog(db_url, batch_size=8, flush_interval_s=0.05)
+    log.start()
+    log.record(row(0, "control", router="expert:" + "r" * 300, reason="rule:0:a\x00b", model="m\x00"))
+    log.record(row(1, "control", scores={"math": float("nan"), "co\x00de": float("inf")}, prompt="p\ud800"))
+    log.add_feedback("req-control-0", score=1.0, label="good\x00")
+    log.add_feedback("req-control-1", score=None, label="\ud83d" + "x" * 100)
+    for i in range(2, 6):
+        log.record(row(i, "control"))  # the rows behind the bad ones
+    assert wait_for(lambda: log.written == 8, timeout_s=20), (log.written, log.dropped)
+    log.close(timeout_s=30)
+    engine = make_engine(db_url)
+    with engine.connect() as conn:
+        rows = {r.request_id: r for r in conn.execute(select(decisions))}
+        labels = sorted(r.label for r in conn.execute(select(feedback)))
+    engine.dispose()
+    first = rows["req-control-0"]
+    assert first.router == "expert:" + "r" * 121 and first.reason == "rule:0:ab" and first.model == "m"
+    assert rows["req-control-1"].scores == {"math": None, "code": None}
+    assert rows["req-control-1"].prompt == "p?"
+    assert labels == ["?" + "x" * 63, "good"]
+
+
+def test_rows_the_database_rejects_are_dropped_not_retried(db_url: str) -> None:
+    """Rows that no cleaning makes valid (here: a duplicate id, and a value the driver cannot send) are
+    dropped and counted with reason `rejected`; the rows queued with and behind them are written."""
+    dropped: list[tuple[str, int]] = []
+    log = DecisionLog(
+        db_url, batch_size=16, flush_interval_s=0.05, on_drop=lambda r, n: dropped.append((r, n))
+    )
+    log.record(row(0, "control"))
+    log.record(row(0, "control"))  # duplicate id
+    log.record(row(1, "control", latency_s=object()))  # no driver can send this
+    for i in range(2, 12):
+        log.record(row(i, "control"))
+    log.start()
+    assert wait_for(lambda: log.written == 11, timeout_s=20), (log.written, dropped)
+    log.record(row(12, "control"))  # and the log goes on
+    assert wait_for(lambda: log.written == 12, timeout_s=20)
+    log.close(timeout_s=30)
+    assert count(db_url) == 12 and sum(n for r, n in dropped if r == "rejected") == 2, dropped
 
 
 def test_ab_report_cli_reads_postgres(postgres: PostgresServer) -> None:

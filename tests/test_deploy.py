@@ -81,6 +81,23 @@ def container(deployment: dict[str, Any]) -> dict[str, Any]:
     return c
 
 
+def assert_hardened(deployment: dict[str, Any]) -> None:
+    """Non-root, RuntimeDefault seccomp, no service-account token, read-only root filesystem (with
+    writable /tmp and cache folders), no privilege escalation, every capability dropped."""
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    c = container(deployment)
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]} and sc.get("privileged") is not True
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for path in ("/tmp", "/home/moerge/.cache"):
+        assert "emptyDir" in volumes[mounts[path]], f"{path} is writable"
+
+
 # -- the chart -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("values", [None, EXAMPLE_VALUES], ids=["defaults", "example"])
 def test_chart_lints(helm: Path, values: Path | None) -> None:
@@ -99,7 +116,7 @@ def test_chart_renders_valid_kubernetes_objects(helm: Path, values: Path | None)
             continue
         kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
     kinds = sorted({o["kind"] for o in objs})
-    expected = ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Secret", "Service"]
+    expected = ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "NetworkPolicy", "Secret", "Service"]
     assert kinds == sorted(expected + (["ServiceMonitor"] if values else []))
 
     config = gateway_config(objs)
@@ -123,13 +140,31 @@ def test_chart_renders_valid_kubernetes_objects(helm: Path, values: Path | None)
             assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}
         assert any(m["name"] == "models" for m in c["volumeMounts"])
         assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+        assert_hardened(deployments[f"{RELEASE}-expert-{name}"])
+        assert any(e["name"] == "VLLM_API_KEY" for e in c["env"]), "experts require the backend key"
+        assert expert.api_key_env == "MOERGE_BACKEND_API_KEY"
 
     gateway = deployments[f"{RELEASE}-gateway"]
     g = container(gateway)
     assert g["args"] == ["gateway", "/etc/moerge/config.yaml"]
-    assert g["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert g["livenessProbe"]["httpGet"]["path"] == "/health"  # liveness and readiness are distinct
     assert g["readinessProbe"]["httpGet"]["path"] == "/ready"
-    assert config.server.port == g["ports"][0]["containerPort"]
+    assert_hardened(gateway)
+    ports = {p["name"]: p["containerPort"] for p in g["ports"]}
+    assert (
+        config.server.port == ports["http"]
+        and config.server.metrics_port == ports["metrics"] != ports["http"]
+    )
+    assert gateway["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(
+        ports["metrics"]
+    )
+    assert {p["name"] for p in services[f"{RELEASE}-gateway"]["spec"]["ports"]} == {"http", "metrics"}
+    assert config.server.docs is False, "no /docs or /openapi.json in production"
+    # SIGTERM after the preStop wait; then drain_s for open streams and ~15 s to flush the log
+    pre_stop = g["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    grace = gateway["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace >= int(pre_stop[1]) + config.server.drain_s + 15
     (hpa,) = by_kind(objs, "HorizontalPodAutoscaler").values()
     assert hpa["spec"]["scaleTargetRef"]["name"] == gateway["metadata"]["name"]
     assert "cpu" in g["resources"]["requests"]  # utilisation targets need a request
@@ -167,13 +202,68 @@ def test_example_values_wire_secrets_into_the_gateway(helm: Path) -> None:
     assert set(config.routers) == {"hybrid", "baseline"}
     assert config.routing_models["auto"] == "router-ab"
     assert set(config.experiments["router-ab"].arms) == {"trained", "random"}
-    # the ServiceMonitor selects the gateway's and the experts' Services, on their `http` port
-    (monitor,) = by_kind(objs, "ServiceMonitor").values()
-    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
-    selector = monitor["spec"]["selector"]["matchLabels"].items()
+    # the ServiceMonitors select the gateway's Service on its `metrics` port and the experts' on `http`
+    monitors = by_kind(objs, "ServiceMonitor")
+    assert set(monitors) == {f"{RELEASE}-gateway", f"{RELEASE}-expert"}
     for svc in by_kind(objs, "Service").values():
-        assert selector <= svc["metadata"]["labels"].items()
-        assert svc["spec"]["ports"][0]["name"] == monitor["spec"]["endpoints"][0]["port"]
+        matching = [
+            m
+            for m in monitors.values()
+            if m["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+        ]
+        assert len(matching) == 1 and matching[0]["apiVersion"] == "monitoring.coreos.com/v1"
+        want = "metrics" if svc["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway" else "http"
+        assert matching[0]["spec"]["endpoints"][0]["port"] == want
+        assert want in {p["name"] for p in svc["spec"]["ports"]}
+
+
+@pytest.mark.parametrize("values", [None, EXAMPLE_VALUES], ids=["defaults", "example"])
+def test_network_policies_keep_the_experts_behind_the_gateway(helm: Path, values: Path | None) -> None:
+    objs = render(helm, *(["-f", str(values)] if values else []))
+    policies = by_kind(objs, "NetworkPolicy")
+    deployments = by_kind(objs, "Deployment")
+    gateway_labels = deployments[f"{RELEASE}-gateway"]["spec"]["template"]["metadata"]["labels"]
+    experts = policies[f"{RELEASE}-experts"]["spec"]
+    assert experts["policyTypes"] == ["Ingress"]
+    for name, d in deployments.items():
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        selected = experts["podSelector"]["matchLabels"].items() <= labels.items()
+        assert selected == name.startswith(f"{RELEASE}-expert-"), name
+    (rule,) = experts["ingress"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    pods = [peer["podSelector"]["matchLabels"] for peer in rule["from"] if "podSelector" in peer]
+    assert pods and all(p.items() <= gateway_labels.items() for p in pods), "only the gateway's pods"
+    others = [peer for peer in rule["from"] if "podSelector" not in peer]
+    assert others == yaml.safe_load((CHART / "values.yaml").read_text())["networkPolicy"]["metricsFrom"]
+    gateway = policies[f"{RELEASE}-gateway"]["spec"]
+    assert gateway["podSelector"]["matchLabels"].items() <= gateway_labels.items()
+    api, metrics = gateway["ingress"]
+    assert api["ports"][0]["port"] == "http" and "from" not in api, "the API is open (auth is the gateway's)"
+    assert metrics["ports"][0]["port"] == "metrics" and metrics["from"] == others
+    restricted = by_kind(
+        render(
+            helm,
+            "--set-json",
+            'networkPolicy.apiFrom=[{"namespaceSelector":{}}]',
+            "--set-json",
+            "networkPolicy.metricsFrom=[]",
+        ),
+        "NetworkPolicy",
+    )
+    (api,) = restricted[f"{RELEASE}-gateway"]["spec"]["ingress"]
+    assert api["from"] == [{"namespaceSelector": {}}], "no metricsFrom: nobody scrapes the gateway"
+    assert not by_kind(render(helm, "--set", "networkPolicy.enabled=false"), "NetworkPolicy")
+
+
+def test_backend_key_is_generated_by_default(helm: Path) -> None:
+    objs = render(helm)
+    (secret,) = by_kind(objs, "Secret").values()
+    key = secret["stringData"]["backend-api-key"]
+    assert re.fullmatch(r"[A-Za-z0-9]{48}", key)
+    assert key != by_kind(render(helm), "Secret")[f"{RELEASE}-keys"]["stringData"]["backend-api-key"]
+    off = render(helm, "--set", "apiKeys.generateBackendKey=false")
+    assert "backend-api-key" not in (by_kind(off, "Secret")[f"{RELEASE}-keys"].get("stringData") or {})
+    assert not any(e.api_key_env for e in gateway_config(off).experts.values())  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(
@@ -183,6 +273,7 @@ def test_example_values_wire_secrets_into_the_gateway(helm: Path) -> None:
         ["--set", "modelVolume.type=nfs"],
         ["--set-json", 'gateway.config.experts={"x":{}}'],
         ["--set", "decisionLog.enabled=true"],  # neither a URL nor an existing Secret
+        ["--set", "networkPolicy.apiFrom=everyone"],
     ],
 )
 def test_chart_schema_rejects_bad_values(helm: Path, bad: list[str]) -> None:

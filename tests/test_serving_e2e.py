@@ -36,6 +36,10 @@ pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
 LONG = {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
 LONG_LEN = 8192
 LONG_TOKENS = 8000
+# The victim of the kill test streams far longer than any socket buffer and any frontend lag can hold:
+# it cannot have sent its whole answer before it is killed (≈1 KB of KV cache per token: 60 MB).
+VICTIM_LEN = 65536
+VICTIM_TOKENS = 60000
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +59,7 @@ def servers(zoo: TinyZoo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             zoo.experts["code"], ["code"], max_model_len=LONG_LEN, env=LONG, log_path=logs / "code.log"
         ).start(),
         "victim": VllmServer(
-            zoo.experts["math"], ["victim"], max_model_len=LONG_LEN, env=LONG, log_path=logs / "victim.log"
+            zoo.experts["math"], ["victim"], max_model_len=VICTIM_LEN, env=LONG, log_path=logs / "victim.log"
         ).start(),
     }
     yield started
@@ -466,26 +470,35 @@ def test_disconnect_aborts_in_process_request(gateway: ThreadedServer, stream: b
         del engine.abort
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open issue: passes alone and in subsets, fails when the whole module runs "
-    "(the remote generation runs to the end); see the serving report",
-)
 def test_disconnect_aborts_remote_request(gateway: ThreadedServer, code_server: VllmServer) -> None:
-    def metric(name: str) -> float:
-        text = httpx.get(code_server.url + "/metrics").text
-        return sum(float(v) for v in re.findall(rf"^{re.escape(name)}\{{[^}}]*\}} (\S+)$", text, re.M))
+    """A client that leaves a stream to a remote expert makes the gateway close its upstream
+    connection at once, and `vllm serve` aborts the generation: it never finishes (`length`).
 
+    This was a non-strict xfail ("fails when the whole module runs"). What makes it order-dependent:
+    when Starlette cancels a streaming response while the relay is parked at a `yield`, the relay
+    generator is only dropped, and its `finally` (which closes the upstream connection) runs when the
+    garbage collector gets to it, which depends on what ran before. ClosingStreamingResponse closes
+    it at once; `test_serving_unit.py::test_stream_relay_is_closed_at_once` pins that. The failure was
+    not reproduced in whole-module runs of this file (the base commit's and this one's).
+    """
+
+    def metric(name: str, **labels: str) -> float:
+        text = httpx.get(code_server.url + "/metrics").text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    finished = metric("vllm:request_success_total", finished_reason="length")
     before = metric("vllm:generation_tokens_total")
     with httpx.stream(
         "POST", gateway.url + "/v1/chat/completions", json=long_chat("code", True), timeout=60
     ) as resp:
         assert next(resp.iter_lines()).startswith("data: ")
-    # Not aborted, the request would run to its LONG_TOKENS tokens before the server went idle.
-    assert wait_for(lambda: metric("vllm:num_requests_running") == 0)
-    assert metric("vllm:generation_tokens_total") - before < LONG_TOKENS, (
-        "the remote server did not abort the request"
-    )
+    assert wait_for(lambda: metric("vllm:num_requests_running") == 0), "the request is still running"
+    assert metric("vllm:generation_tokens_total") - before < LONG_TOKENS, "it ran to its end"
+    assert metric("vllm:request_success_total", finished_reason="length") == finished, "it ran to its end"
 
 
 # -- fuzzing: no 5xx, no hang ------------------------------------------------------------------------------
@@ -624,22 +637,18 @@ def test_kill_backend_mid_stream_then_fall_back(fault_gateway: ThreadedServer, v
     stream = client.chat.completions.create(
         model="victim",
         messages=user("x"),
-        max_tokens=LONG_TOKENS,
+        max_tokens=VICTIM_TOKENS,
         stream=True,
         extra_body={"ignore_eos": True},
     )
     assert stream.response.headers["x-moerge-expert"] == "victim"
     received = 0
-    try:
+    with pytest.raises(openai.APIError, match="mid-stream"):
         for _ in stream:
             received += 1
             if received == 1:
                 victim.kill(signal.SIGKILL)
-    except openai.APIError as err:
-        assert "mid-stream" in str(err)
-    else:  # vLLM's frontend can lag its engine so much that the whole answer was sent before the kill
-        victim.kill(signal.SIGKILL)
-        pytest.skip("the backend had sent the whole stream before it was killed; see test_serving_unit")
+    assert received >= 1
     # The backend is now down before any token: retried, then served by its fallback, streaming or not.
     for stream_mode in (False, True):
         resp = httpx.post(
@@ -651,9 +660,12 @@ def test_kill_backend_mid_stream_then_fall_back(fault_gateway: ThreadedServer, v
         assert (
             resp.headers["x-moerge-expert"] == "code" and resp.headers["x-moerge-routed-expert"] == "victim"
         )
-    assert wait_for(lambda: httpx.get(fault_gateway.url + "/ready").status_code == 503)
-    ready = httpx.get(fault_gateway.url + "/ready").json()["backends"]
-    assert ready["victim"]["up"] is False and ready["code"]["up"] is True
+    # One dead expert whose fallback is up leaves the replica ready (it serves, as just seen).
+    assert wait_for(
+        lambda: httpx.get(fault_gateway.url + "/ready").json()["backends"]["victim"]["up"] is False
+    )
+    ready = httpx.get(fault_gateway.url + "/ready")
+    assert ready.status_code == 200 and ready.json()["backends"]["code"]["up"] is True
     metrics = httpx.get(fault_gateway.url + "/metrics").text
     assert 'moerge_stream_errors_total{expert="victim"} 1.0' in metrics
     assert 'moerge_fallbacks_total{from_expert="victim",to_expert="code"}' in metrics

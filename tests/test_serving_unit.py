@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from serving.backends.inprocess import engine_argv
 from serving.cli import register_serve_commands
 from serving.config import ConfigError, load_config, missing_paths, parse_config
 from serving.health import BreakerState, CircuitBreaker
-from serving.routing import MicroBatcher
+from serving.routing import MicroBatcher, RouterOverloaded
 from serving.testing import LOOPBACK, ThreadedServer, free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -155,6 +157,23 @@ def test_circuit_breaker_opens_half_opens_and_closes() -> None:
     assert cb.state is BreakerState.CLOSED and cb.up
 
 
+def test_good_probe_does_not_close_a_breaker_that_requests_opened() -> None:
+    """/health answering while requests fail must not re-close the breaker every probe interval."""
+    now = [0.0]
+    cb = CircuitBreaker(failure_threshold=2, reset_after_s=10, clock=lambda: now[0])
+    cb.record_failure("HTTP 500")
+    cb.record_failure("HTTP 500")
+    cb.record_probe(True)
+    assert cb.state is BreakerState.OPEN and not cb.allow()
+    cb.record_probe(False)  # a failed probe on top does not turn it into a probe-opened breaker
+    cb.record_probe(True)
+    assert cb.state is BreakerState.OPEN
+    now[0] = 10.5
+    assert cb.allow(), "the half-open trial decides"
+    cb.record_success()
+    assert cb.state is BreakerState.CLOSED
+
+
 # -- micro-batching ---------------------------------------------------------------------------------
 class RecordingRouter(Router):
     name = "recording"
@@ -212,6 +231,46 @@ async def test_micro_batcher_calls_cheap_routers_inline() -> None:
     slow.close()
 
 
+async def test_micro_batcher_drops_cancelled_requests_undecided() -> None:
+    """Shadow decisions whose caller gave up are not decided (and no longer hold their messages)."""
+    router = RecordingRouter(["a", "b"])
+    batcher = MicroBatcher("r", router, fallback="a")
+    first = asyncio.create_task(batcher.decide(RoutingRequest.from_prompt("x")))
+    await asyncio.sleep(0.05)  # the first batch is being decided (the router waits on its gate)
+    shadows = [
+        asyncio.create_task(batcher.decide(RoutingRequest.from_prompt("y" * 10_000), shadow=True))
+        for _ in range(20)
+    ]
+    await asyncio.sleep(0.01)
+    for task in shadows[:15]:
+        task.cancel()
+    router.gate.set()
+    await first
+    decided = await asyncio.gather(*shadows[15:])
+    assert len(decided) == 5 and sum(router.batches) == 1 + 5, router.batches
+    assert batcher.queued() == 0
+    batcher.close()
+
+
+async def test_micro_batcher_queue_is_bounded() -> None:
+    router = RecordingRouter(["a", "b"])
+    shed: list[str] = []
+    batcher = MicroBatcher("r", router, fallback="b", max_queue=3, on_shed=shed.append)
+    first = asyncio.create_task(batcher.decide(RoutingRequest.from_prompt("x")))
+    await asyncio.sleep(0.05)
+    waiting = [asyncio.create_task(batcher.decide(RoutingRequest.from_prompt("x"))) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    over = await batcher.decide(RoutingRequest.from_prompt("x"))
+    assert over.expert == "b" and over.reason == "router-overloaded→fallback"
+    with pytest.raises(RouterOverloaded):
+        await batcher.decide(RoutingRequest.from_prompt("x"), shadow=True)
+    assert shed == ["serving", "shadow"]
+    router.gate.set()
+    await asyncio.gather(first, *waiting)
+    assert sum(router.batches) == 4
+    batcher.close()
+
+
 async def test_micro_batcher_router_failure_falls_back() -> None:
     router = RecordingRouter(["a", "b"], fail=True)
     router.gate.set()
@@ -235,7 +294,7 @@ def chunk_of(body: dict[str, Any]) -> dict[str, Any]:
 def fake_backend(mode: str) -> FastAPI:
     """A stand-in OpenAI server for one dispatch rule: `ok`, `fail500`, or `hang` (never answers)."""
     app = FastAPI()
-    calls = {"n": 0}
+    calls = {"n": 0, "closed": 0}
     app.state.calls = calls
 
     @app.get("/health")
@@ -250,6 +309,17 @@ def fake_backend(mode: str) -> FastAPI:
             return JSONResponse({"error": {"message": "engine exploded", "type": "server_error"}}, 500)
         if mode == "hang":
             await asyncio.sleep(3600)
+        if mode == "texterr":  # an error event with a text code first, then nothing: the stream stays open
+
+            async def text_error() -> Any:
+                try:
+                    error = {"message": "engine busy", "type": "server_error", "code": "server_error"}
+                    yield f"data: {json.dumps({'error': error})}\n\n"
+                    await asyncio.sleep(3600)
+                finally:
+                    calls["closed"] += 1
+
+            return StreamingResponse(text_error(), media_type="text/event-stream")
         if mode == "cut":  # one event, then the connection drops mid-stream
 
             async def cut() -> Any:
@@ -282,7 +352,9 @@ def fake_backend(mode: str) -> FastAPI:
 
 @pytest.fixture(scope="module")
 def fakes() -> Iterator[dict[str, ThreadedServer]]:
-    servers = {m: ThreadedServer(fake_backend(m)).start() for m in ("ok", "fail500", "hang", "cut")}
+    servers = {
+        m: ThreadedServer(fake_backend(m)).start() for m in ("ok", "fail500", "hang", "cut", "texterr")
+    }
     yield servers
     for s in servers.values():
         s.stop()
@@ -303,8 +375,18 @@ def gateway(fakes: dict[str, ThreadedServer]) -> Iterator[str]:
                 "slow": remote(fakes["hang"].url + "/v1", fallback="good"),
                 "lonely": remote(dead),
                 "flaky": remote(fakes["cut"].url + "/v1", fallback="good"),
+                "doomed": remote(fakes["fail500"].url + "/v1"),
+                "texty": remote(fakes["texterr"].url + "/v1", fallback="good"),
             },
-            "routers": {"r": {"kind": "fixed", "params": {"expert": "ghost"}}},
+            "routers": {
+                "r": {"kind": "fixed", "params": {"expert": "ghost"}},
+                "ruled": {
+                    "kind": "rules",
+                    "experts": ["good"],
+                    "params": {"rules": [{"pattern": "x\n|hi", "expert": "good"}]},
+                },
+            },
+            "routing_models": {"auto": "r", "ruled": "ruled"},
             "timeouts": {"first_token_s": 1, "total_s": 1, "connect_s": 1},
             "retry": {"attempts": 1, "backoff_s": 0.01},
             "circuit_breaker": {"failure_threshold": 50, "health_interval_s": 0.5},
@@ -349,11 +431,60 @@ def assert_openai_error(resp: httpx.Response, status: int, param: str | None = N
         (msg("good", n=0), 400, "n"),
         (msg("good", top_logprobs=99), 400, "top_logprobs"),
         (msg("good", stream="maybe"), 400, "stream"),
+        (msg("good", stream=1), 400, "stream"),
+        (msg("good", parallel_tool_calls=0), 400, "parallel_tool_calls"),
+        (msg("good", n=17), 400, "n"),
+        (msg("good", max_tokens=2**20 + 1), 400, "max_tokens"),
+        (msg("good", max_completion_tokens=2**20 + 1), 400, "max_completion_tokens"),
+        (msg("good", stop=["x"] * 17), 400, "stop"),
+        (msg("good", user="u" * 257), 400, "user"),
+        ({"model": "good", "messages": [{"role": "¼K"}]}, 400, "messages.0.role"),
         (msg("nope"), 404, "model"),
     ],
 )
 def test_bad_requests_get_openai_errors(gateway: str, body: Any, status: int, param: str | None) -> None:
     assert_openai_error(post(gateway, body), status, param)
+
+
+def test_protocol_bounds() -> None:
+    """Bounds no real request needs: refused by the schema, before a router or backend sees them."""
+    from pydantic import ValidationError
+
+    from serving.protocol import MAX_MESSAGES, ChatCompletionRequest, CompletionRequest
+
+    many = [{"role": "user", "content": "x"}] * (MAX_MESSAGES + 1)
+    with pytest.raises(ValidationError, match="messages"):
+        ChatCompletionRequest.model_validate({"model": "m", "messages": many})
+    ChatCompletionRequest.model_validate({"model": "m", "messages": many[:MAX_MESSAGES]})
+    for prompt in ("", [], [""], [[]]):
+        with pytest.raises(ValidationError):
+            CompletionRequest.model_validate({"model": "m", "prompt": prompt})
+    for prompt in ("x", ["x", "y"], [1, 2], [[1], [2]]):
+        CompletionRequest.model_validate({"model": "m", "prompt": prompt})
+    with pytest.raises(ValidationError, match="best_of"):
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", "best_of": 17})
+
+
+def requests_by_status(url: str, status: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    pattern = rf'^moerge_requests_total\{{[^}}]*status="{status}"[^}}]*\}} (\S+)$'
+    return sum(float(v) for v in re.findall(pattern, text, re.M))
+
+
+def test_client_leaving_mid_upload_is_499_not_500(gateway: str) -> None:
+    before = {s: requests_by_status(gateway, s) for s in ("499", "500")}
+    host, port = gateway.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b'content-length: 1000\r\n\r\n{"model": "good", '
+        )
+        time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while requests_by_status(gateway, "499") == before["499"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert requests_by_status(gateway, "499") == before["499"] + 1
+    assert requests_by_status(gateway, "500") == before["500"]
 
 
 def test_oversize_body_is_413(gateway: str) -> None:
@@ -383,12 +514,18 @@ def test_models_health_ready_metrics_openapi(gateway: str) -> None:
         "slow": "expert",
         "lonely": "expert",
         "flaky": "expert",
+        "doomed": "expert",
+        "texty": "expert",
         "auto": "routing",
+        "ruled": "routing",
     }
     assert httpx.get(gateway + "/health").status_code == 200
+    # `auto` decides `ghost`, which is down, but its fallback `good` is up: the replica can serve
     ready = httpx.get(gateway + "/ready")
-    assert ready.status_code == 503 and ready.json()["backends"]["ghost"]["up"] is False
+    assert ready.status_code == 200 and ready.json()["routing_models"] == {"auto": True, "ruled": True}
+    assert ready.json()["backends"]["ghost"] == {"backend": "openai", "up": False, "breaker": "open"}
     assert ready.json()["backends"]["good"]["up"] is True
+    assert LOOPBACK not in ready.text and "error" not in ready.text, "no addresses or errors on /ready"
     metrics = httpx.get(gateway + "/metrics").text
     assert (
         'moerge_backend_up{expert="good"} 1.0' in metrics
@@ -414,6 +551,78 @@ def test_failures_before_first_token_fall_back(gateway: str, expert: str, stream
         assert ext["attempts"] == (1 if expert == "ghost" else 3)
 
 
+def test_error_event_with_a_text_code_falls_back_and_closes_upstream(
+    gateway: str, fakes: dict[str, ThreadedServer]
+) -> None:
+    """A stream whose first event is `{"error": {"code": "server_error"}}`: retried, then the fallback
+    serves; every upstream stream is closed (it would otherwise stay open, sleeping)."""
+    calls = fakes["texterr"].app.state.calls
+    before = calls["n"]
+    resp = post(gateway, msg("texty", stream=True))
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-moerge-expert"] == "good" and resp.headers["x-moerge-routed-expert"] == "texty"
+    assert calls["n"] - before == 2, "tried twice (one retry)"
+    deadline = time.monotonic() + 10
+    while calls["closed"] < calls["n"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert calls["closed"] == calls["n"], "the upstream connections were closed"
+
+
+@pytest.mark.parametrize("closing", [False, True])
+async def test_stream_relay_is_closed_at_once(closing: bool) -> None:
+    """A client that leaves while the relay is parked at a `yield` (its `send` blocked): Starlette only
+    drops the generator, whose `finally` closes the upstream connection when the garbage collector
+    gets to it, late when a reference cycle holds it (here: an extra reference). This was why the
+    remote-abort test failed in long runs. ClosingStreamingResponse closes it before returning."""
+    from starlette.responses import StreamingResponse
+
+    from serving.app import ClosingStreamingResponse
+
+    closed: list[bool] = []
+
+    async def relay() -> Any:
+        try:
+            while True:
+                yield b"data: {}\n\n"
+        finally:
+            closed.append(True)
+
+    gen = relay()  # held elsewhere, as by a reference cycle
+    left = asyncio.Event()
+
+    async def send(message: dict[str, Any]) -> None:
+        if message.get("body"):
+            left.set()
+            await asyncio.sleep(3600)  # the client stopped reading
+
+    async def receive() -> dict[str, Any]:
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    response = (ClosingStreamingResponse if closing else StreamingResponse)(gen)
+    scope = {"type": "http", "asgi": {"spec_version": "2.3"}}
+    await asyncio.wait_for(response(scope, receive, send), 5)
+    assert closed == ([True] if closing else []), "the relay (and its upstream) is closed at once"
+    await gen.aclose()
+
+
+def test_error_status_of_openai_error_objects() -> None:
+    from serving.backends.base import error_status
+
+    assert error_status({"code": 503}) == 503 and error_status({"code": "429"}) == 429
+    assert error_status({"code": "server_error"}) == 500 and error_status({}) == 500
+    assert error_status({"code": "bad", "type": "invalid_request_error"}) == 400
+    assert error_status({"code": True}) == 500 and error_status({"code": 7}) == 500
+
+
+def test_router_reason_with_a_newline_is_a_valid_header(gateway: str) -> None:
+    """A rules pattern with a newline names itself in x-moerge-reason: the header must stay one line."""
+    resp = post(gateway, msg("ruled"))
+    assert resp.status_code == 200 and resp.headers["x-moerge-expert"] == "good"
+    assert resp.headers["x-moerge-reason"] == "rule:0:x |hi"
+    assert resp.json()["moerge"]["reason"] == "rule:0:x\n|hi", "the body keeps the reason as it is"
+
+
 def test_routed_request_falls_back_and_reports_decision(gateway: str) -> None:
     resp = post(gateway, msg("auto"))
     assert resp.status_code == 200
@@ -434,6 +643,134 @@ def test_failure_after_first_token_ends_stream_with_error_event(gateway: str) ->
 def test_no_backend_left_is_503(gateway: str) -> None:
     err = assert_openai_error(post(gateway, msg("lonely")), 503)
     assert err["code"] == "backend_unavailable"
+    assert LOOPBACK not in err["message"] and "Connect" not in err["message"], "no internal address"
+    err = assert_openai_error(post(gateway, msg("doomed")), 503)
+    assert "exploded" not in err["message"] and err["message"].endswith("(tried: doomed failed)."), err
+
+
+async def started(config: dict[str, Any]) -> Any:
+    from serving.gateway import Gateway
+
+    gw = Gateway(parse_config(config))
+    await gw.start()
+    return gw
+
+
+async def test_readiness_needs_every_routing_model_servable(fakes: dict[str, ThreadedServer]) -> None:
+    dead = f"http://{LOOPBACK}:{free_port()}/v1"
+    experts = {
+        "good": remote(fakes["ok"].url + "/v1"),
+        "ghost": remote(dead, fallback="good"),
+        "lonely": remote(dead),
+    }
+    routers = {
+        "to-ghost": {"kind": "fixed", "params": {"expert": "ghost"}},
+        "to-lonely": {"kind": "fixed", "params": {"expert": "lonely"}, "fallback": "lonely"},
+    }
+    gw = await started({"experts": experts, "routers": routers, "routing_models": {"auto": "to-ghost"}})
+    try:
+        ok, detail = gw.readiness()
+        assert ok and detail["routing_models"] == {"auto": True} and not detail["backends"]["lonely"]["up"]
+    finally:
+        await gw.close()
+    models = {"auto": "to-ghost", "solo": "to-lonely"}
+    gw = await started({"experts": experts, "routers": routers, "routing_models": models})
+    try:
+        ok, detail = gw.readiness()
+        assert not ok and detail["routing_models"] == {"auto": True, "solo": False}
+    finally:
+        await gw.close()
+    gw = await started({"experts": {"lonely": experts["lonely"], "good": experts["good"]}})
+    try:
+        assert gw.readiness()[0], "no routing models: ready while some expert is up"
+    finally:
+        await gw.close()
+
+
+async def test_fallback_chain_honours_the_key_and_is_bounded(fakes: dict[str, ThreadedServer]) -> None:
+    dead = f"http://{LOOPBACK}:{free_port()}/v1"
+    key = {"sha256": "0" * 64}
+    config = {
+        "experts": {
+            "a": remote(dead, fallback="b"),
+            "b": remote(dead, fallback="c"),
+            "c": remote(dead, fallback="good"),
+            "good": remote(fakes["ok"].url + "/v1"),
+        },
+        "routers": {"to-a": {"kind": "fixed", "params": {"expert": "a"}, "fallback": "a"}},
+        "auth": {
+            "keys": {
+                "a-only": {**key, "models": ["a"]},
+                "auto-only": {**key, "sha256": "1" * 64, "models": ["auto"]},
+                "any": {**key, "sha256": "2" * 64},
+            }
+        },
+        "retry": {"max_fallbacks": 2},
+    }
+    gw = await started(config)
+    try:
+        assert gw.fallback_chain("a") == ["a", "b", "c"], "at most two fallbacks"
+        assert gw.fallback_chain("a", "a-only") == ["a"]
+        assert gw.fallback_chain("a", "auto-only") == ["a", "b", "c"], "auto may be served by a's chain"
+        assert gw.fallback_chain("a", "any") == ["a", "b", "c"]
+    finally:
+        await gw.close()
+
+
+@pytest.fixture(scope="module")
+def keyed_gateway(fakes: dict[str, ThreadedServer]) -> Iterator[str]:
+    from serving.app import create_app
+    from serving.auth import hash_key
+
+    dead = f"http://{LOOPBACK}:{free_port()}/v1"
+    config = parse_config(
+        {
+            "experts": {"good": remote(fakes["ok"].url + "/v1"), "ghost": remote(dead, fallback="good")},
+            "routers": {"r": {"kind": "fixed", "params": {"expert": "ghost"}, "fallback": "ghost"}},
+            "auth": {
+                "keys": {
+                    "ghost-only": {"sha256": hash_key("sk-ghost"), "models": ["ghost"]},
+                    "auto-only": {"sha256": hash_key("sk-auto"), "models": ["auto"]},
+                }
+            },
+            "circuit_breaker": {"health_interval_s": 0.5},
+        }
+    )
+    with ThreadedServer(create_app(config)) as server:
+        yield server.url
+
+
+def test_fallback_never_serves_a_model_the_key_may_not_use(keyed_gateway: str) -> None:
+    """A key allowed only `ghost` is not answered by `good` when `ghost` is down; a key allowed `auto`
+    is served by the chain of what `auto` decides."""
+    resp = post(keyed_gateway, msg("ghost"), headers={"authorization": "Bearer sk-ghost"})
+    assert_openai_error(resp, 503)
+    resp = post(keyed_gateway, msg("auto"), headers={"authorization": "Bearer sk-auto"})
+    assert resp.status_code == 200 and resp.headers["x-moerge-expert"] == "good"
+    resp = post(keyed_gateway, msg("good"), headers={"authorization": "Bearer sk-auto"})
+    assert_openai_error(resp, 403)
+
+
+def test_metrics_on_their_own_port_and_docs_off(fakes: dict[str, ThreadedServer]) -> None:
+    from serving.app import create_app
+
+    port = free_port()
+    config = parse_config(
+        {
+            "server": {"metrics_port": port, "docs": False},
+            "experts": {"good": remote(fakes["ok"].url + "/v1")},
+        }
+    )
+    assert config.server.max_concurrent_requests == 256, "a concurrency cap by default"
+    with ThreadedServer(create_app(config)) as server:
+        assert post(server.url, msg("good")).status_code == 200
+        for path in ("/metrics", "/docs", "/redoc", "/openapi.json"):
+            assert_openai_error(httpx.get(server.url + path), 404)
+        metrics = httpx.get(f"http://{LOOPBACK}:{port}/metrics").text
+        assert 'moerge_backend_up{expert="good"} 1.0' in metrics, "gauges are fresh on the metrics port"
+        assert 'moerge_requests_total{endpoint="chat",expert="good",model="good",status="200"} 1.0' in metrics
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://{LOOPBACK}:{port}/metrics")
 
 
 def test_cli_check(tmp_path: Path) -> None:

@@ -286,19 +286,33 @@ def test_arithmetic_rows_and_scoring() -> None:
 
 @pytest.mark.vllm
 def test_hetero_expert_serves_in_vllm(built: tuple[Path, dict], tmp_path: Path) -> None:
-    """vLLM (native GPT-2 loader, CPU attention with head_dim 64) loads the hetero expert and chats."""
+    """vLLM (native GPT-2 loader, CPU attention with head_dim 64) loads the hetero expert and generates
+    exactly transformers' greedy tokens for a chat prompt (4 of them: the end token does not stop it)."""
     import subprocess
     import sys
 
     out, _ = built
     script = tmp_path / "run.py"
     script.write_text(
-        "import sys\n"
-        "from vllm import LLM, SamplingParams\n"
+        "import json, sys\n"
+        "import torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "from vllm import LLM, SamplingParams, TokensPrompt\n"
         "if __name__ == '__main__':\n"
-        "    llm = LLM(model=sys.argv[1], enforce_eager=True, max_model_len=64, dtype='float32')\n"
-        "    out = llm.chat([{'role': 'user', 'content': 'What is 12 + 5?'}], SamplingParams(max_tokens=4))\n"
-        "    print('GENERATED', len(out[0].outputs[0].token_ids))\n"
+        "    path = sys.argv[1]\n"
+        "    tok = AutoTokenizer.from_pretrained(path)\n"
+        "    text = tok.apply_chat_template([{'role': 'user', 'content': 'What is 12 + 5?'}],\n"
+        "                                   add_generation_prompt=True, tokenize=False)\n"
+        "    ids = tok(text, add_special_tokens=False).input_ids\n"
+        "    llm = LLM(model=path, enforce_eager=True, max_model_len=64, dtype='float32')\n"
+        "    params = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0)\n"
+        "    got = list(llm.generate([TokensPrompt(prompt_token_ids=ids)], params)[0].outputs[0].token_ids)\n"
+        "    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()\n"
+        "    model.generation_config.eos_token_id = None  # like ignore_eos: the end token does not stop\n"
+        "    with torch.inference_mode():\n"
+        "        ref = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False,\n"
+        "                             pad_token_id=tok.eos_token_id)[0, len(ids):].tolist()\n"
+        "    print('TOKENS', json.dumps({'vllm': got, 'transformers': ref}))\n"
     )
     done = subprocess.run(
         [sys.executable, str(script), str(out / "hetero" / "arithmetic")],
@@ -307,7 +321,10 @@ def test_hetero_expert_serves_in_vllm(built: tuple[Path, dict], tmp_path: Path) 
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "GENERATED" in done.stdout
+    (line,) = [x for x in done.stdout.splitlines() if x.startswith("TOKENS ")]
+    tokens = json.loads(line.removeprefix("TOKENS "))
+    assert len(tokens["vllm"]) == 4, f"vLLM generated {tokens['vllm']}"
+    assert tokens["vllm"] == tokens["transformers"], tokens
 
 
 @pytest.mark.slow

@@ -74,6 +74,26 @@ class Backend(ABC):
         return {"backend": self.kind}
 
 
+_TYPE_STATUS = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "rate_limit_error": 429,
+}
+
+
+def error_status(err: dict[str, Any]) -> int:
+    """The HTTP status an OpenAI error object stands for: its numeric `code`, else its `type` (a text
+    code such as "server_error", or none, counts as 500: worth retrying elsewhere)."""
+    code = err.get("code")
+    if isinstance(code, int) and not isinstance(code, bool) and 100 <= code <= 599:
+        return code
+    if isinstance(code, str) and code.isdigit() and 100 <= int(code) <= 599:
+        return int(code)
+    return _TYPE_STATUS.get(str(err.get("type")), 500)
+
+
 def is_error_event(event: bytes) -> dict[str, Any] | None:
     """The error object of an SSE `data: {"error": ...}` event, else None."""
     if not event.startswith(b'data: {"error"'):

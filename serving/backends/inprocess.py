@@ -27,6 +27,7 @@ from serving.backends.base import (
     Endpoint,
     JSONResult,
     StreamResult,
+    error_status,
     is_error_event,
 )
 from serving.errors import error_body, validation_message
@@ -203,7 +204,7 @@ class InProcessBackend(Backend):
             return JSONResult(status, result.model_dump())
         if not stream:
             return JSONResult(200, result.model_dump(exclude_none=False))
-        if (err := is_error_event(first)) is not None and int(err.get("code") or 0) >= 500:
+        if (err := is_error_event(first)) is not None and error_status(err) >= 500:
             await result.aclose()
             raise BackendUnavailable(f"{self.name}: error before the first token: {err.get('message')}")
         return StreamResult(first=first, rest=_events(result), close=result.aclose)

@@ -21,6 +21,7 @@ from serving.backends.base import (
     Endpoint,
     JSONResult,
     StreamResult,
+    error_status,
     is_error_event,
 )
 from serving.backends.transport import AiohttpTransport
@@ -103,6 +104,10 @@ class RemoteBackend(Backend):
                     first = await anext(events)
                 except StopAsyncIteration:
                     raise BackendUnavailable(f"{self.name}: stream ended before its first event") from None
+                if (err := is_error_event(first)) is not None and error_status(err) >= 500:
+                    raise BackendUnavailable(
+                        f"{self.name}: error before the first token: {err.get('message')}"
+                    )
         except TimeoutError:
             if resp is not None:
                 await resp.aclose()
@@ -111,13 +116,10 @@ class RemoteBackend(Backend):
             if resp is not None:
                 await resp.aclose()
             raise BackendUnavailable(f"{self.name}: {type(err).__name__}: {err}") from None
-        except BaseException:
+        except BaseException:  # BackendUnavailable included: the connection is closed, never left open
             if resp is not None:
                 await resp.aclose()
             raise
-        if (err := is_error_event(first)) is not None and int(err.get("code") or 0) >= 500:
-            await resp.aclose()
-            raise BackendUnavailable(f"{self.name}: error before the first token: {err.get('message')}")
         return StreamResult(first=first, rest=events, close=resp.aclose)
 
 

@@ -39,6 +39,44 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s-expert-%s" (include "moerge.fullname" $root) (index . 1) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* Whether the gateway sends the experts a key (given, generated, or from an existing Secret). */}}
+{{- define "moerge.hasBackendKey" -}}
+{{- if or .Values.apiKeys.backendKey .Values.apiKeys.existingSecret .Values.apiKeys.generateBackendKey -}}true{{- end -}}
+{{- end -}}
+
+{{/* The backend key: the given one, else the one an earlier release stored, else a new random one. */}}
+{{- define "moerge.backendKey" -}}
+{{- if .Values.apiKeys.backendKey -}}
+{{- .Values.apiKeys.backendKey -}}
+{{- else -}}
+{{- $old := lookup "v1" "Secret" .Release.Namespace (include "moerge.secretName" .) -}}
+{{- if and $old $old.data (index $old.data "backend-api-key") -}}
+{{- index $old.data "backend-api-key" | b64dec -}}
+{{- else -}}
+{{- randAlphaNum 48 -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Writable folders under a read-only root filesystem, and the environment that points caches there. */}}
+{{- define "moerge.scratchMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: cache
+  mountPath: /home/moerge/.cache
+{{- end -}}
+
+{{- define "moerge.scratchEnv" -}}
+- name: HOME
+  value: /home/moerge
+- name: XDG_CONFIG_HOME
+  value: /home/moerge/.cache/config
+- name: TRITON_CACHE_DIR
+  value: /home/moerge/.cache/triton
+- name: VLLM_NO_USAGE_STATS
+  value: "1"
+{{- end -}}
+
 {{- define "moerge.secretName" -}}
 {{- default (printf "%s-keys" (include "moerge.fullname" .)) .Values.apiKeys.existingSecret -}}
 {{- end -}}
@@ -64,17 +102,19 @@ prometheus.io/path: /metrics
 {{- end }}
 {{- end -}}
 
-{{/* The generated `moerge serve` config: values.gateway.config plus server, experts, auth, decision_log. */}}
+{{/* The generated `moerge serve` config: values.gateway.config plus server (host, port, metrics_port
+     generated; docs off unless gateway.config.server.docs says otherwise), experts, auth, decision_log. */}}
 {{- define "moerge.serveConfig" -}}
 {{- $cfg := deepCopy .Values.gateway.config -}}
-{{- $_ := set $cfg "server" (merge (dict "host" "0.0.0.0" "port" (int .Values.gateway.port)) (default (dict) (index $cfg "server"))) -}}
+{{- $server := merge (dict "host" "0.0.0.0" "port" (int .Values.gateway.port) "metrics_port" (int .Values.gateway.metricsPort)) (default (dict) (index $cfg "server")) (dict "docs" false) -}}
+{{- $_ := set $cfg "server" $server -}}
 {{- $experts := dict -}}
 {{- range .Values.experts -}}
 {{- $e := merge (deepCopy .) (deepCopy $.Values.expertDefaults) -}}
 {{- $entry := dict "backend" "openai" "model" .name "url" (printf "http://%s:%d/v1" (include "moerge.expertName" (list $ .name)) (int $e.port)) -}}
 {{- if .fallback }}{{- $_ := set $entry "fallback" .fallback -}}{{- end -}}
 {{- if .description }}{{- $_ := set $entry "description" .description -}}{{- end -}}
-{{- if or $.Values.apiKeys.backendKey $.Values.apiKeys.existingSecret }}{{- $_ := set $entry "api_key_env" "MOERGE_BACKEND_API_KEY" -}}{{- end -}}
+{{- if include "moerge.hasBackendKey" $ }}{{- $_ := set $entry "api_key_env" "MOERGE_BACKEND_API_KEY" -}}{{- end -}}
 {{- $_ := set $experts .name $entry -}}
 {{- end -}}
 {{- $_ := set $cfg "experts" $experts -}}
