@@ -1,7 +1,9 @@
-"""`moerge router ...`: train and evaluate routers.
+"""`moerge router ...`: train, evaluate, inspect and pin routers.
 
 Heavy imports (torch, sentence-transformers, scikit-learn) happen inside the commands, so `--help` is
-instant. Logs and progress bars go to stderr; `eval` prints only JSON on stdout so it can be piped.
+instant (the head registry it lists kinds from imports only numpy and pydantic). Logs and progress bars
+go to stderr; `eval` prints only JSON on stdout so it can be piped.
+May import: router.*, typer, rich.
 """
 
 from __future__ import annotations
@@ -10,8 +12,13 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
 import typer
+
+from router.heads import head_kinds
+
+HEADS = ", ".join(head_kinds())
 
 router_app = typer.Typer(
     no_args_is_help=True,
@@ -19,13 +26,13 @@ router_app = typer.Typer(
 )
 
 
-def _stderr_console():  # noqa: ANN202
+def _stderr_console() -> Any:
     from rich.console import Console
 
     return Console(stderr=True, soft_wrap=True)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     _stderr_console().print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(2)
 
@@ -33,7 +40,7 @@ def _fail(message: str) -> None:
 @router_app.command("train")
 def train(
     config: Path = typer.Argument(
-        ..., help="YAML config: experts → JSONL files (+ filters, hold-out), kind, params."
+        ..., help=f"YAML config: experts → JSONL files (+ filters, hold-out), kind ({HEADS}), params."
     ),
     out_dir: Path = typer.Argument(..., help="Directory to write the router artifact into."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing artifact in OUT_DIR."),
@@ -81,7 +88,9 @@ def evaluate_cmd(
     data: list[Path] = typer.Argument(
         ..., help="JSONL files with `prompt` and a label field (default `domain`)."
     ),
-    kind: str | None = typer.Option(None, "--kind", help="Evaluate another head the artifact holds."),
+    kind: str | None = typer.Option(
+        None, "--kind", help=f"Evaluate another head the artifact holds ({HEADS})."
+    ),
     fast_path: bool = typer.Option(
         True, "--fast-path/--no-fast-path", help="Keep the artifact's n-gram fast path in front of its head."
     ),
@@ -163,7 +172,7 @@ def decide_cmd(
     artifact: Path = typer.Argument(..., help="Router artifact directory."),
     prompt: str = typer.Argument(..., help="A user message to route."),
     previous: str | None = typer.Option(None, "--previous", help="The conversation's previous expert."),
-    kind: str | None = typer.Option(None, "--kind", help="Another head the artifact holds."),
+    kind: str | None = typer.Option(None, "--kind", help=f"Another head the artifact holds ({HEADS})."),
     fast_path: bool = typer.Option(
         True, "--fast-path/--no-fast-path", help="Keep the artifact's n-gram fast path in front of its head."
     ),
@@ -187,3 +196,18 @@ def kinds_cmd() -> None:
 
     for kind in router_kinds():
         print(kind)
+
+
+@router_app.command("digest")
+def digest_cmd(
+    artifact: Path = typer.Argument(..., help="Router artifact directory."),
+) -> None:
+    """Verify an artifact (every file against its manifest, the encoder's files against router.json) and
+    print its digest, `sha256:…`, for a serve config's `digest:` (which then refuses any other content)."""
+    from router.artifact import ArtifactError, verify_artifact
+
+    try:
+        verified = verify_artifact(artifact)
+    except ArtifactError as error:
+        _fail(str(error))
+    print(verified.digest)

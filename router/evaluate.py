@@ -19,9 +19,9 @@ import numpy as np
 
 from router.base import RoutingRequest
 from router.data import BadRows, DataError, read_jsonl
+from router.heads.base import Features
 from router.learned import LearnedRouter
 from router.policy import DecisionMaker
-from router.scorers import Features
 
 
 def load_labelled(
@@ -245,8 +245,8 @@ def compare_heads(router: LearnedRouter, feats: Features, y: np.ndarray) -> dict
             **_summary(m),
             "accuracy_without_floor": round(float((router.served_of[p.argmax(1)] == y).mean()), 4),
         }
-        if kind == "hybrid":
-            out[kind]["combine"] = head.params().get("combine")
+        if "combine" in head.params():  # the hybrid's kept form
+            out[kind]["combine"] = head.params()["combine"]
     return out
 
 

@@ -11,10 +11,12 @@ only per-expert sums of token states, so it streams over any amount of training 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 
-AGGREGATES = ("mean", "max", "votes")
+Aggregate = Literal["mean", "max", "votes"]  # the one list of token-gate aggregates, in feature order
+AGGREGATES: tuple[str, ...] = get_args(Aggregate)
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,12 @@ validation split and stored as one number, turns the logits into calibrated prob
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 
-CLASSIFIERS = ("logreg", "linear-svm", "ridge")
+Classifier = Literal["logreg", "linear-svm", "ridge"]  # the one list of classifier models
+CLASSIFIERS: tuple[str, ...] = get_args(Classifier)
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 from router.linear import fit_temperature, softmax
 
-ANALYZERS = ("char_wb", "char", "word")
+Analyzer = Literal["char_wb", "char", "word"]  # the one list of n-gram analyzers
+ANALYZERS: tuple[str, ...] = get_args(Analyzer)
 # Thresholds tried when choosing one for a target precision, lowest first.
 THRESHOLD_GRID = tuple(round(float(t), 3) for t in np.arange(0.5, 0.999, 0.01)) + (0.995, 0.999)
 

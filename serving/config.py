@@ -130,6 +130,11 @@ class RouterConfig(_Strict):
         None, description="experts a built-in kind chooses from (default: all)"
     )
     fallback: Name | None = Field(None, description="expert used if the router itself fails")
+    digest: str | None = Field(
+        None,
+        pattern=r"^sha256:[0-9a-f]{64}$",
+        description="pins a trained artifact: any other content is refused (`moerge router digest DIR`)",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> RouterConfig:
@@ -137,6 +142,8 @@ class RouterConfig(_Strict):
             raise ValueError(
                 "give exactly one of `kind` (built-in router) or `artifact` (trained router path)"
             )
+        if self.digest is not None and self.artifact is None:
+            raise ValueError("`digest` pins a trained `artifact`; a built-in kind has none")
         return self
 
 

@@ -39,7 +39,15 @@ def load_router(name: str, cfg: RouterConfig, experts: Sequence[str]) -> Router:
                 f"routers.{name}.params: {unknown_params} are not options of a trained router; "
                 f"expected some of {sorted(ARTIFACT_PARAMS)}"
             )
-        router = load_artifact(Path(cfg.artifact), **cfg.params)
+        if cfg.digest is None:
+            log.warning(
+                "routers.%s: artifact %s is not pinned; add `digest: <the output of moerge router digest %s>` "
+                "so that only that artifact is served",
+                name,
+                cfg.artifact,
+                cfg.artifact,
+            )
+        router = load_artifact(Path(cfg.artifact), digest=cfg.digest, **cfg.params)
     else:
         importlib.import_module("router.fixed")  # registers the built-in kinds
         assert cfg.kind is not None

@@ -14,7 +14,7 @@ from router.config import ConfigError, Holdout, load_config, parse_config
 from router.data import DataError, cap_rows, cap_rows_balanced, read_jsonl, split_rows
 from router.gates import TokenGates, select_aggregate
 from router.linear import fit_linear, fit_temperature, softmax
-from router.policy import DecisionMaker, Policy
+from router.policy import DecisionMaker, Policy, PolicySettings
 from router.text import clean_text, context_text, routing_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def test_config_rejects_unknown_fallback_and_single_expert(tmp_path: Path) -> No
         parse_config(_minimal(policy={"fallback": "zzz"}), tmp_path)
     with pytest.raises(ConfigError, match="at least 2 experts"):
         parse_config({"experts": {"a": {"files": ["a.jsonl"]}}}, tmp_path)
-    with pytest.raises(ConfigError, match=r"kind: Input should be"):
+    with pytest.raises(ConfigError, match=r"kind: .*expected a trained router head, one of \[.*'hybrid'"):
         parse_config(_minimal(kind="perplexity"), tmp_path)
 
 
@@ -180,7 +180,8 @@ def test_gates_point_at_their_experts_tokens() -> None:
 
 # -- policy (multi-turn, floor, fallback) ----------------------------------------------------------------
 def _maker(floor: float = 0.5, stickiness: float = 0.25) -> DecisionMaker:
-    return DecisionMaker(Policy(EXPERTS, "general", floor, stickiness), "test", "v1")
+    settings = PolicySettings(confidence_floor=floor, stickiness=stickiness)
+    return DecisionMaker(Policy(EXPERTS, "general", settings), "test", "v1")
 
 
 def test_policy_floor_fallback_and_previous_expert() -> None:
@@ -210,12 +211,12 @@ def test_policy_stickiness_keeps_a_conversation_unless_the_turn_is_clear() -> No
     assert abs(sum(clear.scores.values()) - 1.0) < 1e-5
     with pytest.raises(ValueError, match="fallback 'nope'"):
         Policy(EXPERTS, "nope")
-    with pytest.raises(ValueError, match="confidence_floor must be in"):
-        Policy(EXPERTS, "general", confidence_floor=1.5)
-    with pytest.raises(ValueError, match="stickiness must be in"):
-        Policy(EXPERTS, "general", stickiness=1.0)
-    with pytest.raises(ValueError, match="context_threshold must be in"):
-        Policy(EXPERTS, "general", context_threshold=-0.1)
+    with pytest.raises(ValueError, match=r"confidence_floor\n.*less than or equal to 1"):
+        PolicySettings(confidence_floor=1.5)
+    with pytest.raises(ValueError, match=r"stickiness\n.*less than 1"):
+        PolicySettings(stickiness=1.0)
+    with pytest.raises(ValueError, match=r"context_threshold\n.*greater than or equal to 0"):
+        PolicySettings(context_threshold=-0.1)
 
 
 def test_policy_novel_prompts_go_to_the_fallback_or_stay_in_their_conversation() -> None:
@@ -232,9 +233,8 @@ def test_policy_novel_prompts_go_to_the_fallback_or_stay_in_their_conversation()
 def test_policy_serve_as_maps_classes_to_served_experts() -> None:
     """Classes math/code share one served expert: decisions name it, scores sum over its classes, the class
     stays in the details, and a previous served expert pulls towards the most probable of its classes."""
-    policy = Policy(
-        ["math", "code", "general"], "general", 0.3, 0.25, serve_as={"math": "moe", "code": "moe"}
-    )
+    settings = PolicySettings(confidence_floor=0.3, stickiness=0.25)
+    policy = Policy(["math", "code", "general"], "general", settings, serve_as={"math": "moe", "code": "moe"})
     assert policy.served_experts == ["moe", "general"]
     maker = DecisionMaker(policy, "test", "v1")
     d = maker.decide(np.array([0.5, 0.2, 0.3]), None, "classifier", {})
