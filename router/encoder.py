@@ -153,10 +153,11 @@ class Encoder:
         except Exception as error:
             raise EncoderError(f"cannot load sentence-transformers model at {self.path}: {error}") from error
         first = st[0]
-        self._net = getattr(first, "auto_model", None)
-        self._tokenizer = getattr(first, "tokenizer", None)
-        if self._net is None or self._tokenizer is None:
+        net, tokenizer = getattr(first, "auto_model", None), getattr(first, "tokenizer", None)
+        if net is None or tokenizer is None:
             raise EncoderError(f"{self.path}: first module is not a Transformer with a tokenizer")
+        self._net: Any = net  # a transformers model and its tokenizer (untyped libraries)
+        self._tokenizer: Any = tokenizer
         pooling = getattr(st[1], "pooling_mode", "mean") if len(st) > 1 else "mean"
         if pooling not in ("mean", "cls", "max"):
             raise EncoderError(f"{self.path}: pooling {pooling!r} unsupported (mean, cls, max are)")

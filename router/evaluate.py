@@ -34,7 +34,9 @@ def load_labelled(
 ) -> tuple[list[dict[str, Any]], np.ndarray, dict[str, int]]:
     """Rows and their expert indices; labels the map does not know are an error (or skipped, counted)."""
     index = {e: i for i, e in enumerate(experts)}
-    rows, labels, unknown = [], [], Counter()
+    rows: list[dict[str, Any]] = []
+    labels: list[int] = []
+    unknown: Counter[str] = Counter()
     for path in paths:
         for row in read_jsonl(path, on_bad_rows, BadRows()):
             value = row.get(label_field)

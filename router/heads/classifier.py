@@ -1,7 +1,7 @@
 """`classifier`: a linear classifier (logistic regression, linear SVM or ridge) on the sentence embedding.
 
 Its options (`classifier:` in the training config) also configure the hybrid head's feature classifier.
-May import: router.heads.base, router.linear, numpy, pydantic.
+May import: router.heads.base, router.linear, router.validation, numpy, pydantic.
 """
 
 from __future__ import annotations
@@ -11,17 +11,9 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from router.heads.base import (
-    Features,
-    FitData,
-    Head,
-    HeadType,
-    LoadData,
-    Strict,
-    TemperatureParams,
-    register_head,
-)
+from router.heads.base import Features, FitData, Head, HeadType, LoadData, TemperatureParams, register_head
 from router.linear import Classifier, LinearModel, fit_linear
+from router.validation import Strict
 
 
 class ClassifierOptions(Strict):

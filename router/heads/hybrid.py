@@ -4,7 +4,8 @@
 `classifier` head decides unless its top-2 margin is below `tie_margin`, then its probabilities are
 multiplied with the `token-gates` head's (a product of experts). `combine: auto` fits both and keeps the
 more accurate on the validation split.
-May import: router.heads.base, router.heads.classifier, router.heads.token_gates, numpy, pydantic.
+May import: router.heads.base, router.heads.classifier, router.heads.token_gates, router.validation,
+numpy, pydantic.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from router.heads.base import Features, FitData, Head, HeadType, LoadData, Strict, register_head
+from router.heads.base import Features, FitData, Head, HeadType, LoadData, register_head
 from router.heads.classifier import ClassifierOptions, LinearHead
 from router.heads.token_gates import TokenGateHead
+from router.validation import Strict
 
 
 class HybridOptions(Strict):

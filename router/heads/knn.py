@@ -1,6 +1,6 @@
 """`knn`: class-balanced votes of the k nearest training prompts (cosine of sentence embeddings).
 
-May import: router.heads.base, numpy, pydantic.
+May import: router.heads.base, router.validation, numpy, pydantic.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from router.heads.base import Features, FitData, Head, HeadType, LoadData, Strict, register_head
+from router.heads.base import Features, FitData, Head, HeadType, LoadData, register_head
+from router.validation import Strict
 
 
 class KnnOptions(Strict):

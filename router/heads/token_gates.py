@@ -2,7 +2,7 @@
 
 The gate vectors themselves (router/gates.py) are shared by every head that reads token features and
 stored once in the artifact (`gates.*`); `token_gates.top_k` configures them, `aggregate` this head.
-May import: router.heads.base, router.gates, numpy, pydantic.
+May import: router.heads.base, router.gates, router.validation, numpy, pydantic.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import numpy as np
 from pydantic import Field
 
 from router.gates import Aggregate, select_aggregate
-from router.heads.base import Features, FitData, Head, HeadType, LoadData, Strict, register_head
+from router.heads.base import Features, FitData, Head, HeadType, LoadData, register_head
+from router.validation import Strict
 
 
 class TokenGatesOptions(Strict):
