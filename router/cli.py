@@ -131,15 +131,8 @@ def evaluate_cmd(
     except (ArtifactError, ValueError) as error:
         _fail(str(error))
     assert isinstance(router, LearnedRouter)
-    field = label_field or router.meta.get("label_field", "domain")
-    label_map = dict(router.meta.get("label_map", {}))
-    for item in mapping:
-        if "=" not in item:
-            _fail(f"--map expects LABEL=EXPERT, got {item!r}")
-        label, expert = item.split("=", 1)
-        if expert not in router.experts:
-            _fail(f"--map {item!r}: {expert!r} is not one of {router.experts}")
-        label_map[label] = expert
+    field = label_field or router.meta["label_field"]
+    label_map = _label_map(router.meta["label_map"], mapping, router.experts)
     try:
         rows, y, unknown = load_labelled(
             data, field, label_map, router.experts, skip_unknown, "skip" if skip_bad_rows else "error"
@@ -165,6 +158,19 @@ def evaluate_cmd(
     result["confusion_png"] = str(png)
     json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+def _label_map(recorded: dict[str, str], mapping: list[str], experts: list[str]) -> dict[str, str]:
+    """The artifact's label → expert map, extended by `--map LABEL=EXPERT` items."""
+    label_map = dict(recorded)
+    for item in mapping:
+        if "=" not in item:
+            _fail(f"--map expects LABEL=EXPERT, got {item!r}")
+        label, expert = item.split("=", 1)
+        if expert not in experts:
+            _fail(f"--map {item!r}: {expert!r} is not one of {experts}")
+        label_map[label] = expert
+    return label_map
 
 
 @router_app.command("decide")

@@ -2,6 +2,9 @@
 
 Errors name the field path and what was expected, e.g.
 `experts.math.holdout.fraction: Input should be less than 1 (got 1.5)`.
+Each head's own section (`classifier:`, `knn:` …) comes from its registration (router/heads/).
+May import: router.heads, router.encoder / router.ngram (constants), router.policy, router.validation,
+pydantic, yaml.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ The classifier reads the pooled sentence embedding; the token-level gates read t
 come from the same pass so the hybrid router costs one encoder call. Speed levers live here: a capped
 `max_seq_length`, `torch.inference_mode`, bf16 weights where the CPU computes bf16 natively, batching
 with length-sorted inputs, and one lock so concurrent callers never share the (stateful) tokenizer.
+May import: numpy; torch and sentence-transformers inside `Encoder` only (never at import time).
 """
 
 from __future__ import annotations

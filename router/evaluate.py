@@ -4,6 +4,7 @@ Quality is computed from one encoding pass: the artifact's own head goes through
 policy as serving (confidence floor → fallback), and with `compare` every other head of the artifact plus
 the majority and random baselines are scored on the same features. Latency is measured separately on
 real unbatched `decide` calls with the cache off (p50/p99), and batched throughput likewise.
+May import: router.*, numpy; matplotlib inside `plot_confusion` only.
 """
 
 from __future__ import annotations

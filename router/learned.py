@@ -7,6 +7,7 @@ With a novelty check (router/novelty.py), encoder-scored prompts unlike the pick
 prompts go to the fallback (reason `novel→fallback`).
 Repeated prompts hit an LRU cache of probabilities. `decide_batch` never raises: any failure becomes a fallback
 decision whose reason and details say what went wrong.
+May import: router.* (never serving), numpy.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ for a target precision) and runs the encoder and its head only on the rest: a ca
 The hashing vectorizer is stateless, so the artifact holds only arrays (idf, coefficients) and JSON
 parameters; nothing is pickled. TF-IDF is computed here (sublinear tf, smoothed idf, l2 rows, the same
 formulas as scikit-learn's TfidfTransformer) so training and serving share one code path.
+May import: router.linear, numpy; scikit-learn inside the functions that need it.
 """
 
 from __future__ import annotations

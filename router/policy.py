@@ -18,6 +18,7 @@ With `serve_as`, the router's classes are not the served experts themselves (a r
 domains, several of which one MoE serves): the policy decides a class, the decision names the expert
 serving it (the class stays in `details["class"]`, scores are summed per expert), and a previous expert
 stands for the most probable of its classes.
+May import: router.base, router.validation, numpy, pydantic.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 Paths in the file are resolved relative to the file itself, so an example config can point at a zoo
 built beside it. Whether those paths exist is checked separately (`missing_paths`), so the schema can be
 validated on a machine that has not built the models.
+May import: pydantic, yaml (serving's other modules import it, not the reverse).
 """
 
 from __future__ import annotations

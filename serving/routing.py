@@ -5,6 +5,7 @@ decision. Routers are CPU-bound (sentence embeddings), so each runs in its own w
 that arrive while a batch is being decided queue up and are decided together in the next
 `decide_batch` call: under load one encoder call serves many requests, and a lone request waits for
 nothing (unless `max_wait_ms` asks to grow batches).
+May import: router.* (trained routers lazily), serving.config.
 """
 
 from __future__ import annotations

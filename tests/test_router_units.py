@@ -423,3 +423,72 @@ def test_config_pool_layers(tmp_path: Path) -> None:
     ):
         with pytest.raises(ConfigError, match=message):
             parse_config({**base, "encoder": {"pool_layers": bad}}, tmp_path)
+
+
+# -- the head registry: a new head is one module and its registration ----------------------------------
+def test_a_new_head_is_one_registration(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A head registered like router/heads/*.py is at once a valid `kind`, has its own validated config
+    section with defaults, is fit by the same loop as the others and is rebuilt from router.json."""
+    from pydantic import Field
+
+    import router.heads.base as registry
+    from router.config import train_config_model
+    from router.heads.base import Features, FitData, Head, HeadType, LoadData, load_heads, register_head
+    from router.validation import Strict
+
+    class PriorOptions(Strict):
+        smoothing: float = Field(1.0, gt=0)
+
+    class PriorHead(Head):  # the training prior, whatever the prompt
+        kind = "prior"
+
+        def __init__(self, counts: np.ndarray, temperature: float = 1.0) -> None:
+            super().__init__(temperature)
+            self.counts = counts
+
+        def logits(self, f: Features) -> np.ndarray:
+            return np.tile(np.log(self.counts / self.counts.sum()), (len(f.sentence), 1))
+
+        def tensors(self) -> dict[str, np.ndarray]:
+            return {"prior.counts": self.counts}
+
+    def fit(data: FitData, options: PriorOptions, variant: str) -> Head:
+        counts = np.bincount(data.y[data.rows], minlength=data.n) + options.smoothing
+        return PriorHead(counts.astype(np.float32))
+
+    def load(data: LoadData, params: registry.TemperatureParams) -> Head:
+        return PriorHead(data.tensors["prior.counts"], params.temperature)
+
+    monkeypatch.setattr(registry, "_HEADS", dict(registry._HEADS))
+    register_head(HeadType("prior", "the class prior", fit, load, options=PriorOptions, options_key="prior"))
+
+    cfg = parse_config(_minimal(kind="prior", prior={"smoothing": 2.0}), tmp_path)
+    assert cfg.kind == "prior" and cfg.head_options()["prior"] == PriorOptions(smoothing=2.0)
+    assert parse_config(_minimal(), tmp_path).head_options()["prior"] == PriorOptions()
+    assert "prior" in cfg.trained_kinds() and "prior" in train_config_model().model_fields
+    with pytest.raises(ConfigError, match=r"prior\.smoothing: Input should be greater than 0"):
+        parse_config(_minimal(prior={"smoothing": -1}), tmp_path)
+
+    y = np.array([0, 0, 0, 1])
+    data = FitData(np.zeros((4, 2)), np.zeros((4, 6)), y, np.ones(4, bool), 2, 0, cfg.head_options())
+    head = registry.head_type("prior").fit(data, cfg.head_options()["prior"], "")
+    rebuilt = load_heads(head.tensors(), {"prior": head.params()}, 2)["prior"]
+    # counts 3, 1 + smoothing 2
+    assert np.allclose(rebuilt.proba(Features(np.zeros((1, 2)))), [[5 / 8, 3 / 8]])
+    with pytest.raises(ValueError, match=r"heads\.prior\.temperature: Field required"):
+        load_heads(head.tensors(), {"prior": {}}, 2)
+    with pytest.raises(ValueError, match=r"heads \['mlp'\] are not known"):
+        load_heads({}, {"mlp": {}}, 2)
+
+
+def test_no_function_in_router_is_over_80_lines() -> None:
+    import ast
+
+    long = []
+    for path in sorted((ROOT / "router").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > 80:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
+    assert not long, long
