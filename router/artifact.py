@@ -157,12 +157,12 @@ def _checked_bytes(path: Path, name: str, entry: FileEntry, keep: bool) -> bytes
 
 def check_encoder_files(ref: EncoderRef) -> None:
     """The encoder folder's files must hash to what router.json records: checked before it is loaded."""
-    from router.encoder import hash_model_dir, resolve_model_path
+    from router.encoder import EncoderMismatch, hash_model_dir, resolve_model_path
 
     folder = resolve_model_path(ref.model)
     actual = hash_model_dir(folder)
     if actual != ref.sha256:
-        raise ArtifactError(
+        raise EncoderMismatch(
             f"encoder at {folder} has sha256 {actual[:16]}…, the artifact was trained with "
             f"{ref.sha256[:16]}…; refusing to load it (embeddings would not match the weights)"
         )
@@ -200,7 +200,7 @@ def verify_artifact(path: Path, digest: str | None = None) -> VerifiedArtifact:
     try:
         check_encoder_files(spec.encoder)
     except EncoderError as error:
-        raise ArtifactError(f"{path}: encoder {spec.encoder.model!r}: {error}") from None
+        raise ArtifactError(f"{path}: {error}") from None
     return VerifiedArtifact(path, actual, spec, kept["weights.safetensors"])
 
 

@@ -208,8 +208,10 @@ def kinds_cmd() -> None:
 def digest_cmd(
     artifact: Path = typer.Argument(..., help="Router artifact directory."),
 ) -> None:
-    """Verify an artifact (every file against its manifest, the encoder's files against router.json) and
-    print its digest, `sha256:…`, for a serve config's `digest:` (which then refuses any other content)."""
+    """Verify an artifact and print its digest (sha256:…) for a serve config's `digest:`.
+
+    Every file is checked against the manifest and the encoder's files against router.json; a router
+    entry with `digest:` then refuses any other content."""
     from router.artifact import ArtifactError, verify_artifact
 
     try:
