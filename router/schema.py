@@ -110,16 +110,19 @@ def _from_v1(raw: dict[str, Any]) -> dict[str, Any]:
     """moerge-router/1 → /2: the values v1's reader assumed for keys its early writers did not write."""
     out = copy.deepcopy(raw)
     out["format"] = FORMAT
-    out["policy"] = {"context_threshold": 0.0, "context_turns": 0, **out.get("policy", {})}
-    encoder = {"truncation": "head", "layers": None, "pool_layers": None, **out.get("encoder", {})}
-    encoder.setdefault("sentence_dim", encoder.get("dim"))
-    out["encoder"] = encoder
+    if isinstance(out.get("policy"), dict):
+        out["policy"] = {"context_threshold": 0.0, "context_turns": 0, **out["policy"]}
+    if isinstance(out.get("encoder"), dict):
+        encoder = {"truncation": "head", "layers": None, "pool_layers": None, **out["encoder"]}
+        encoder.setdefault("sentence_dim", encoder.get("dim"))
+        out["encoder"] = encoder
     for key, value in (("fast_path", None), ("novelty", None), ("label_field", "domain")):
         out.setdefault(key, value)
     out["serve_as"] = out.get("serve_as") or {}
     out["label_map"] = out.get("label_map") or {}
     out.setdefault("training", {})
-    for params in out.get("heads", {}).values():
+    heads = out.get("heads")
+    for params in heads.values() if isinstance(heads, dict) else ():
         if isinstance(params, dict) and params.get("combine") != "tiebreak":
             params.setdefault("temperature", 1.0)
     return out

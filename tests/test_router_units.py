@@ -492,3 +492,14 @@ def test_no_function_in_router_is_over_80_lines() -> None:
                 if length > 80:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
     assert not long, long
+
+
+def test_a_malformed_router_json_is_a_spec_error_naming_fields() -> None:
+    from router.schema import SpecError, parse_spec
+
+    with pytest.raises(SpecError, match=r"heads: Input should be a valid dictionary \(got 'x'\)"):
+        parse_spec({"format": "moerge-router/1", "policy": 3, "encoder": [], "heads": "x"})
+    with pytest.raises(SpecError, match="must be a JSON object"):
+        parse_spec([])
+    with pytest.raises(SpecError, match=r"format None; this moerge reads .*moerge router train"):
+        parse_spec({"kind": "hybrid"})
