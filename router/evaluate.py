@@ -4,6 +4,7 @@ Quality is computed from one encoding pass: the artifact's own head goes through
 policy as serving (confidence floor → fallback), and with `compare` every other head of the artifact plus
 the majority and random baselines are scored on the same features. Latency is measured separately on
 real unbatched `decide` calls with the cache off (p50/p99), and batched throughput likewise.
+May import: router.*, numpy; matplotlib inside `plot_confusion` only.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import numpy as np
 
 from router.base import RoutingRequest
 from router.data import BadRows, DataError, read_jsonl
+from router.heads.base import Features
 from router.learned import LearnedRouter
 from router.policy import DecisionMaker
-from router.scorers import Features
 
 
 def load_labelled(
@@ -34,7 +35,9 @@ def load_labelled(
 ) -> tuple[list[dict[str, Any]], np.ndarray, dict[str, int]]:
     """Rows and their expert indices; labels the map does not know are an error (or skipped, counted)."""
     index = {e: i for i, e in enumerate(experts)}
-    rows, labels, unknown = [], [], Counter()
+    rows: list[dict[str, Any]] = []
+    labels: list[int] = []
+    unknown: Counter[str] = Counter()
     for path in paths:
         for row in read_jsonl(path, on_bad_rows, BadRows()):
             value = row.get(label_field)
@@ -245,8 +248,8 @@ def compare_heads(router: LearnedRouter, feats: Features, y: np.ndarray) -> dict
             **_summary(m),
             "accuracy_without_floor": round(float((router.served_of[p.argmax(1)] == y).mean()), 4),
         }
-        if kind == "hybrid":
-            out[kind]["combine"] = head.params().get("combine")
+        if "combine" in head.params():  # the hybrid's kept form
+            out[kind]["combine"] = head.params()["combine"]
     return out
 
 

@@ -6,15 +6,18 @@ affinity to an expert is the cosine between its centred state and that gate — 
 in PHATGOOSE/Arrow. A prompt is summarised by aggregating those per-token affinities three ways: the mean,
 the max, and top-k votes (the share of tokens that rank the expert among their k best). Fitting needs
 only per-expert sums of token states, so it streams over any amount of training data.
+May import: numpy.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 
-AGGREGATES = ("mean", "max", "votes")
+Aggregate = Literal["mean", "max", "votes"]  # the one list of token-gate aggregates, in feature order
+AGGREGATES: tuple[str, ...] = get_args(Aggregate)
 
 
 @dataclass(frozen=True)

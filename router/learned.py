@@ -7,6 +7,7 @@ With a novelty check (router/novelty.py), encoder-scored prompts unlike the pick
 prompts go to the fallback (reason `novel→fallback`).
 Repeated prompts hit an LRU cache of probabilities. `decide_batch` never raises: any failure becomes a fallback
 decision whose reason and details say what went wrong.
+May import: router.* (never serving), numpy.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ import numpy as np
 from router.base import Decision, Router, RoutingRequest
 from router.encoder import Encoder
 from router.gates import TokenGates
+from router.heads.base import Features, Head
 from router.ngram import NgramModel
 from router.novelty import NoveltyCheck
 from router.policy import DecisionMaker, Policy
-from router.scorers import Features, Head
 from router.text import CHARS_PER_TOKEN_CAP, RoutingText, context_text, routing_text
 
 
@@ -189,10 +190,6 @@ class LearnedRouter(Router):
                             self._cache.popitem(last=False)
         return [r for r in results if r is not None]
 
-    def clear_cache(self) -> None:
-        with self._cache_lock:
-            self._cache.clear()
-
     # -- decisions --------------------------------------------------------------------------------
     def decide_batch(self, requests: Sequence[RoutingRequest], use_cache: bool = True) -> list[Decision]:
         try:
@@ -218,7 +215,7 @@ class LearnedRouter(Router):
             if i in with_context:
                 (p, truncated, stage, novel), context = with_context[i]
                 details.update({k: v for k, v in context.notes.items() if k not in details})
-                details["context_turns"] = self.policy.context_turns
+                details["context_turns"] = self.policy.settings.context_turns
                 reason = f"{stage}+context"
             if truncated or "chars_cut" in details:
                 details["truncated"] = True
@@ -233,14 +230,14 @@ class LearnedRouter(Router):
         use_cache: bool,
     ) -> dict[int, tuple[Scored, RoutingText]]:
         """Multi-turn step 2: undecided latest turns are scored again with earlier user turns appended."""
-        policy = self.policy
-        if policy.context_turns <= 0 or policy.context_threshold <= 0:
+        policy, settings = self.policy, self.policy.settings
+        if settings.context_turns <= 0 or settings.context_threshold <= 0:
             return {}
         contexts: dict[int, RoutingText] = {}
         catch_all = self.classes.index(policy.fallback)
         for i, (p, _, _, _) in by_index.items():
-            if float(p.max()) < policy.context_threshold or int(p.argmax()) == catch_all:
-                context = context_text(requests[i], policy.context_turns, self.max_chars)
+            if float(p.max()) < settings.context_threshold or int(p.argmax()) == catch_all:
+                context = context_text(requests[i], settings.context_turns, self.max_chars)
                 if context is not None and not context.empty:
                     contexts[i] = context
         if not contexts:

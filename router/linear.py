@@ -3,15 +3,18 @@
 Storing coef/intercept (safetensors) instead of a pickled estimator keeps artifacts safe to load, and a
 (b, f) @ (f, E) product is faster than any estimator's predict. Temperature scaling, fit on a held-out
 validation split and stored as one number, turns the logits into calibrated probabilities.
+May import: numpy; scikit-learn and scipy inside the fitting functions only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 
-CLASSIFIERS = ("logreg", "linear-svm", "ridge")
+Classifier = Literal["logreg", "linear-svm", "ridge"]  # the one list of classifier models
+CLASSIFIERS: tuple[str, ...] = get_args(Classifier)
 
 
 @dataclass(frozen=True)

@@ -8,19 +8,21 @@ for a target precision) and runs the encoder and its head only on the rest: a ca
 The hashing vectorizer is stateless, so the artifact holds only arrays (idf, coefficients) and JSON
 parameters; nothing is pickled. TF-IDF is computed here (sublinear tf, smoothed idf, l2 rows, the same
 formulas as scikit-learn's TfidfTransformer) so training and serving share one code path.
+May import: router.linear, numpy; scikit-learn inside the functions that need it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 from router.linear import fit_temperature, softmax
 
-ANALYZERS = ("char_wb", "char", "word")
+Analyzer = Literal["char_wb", "char", "word"]  # the one list of n-gram analyzers
+ANALYZERS: tuple[str, ...] = get_args(Analyzer)
 # Thresholds tried when choosing one for a target precision, lowest first.
 THRESHOLD_GRID = tuple(round(float(t), 3) for t in np.arange(0.5, 0.999, 0.01)) + (0.995, 0.999)
 

@@ -18,6 +18,7 @@ With `serve_as`, the router's classes are not the served experts themselves (a r
 domains, several of which one MoE serves): the policy decides a class, the decision names the expert
 serving it (the class stays in `details["class"]`, scores are summed per expert), and a previous expert
 stands for the most probable of its classes.
+May import: router.base, router.validation, numpy, pydantic.
 """
 
 from __future__ import annotations
@@ -27,8 +28,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
 from router.base import Decision
+from router.validation import Strict
+
+
+class PolicySettings(Strict):
+    """The policy's tunables, their defaults and ranges: the one place they are defined. The training
+    config's `policy:` section and router.json's `policy` (with the fallback resolved) both extend it."""
+
+    confidence_floor: float = Field(0.0, ge=0, le=1, description="below it → previous expert, else fallback")
+    stickiness: float = Field(0.25, ge=0, lt=1, description="weight of the previous expert as a prior")
+    context_threshold: float = Field(
+        0.8, ge=0, le=1, description="below this top probability, re-score with earlier user turns appended"
+    )
+    context_turns: int = Field(1, ge=0, description="earlier user turns appended when re-scoring (0: never)")
 
 
 def serve_as_problem(classes: Sequence[str], serve_as: dict[str, str]) -> str | None:
@@ -45,13 +60,13 @@ def serve_as_problem(classes: Sequence[str], serve_as: dict[str, str]) -> str | 
 
 @dataclass(frozen=True)
 class Policy:
+    """The classes (`experts`, the heads' label order), the catch-all class, the tunables, and which
+    served expert answers each class (`serve_as`; absent: the class itself)."""
+
     experts: Sequence[str]
     fallback: str
-    confidence_floor: float = 0.0
-    stickiness: float = 0.0
-    context_threshold: float = 0.0
-    context_turns: int = 1
-    serve_as: dict[str, str] = field(default_factory=dict)  # class → served expert; absent: itself
+    settings: PolicySettings = field(default_factory=PolicySettings)
+    serve_as: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.fallback not in self.experts:
@@ -59,12 +74,6 @@ class Policy:
         problem = serve_as_problem(self.experts, self.serve_as)
         if problem:
             raise ValueError(f"serve_as: {problem}")
-        if not 0.0 <= self.confidence_floor <= 1.0:
-            raise ValueError(f"confidence_floor must be in [0, 1], got {self.confidence_floor}")
-        if not 0.0 <= self.context_threshold <= 1.0 or self.context_turns < 0:
-            raise ValueError("context_threshold must be in [0, 1] and context_turns ≥ 0")
-        if not 0.0 <= self.stickiness < 1.0:
-            raise ValueError(f"stickiness must be in [0, 1), got {self.stickiness}")
 
     def served(self, cls: str) -> str:
         return self.serve_as.get(cls, cls)
@@ -133,17 +142,18 @@ class DecisionMaker:
         policy = self.policy
         previous = self._as_class(previous, p)
         reason = base_reason
-        if previous in self.index and policy.stickiness > 0:
+        stickiness = policy.settings.stickiness
+        if previous in self.index and stickiness > 0:
             prior = np.zeros_like(p)
             prior[self.index[previous]] = 1.0
             unbiased = int(np.argmax(p))
-            p = (1.0 - policy.stickiness) * p + policy.stickiness * prior
+            p = (1.0 - stickiness) * p + stickiness * prior
             details = {**details, "prior": previous}
             if int(np.argmax(p)) != unbiased:
                 reason = f"{base_reason}+previous-expert-prior"
         best = int(np.argmax(p))
         confidence = float(p[best])
-        if confidence < policy.confidence_floor:
+        if confidence < policy.settings.confidence_floor:
             details = {**details, "would_be": policy.experts[best]}
             if previous in self.index:
                 return self._make(previous, p, confidence, "below-floor→previous-expert", details)

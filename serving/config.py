@@ -3,6 +3,7 @@
 Paths in the file are resolved relative to the file itself, so an example config can point at a zoo
 built beside it. Whether those paths exist is checked separately (`missing_paths`), so the schema can be
 validated on a machine that has not built the models.
+May import: pydantic, yaml (serving's other modules import it, not the reverse).
 """
 
 from __future__ import annotations
@@ -163,6 +164,11 @@ class RouterConfig(_Strict):
         None, description="experts a built-in kind chooses from (default: all)"
     )
     fallback: Name | None = Field(None, description="expert used if the router itself fails")
+    digest: str | None = Field(
+        None,
+        pattern=r"^sha256:[0-9a-f]{64}$",
+        description="pins a trained artifact: any other content is refused (`moerge router digest DIR`)",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> RouterConfig:
@@ -170,6 +176,8 @@ class RouterConfig(_Strict):
             raise ValueError(
                 "give exactly one of `kind` (built-in router) or `artifact` (trained router path)"
             )
+        if self.digest is not None and self.artifact is None:
+            raise ValueError("`digest` pins a trained `artifact`; a built-in kind has none")
         return self
 
 

@@ -5,6 +5,7 @@ decision. Routers are CPU-bound (sentence embeddings), so each runs in its own w
 that arrive while a batch is being decided queue up and are decided together in the next
 `decide_batch` call: under load one encoder call serves many requests, and a lone request waits for
 nothing (unless `max_wait_ms` asks to grow batches).
+May import: router.* (trained routers lazily), serving.config.
 """
 
 from __future__ import annotations
@@ -40,7 +41,15 @@ def load_router(name: str, cfg: RouterConfig, experts: Sequence[str]) -> Router:
                 f"routers.{name}.params: {unknown_params} are not options of a trained router; "
                 f"expected some of {sorted(ARTIFACT_PARAMS)}"
             )
-        router = load_artifact(Path(cfg.artifact), **cfg.params)
+        if cfg.digest is None:
+            log.warning(
+                "routers.%s: artifact %s is not pinned; add `digest: <the output of moerge router digest %s>` "
+                "so that only that artifact is served",
+                name,
+                cfg.artifact,
+                cfg.artifact,
+            )
+        router = load_artifact(Path(cfg.artifact), digest=cfg.digest, **cfg.params)
     else:
         importlib.import_module("router.fixed")  # registers the built-in kinds
         assert cfg.kind is not None

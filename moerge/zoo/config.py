@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from router.config import GroupHoldout, Holdout
+from router.heads import DEFAULT_KIND, check_head_kind, head_kinds
 
 DOMAINS = ("math", "code", "knowledge", "text", "general")
 
@@ -152,7 +153,7 @@ class RouterStage(_Strict):
             "arithmetic": ["arithmetic"],
         }
     )
-    kind: Literal["hybrid", "classifier", "token-gates", "centroid", "knn"] = "hybrid"
+    kind: str = Field(DEFAULT_KIND, description=f"the router head served: one of {', '.join(head_kinds())}")
     max_train: int = Field(
         1000, ge=2, description="training prompts per served expert (shared evenly by its domains)"
     )
@@ -183,6 +184,11 @@ class RouterStage(_Strict):
     balance_domains: bool = Field(
         True, description="share max_train evenly across a served expert's domains (general is small)"
     )
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        return check_head_kind(kind)
 
     @model_validator(mode="after")
     def _fallback_served(self) -> RouterStage:

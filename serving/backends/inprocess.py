@@ -31,6 +31,7 @@ from serving.backends.base import (
     is_error_event,
 )
 from serving.errors import error_body, validation_message
+from serving.vllm_boundary import check_vllm
 
 log = logging.getLogger("moerge.serving")
 
@@ -114,6 +115,7 @@ class InProcessBackend(Backend):
         return {"backend": self.kind, "model": self.model}
 
     async def start(self) -> None:
+        check_vllm()  # before any vLLM internals are imported
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
 
