@@ -52,6 +52,7 @@ class RequestRecord:
     ttft_s: float | None = None
     tokens_in: int | None = None
     tokens_out: int | None = None
+    reserved_tokens: int = 0  # taken from the key's token budget at admission, settled at the end
     span: Span = field(default_factory=Span)
     finished: bool = False
 
@@ -100,7 +101,7 @@ class Accountant:
         if rec.served_expert is not None:
             m.latency.labels(rec.endpoint, rec.served_expert, str(rec.stream).lower()).observe(latency)
         tokens = (rec.tokens_in or 0) + (rec.tokens_out or 0)
-        self.limiter.charge_tokens(rec.api_key, tokens)
+        self.limiter.settle_tokens(rec.api_key, rec.reserved_tokens, tokens)
         if routed is not None and routed.experiment is not None:
             arm = (routed.experiment, routed.arm or "")
             m.ab_requests.labels(*arm, status).inc()

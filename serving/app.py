@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from router.base import Decision, latest_user_text
 from serving.accounting import RequestRecord, Routed
@@ -30,7 +31,7 @@ from serving.backends.base import BackendStreamError, Endpoint, JSONResult, Stre
 from serving.config import ServeConfig
 from serving.errors import OpenAIError, error_body, install_error_handlers, normalize_error
 from serving.gateway import Gateway, Served
-from serving.limits import BodySizeLimit, ConcurrencyCap, Slots
+from serving.limits import BodyReader, ConcurrencyCap, Slots
 from serving.logging_json import request_id_var
 from serving.metrics import Metrics
 from serving.protocol import (
@@ -42,17 +43,26 @@ from serving.protocol import (
     parse_body,
     prompt_messages,
     request_body,
+    reserved_tokens,
 )
 
 log = logging.getLogger("moerge.serving")
 _DONE = b"data: [DONE]\n\n"
 _SEP = (",", ":")
+_REJECT_STATUS = {
+    "body_size": "413",
+    "content_type": "415",
+    "body_timeout": "408",
+    "client_disconnect": "499",
+}
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "Invalid request (bad JSON, missing or invalid field, context overflow)"},
     401: {"description": "Missing or wrong API key"},
     403: {"description": "The API key may not use this model"},
     404: {"description": "Unknown model (or, for feedback, unknown request id)"},
+    408: {"description": "The request body did not arrive within server.body_timeout_s"},
     413: {"description": "Request body too large"},
+    415: {"description": "The body is not JSON (Content-Type must be application/json)"},
     429: {"description": "Rate limit of the API key reached (see Retry-After)"},
     503: {"description": "No backend could serve the request, or the gateway is at its concurrency cap"},
 }
@@ -91,10 +101,17 @@ def create_app(config: ServeConfig, metrics: Metrics | None = None) -> FastAPI:
 
     def rejected(reason: str, path: str) -> None:
         m.rejected.labels(reason).inc()
-        m.requests.labels(_endpoint_of(path), "-", "-", "413" if reason == "body_size" else "503").inc()
+        m.requests.labels(_endpoint_of(path), "-", "-", _REJECT_STATUS.get(reason, "503")).inc()
 
-    app.add_middleware(BodySizeLimit, max_bytes=config.server.max_body_bytes, on_reject=rejected)
-    app.add_middleware(ConcurrencyCap, slots=slots, on_reject=rejected)  # outermost: the cheapest check
+    # Starlette runs the middleware added last first: hosts, then the body (read whole, within its
+    # deadline, before a slot is taken), then the concurrency cap.
+    app.add_middleware(ConcurrencyCap, slots=slots, on_reject=rejected)
+    server = config.server
+    app.add_middleware(
+        BodyReader, max_bytes=server.max_body_bytes, timeout_s=server.body_timeout_s, on_reject=rejected
+    )
+    if server.allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=server.allowed_hosts)
 
     @app.post("/v1/chat/completions", responses=_ERRORS, openapi_extra=request_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
@@ -107,7 +124,7 @@ def create_app(config: ServeConfig, metrics: Metrics | None = None) -> FastAPI:
     @app.post("/v1/feedback", responses=_ERRORS, openapi_extra=request_body(FeedbackRequest))
     async def post_feedback(request: Request) -> dict[str, Any]:
         """Attach a score and/or label to an answered request (by its `x-moerge-request-id`)."""
-        _authenticate(gateway, request)
+        _admit_request(gateway, _authenticate(gateway, request))  # feedback counts like any request
         _, body = await parse_body(request, FeedbackRequest)
         return await record_feedback(gateway, body)
 
@@ -132,7 +149,11 @@ def create_app(config: ServeConfig, metrics: Metrics | None = None) -> FastAPI:
 
     if config.server.metrics_port is None:  # else the gateway serves them on their own port
 
-        @app.get("/metrics")
+        @app.get(
+            "/metrics",
+            response_class=Response,
+            responses={200: {"description": "Prometheus metrics", "content": {CONTENT_TYPE_LATEST: {}}}},
+        )
         async def metrics_endpoint() -> Response:
             return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -213,14 +234,25 @@ def _authenticate(gateway: Gateway, request: Request) -> str | None:
         raise
 
 
-def _admit(gateway: Gateway, key: str | None, model: str) -> None:
+def _admit_request(gateway: Gateway, key: str | None) -> None:
+    try:
+        gateway.limiter.admit(key)
+    except OpenAIError:
+        gateway.metrics.rejected.labels("rate_limit").inc()
+        raise
+
+
+def _admit_model(gateway: Gateway, key: str | None, model: str) -> None:
     try:
         gateway.keys.check_model(key, model)
     except OpenAIError:
         gateway.metrics.rejected.labels("model_not_allowed").inc()
         raise
+
+
+def _reserve(gateway: Gateway, key: str | None, tokens: int) -> int:
     try:
-        gateway.limiter.admit(key)
+        return gateway.limiter.reserve_tokens(key, tokens)
     except OpenAIError:
         gateway.metrics.rejected.labels("rate_limit").inc()
         raise
@@ -248,10 +280,12 @@ async def _handle(
     rec.span = gateway.tracer.start("moerge.request", endpoint=endpoint, request_id=rec.request_id)
     try:
         rec.api_key = _authenticate(gateway, request)
+        _admit_request(gateway, rec.api_key)  # before parsing: a limited key costs the gateway nothing
         payload, body = await parse_body(request, model_cls)
         rec.model, rec.stream, rec.messages = body.model, bool(body.stream), to_messages(body)
         check_max_tokens(body, gateway.config.max_tokens_for(rec.api_key))
-        _admit(gateway, rec.api_key, body.model)
+        _admit_model(gateway, rec.api_key, body.model)
+        rec.reserved_tokens = _reserve(gateway, rec.api_key, reserved_tokens(body, len(await request.body())))
         return await _serve(gateway, request, rec, payload, body.user)
     except OpenAIError as err:
         rec.status = err.status

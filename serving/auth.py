@@ -147,6 +147,33 @@ class RateLimiter:
         if req is not None:
             req.take(1)
 
+    def reserve_tokens(self, name: str | None, n: int) -> int:
+        """Take `n` tokens (what the request may use) from the key's budget before it is served.
+
+        Admitted only while the budget holds the reservation, so concurrent requests cannot overdraw it
+        all at once; a reservation larger than the whole budget is cut to the budget (such a request
+        needs a full bucket). Returns what was reserved, for `settle_tokens`; 429 if it does not fit.
+        """
+        tok = self.tokens.get(name) if name is not None else None
+        if tok is None or n <= 0:
+            return 0
+        n = min(n, int(tok.per_minute))
+        wait = tok.wait_s(n)
+        if wait > 0:
+            raise OpenAIError(
+                429,
+                f"Rate limit reached for tokens per minute on this API key: this request may use {n} "
+                f"tokens; retry after {math.ceil(wait)} s.",
+                code="rate_limit_tokens",
+                headers={"retry-after": str(max(1, math.ceil(wait)))},
+            )
+        tok.take(n)
+        return n
+
+    def settle_tokens(self, name: str | None, reserved: int, used: int) -> None:
+        """Charge what a request used against what it reserved: the unused part goes back."""
+        if name is not None and (tok := self.tokens.get(name)) is not None and used != reserved:
+            tok.take(used - reserved)
+
     def charge_tokens(self, name: str | None, n: int) -> None:
-        if name is not None and n > 0 and (tok := self.tokens.get(name)) is not None:
-            tok.take(n)
+        self.settle_tokens(name, 0, max(n, 0))

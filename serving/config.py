@@ -38,6 +38,15 @@ class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger request bodies get a 413")
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="a request body must arrive whole within this (408 after)"
+    )
+    allowed_hosts: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Host header values served (e.g. [api.example.com, '*.example.com']); others get "
+        "400 (null: any host)",
+    )
     log_decisions: bool = Field(
         False, description="log one line per routing decision (metrics count them anyway)"
     )

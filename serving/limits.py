@@ -1,7 +1,10 @@
-"""Limits enforced before any parsing: request body size (413) and concurrent requests (503).
+"""Limits enforced before any parsing: content type (415), body size (413), upload deadline (408) and
+concurrent requests (503).
 
-With a Content-Length the size check is free; a chunked body is read up to the limit and then replayed
-to the app, so nothing oversize is ever buffered whole.
+The body is read whole (up to its limit, within its deadline) *before* a request takes a concurrency
+slot: a client trickling its upload holds a connection, never one of the slots that served requests
+need. With a Content-Length an oversize body is refused without reading it; a chunked one is read up to
+the limit, so nothing oversize is ever buffered whole. The body is then replayed to the app.
 """
 
 from __future__ import annotations
@@ -14,51 +17,85 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.errors import error_body
 
+# Request bodies the API parses are JSON. Refusing every other type (415) keeps browsers' "simple"
+# cross-site POSTs (text/plain, form encodings: no CORS preflight) from ever reaching a backend.
+_JSON_TYPES = ("application/json",)
 
-class BodySizeLimit:
+
+def is_json_type(content_type: str) -> bool:
+    """application/json, or a structured `+json` type, with any parameters (charset)."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media in _JSON_TYPES or (media.startswith("application/") and media.endswith("+json"))
+
+
+class BodyReader:
+    """Reads each POST body whole before the app (and the concurrency cap) sees the request."""
+
     def __init__(
-        self, app: ASGIApp, max_bytes: int, on_reject: Callable[[str, str], None] | None = None
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        timeout_s: float,
+        on_reject: Callable[[str, str], None] | None = None,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
         self.on_reject = on_reject or (lambda reason, path: None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
+        headers = dict(scope["headers"])
+        path = scope["path"]
+        if not is_json_type(headers.get(b"content-type", b"").decode("latin-1")):
+            self.on_reject("content_type", path)
+            await _reject(
+                send,
+                415,
+                "The request body must be JSON: send `Content-Type: application/json`.",
+                "unsupported_media_type",
+            )
+            return
         length = None
-        for key, value in scope["headers"]:
-            if key == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    await _reject(send, 400, "Invalid Content-Length header.", "invalid_header")
-                    return
-                break
-        if length is not None:
+        if b"content-length" in headers:
+            try:
+                length = int(headers[b"content-length"])
+            except ValueError:
+                await _reject(send, 400, "Invalid Content-Length header.", "invalid_header")
+                return
             if length > self.max_bytes:
-                self.on_reject("body_size", scope["path"])
+                self.on_reject("body_size", path)
                 await _reject(send, 413, self._too_large(), "request_too_large")
                 return
-            await self.app(scope, receive, send)
-            return
-        # Chunked: read up to the limit, then replay.
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                self.on_reject("body_size", scope["path"])
-                await _reject(send, 413, self._too_large(), "request_too_large")
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        self.on_reject("client_disconnect", path)
+                        return  # the client left mid-upload: nobody to answer (not a 500)
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        self.on_reject("body_size", path)
+                        await _reject(send, 413, self._too_large(), "request_too_large")
+                        return
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            self.on_reject("body_timeout", path)
+            await _reject(
+                send,
+                408,
+                f"The request body did not arrive within {self.timeout_s:g} s.",
+                "request_timeout",
+            )
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -131,7 +168,7 @@ class ConcurrencyCap:
         self,
         app: ASGIApp,
         slots: Slots,
-        prefixes: tuple[str, ...] = ("/v1/chat/", "/v1/completions"),
+        prefixes: tuple[str, ...] = ("/v1/chat/", "/v1/completions", "/v1/feedback"),
         on_reject: Callable[[str, str], None] | None = None,
     ) -> None:
         self.app = app

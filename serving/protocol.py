@@ -7,6 +7,7 @@ a router or backend sees it); every field, including engine-specific extensions 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
@@ -97,7 +98,12 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         allow_inf_nan=False,
-        json_schema_extra={"anyOf": [{"required": ["score"]}, {"required": ["label"]}]},
+        json_schema_extra={  # a score or a label that is not null (`{"score": null}` is refused)
+            "anyOf": [
+                {"required": ["score"], "properties": {"score": {"type": "number"}}},
+                {"required": ["label"], "properties": {"label": {"type": "string"}}},
+            ]
+        },
     )
     request_id: str = Field(
         min_length=1, max_length=64, description="the answer's x-moerge-request-id (or moerge.request_id)"
@@ -127,6 +133,21 @@ def check_max_tokens(body: ChatCompletionRequest | CompletionRequest, cap: int |
             )
 
 
+# What a request without max_tokens reserves for its answer (it is charged what it really uses after).
+DEFAULT_COMPLETION_RESERVE = 256
+
+
+def reserved_tokens(body: ChatCompletionRequest | CompletionRequest, raw_bytes: int) -> int:
+    """Tokens a request may use, for the key's token budget: a prompt estimate plus its completions.
+
+    The prompt is estimated from the body's size (about 4 bytes a token for English text and JSON),
+    an over-estimate for most requests: the unused part is refunded when the answer's usage is known.
+    """
+    asked = [getattr(body, f, None) for f in ("max_tokens", "max_completion_tokens")]
+    completion = min((a for a in asked if a is not None), default=DEFAULT_COMPLETION_RESERVE)
+    return raw_bytes // 4 + completion * (body.n or 1)
+
+
 def prompt_messages(prompt: Any) -> list[dict[str, Any]]:
     """What a router sees of a completions prompt: the (first) text as one user turn."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
@@ -144,13 +165,24 @@ def _no_constants(name: str) -> Any:
 async def parse_body(request: Request, model: type[Body]) -> tuple[dict[str, Any], Body]:
     """The raw JSON object (forwarded as is) and its checked view; 400 in OpenAI's shape otherwise.
 
-    Parsed by hand rather than by FastAPI so that any content type is accepted (curl's default form
-    type included) and the backend receives exactly the client's fields.
+    Parsed by hand rather than by FastAPI so that the backend receives exactly the client's fields
+    (the content type is checked before: serving/limits.py answers 415 to anything but JSON).
     """
     try:
         raw = await request.body()
     except ClientDisconnect:  # the client left mid-upload: counted as 499 (it gets no answer), not 500
         raise OpenAIError(499, "The client closed the connection before sending the whole body.") from None
+    if len(raw) > OFF_LOOP_BYTES:  # parse where it cannot stall every other request
+        return await asyncio.to_thread(decode_body, raw, model)
+    return decode_body(raw, model)
+
+
+# Bodies larger than this are parsed in a worker thread (a 4 MB body takes ~0.1 s or more to parse).
+OFF_LOOP_BYTES = 64 * 1024
+
+
+def decode_body(raw: bytes, model: type[Body]) -> tuple[dict[str, Any], Body]:
+    """Parse and check a request body; 400 in OpenAI's shape naming the field otherwise."""
     try:
         payload = json.loads(raw, parse_constant=_no_constants)
     except (ValueError, RecursionError) as err:

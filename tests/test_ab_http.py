@@ -269,7 +269,9 @@ def test_feedback(gateway: ThreadedServer, db: Path) -> None:
     assert error_of(post({"request_id": rid}), 400)["message"]
     assert error_of(
         httpx.post(
-            gateway.url + "/v1/feedback", content=b'{"request_id": "x", "score": NaN}', headers=auth()
+            gateway.url + "/v1/feedback",
+            content=b'{"request_id": "x", "score": NaN}',
+            headers={**auth(), "content-type": "application/json"},
         ),
         400,
     )

@@ -221,6 +221,35 @@ def test_rate_limits_with_retry_after() -> None:
     limiter.admit(None)  # no key (auth off): never limited
 
 
+def test_token_budget_is_reserved_at_admission_and_refunded() -> None:
+    """20 concurrent requests that may each use 11 tokens, on a 100-tokens-a-minute key: only what the
+    budget holds is admitted (9), never all 20; what a finished request did not use goes back."""
+    now = [0.0]
+    limiter = RateLimiter({"k": ApiKey(sha256=hash_key("a"), tokens_per_minute=100)}, clock=lambda: now[0])
+    admitted, refused = [], 0
+    for _ in range(20):
+        try:
+            admitted.append(limiter.reserve_tokens("k", 11))
+        except OpenAIError as err:
+            assert err.status == 429 and err.code == "rate_limit_tokens" and err.headers
+            refused += 1
+    assert (len(admitted), refused) == (9, 11)
+    for reserved in admitted:
+        limiter.settle_tokens("k", reserved, 2)  # each used 2 of its 11
+    assert limiter.reserve_tokens("k", 80) == 80, "the unused 81 tokens came back"
+
+
+def test_a_reservation_larger_than_the_budget_needs_a_full_bucket() -> None:
+    now = [0.0]
+    limiter = RateLimiter({"k": ApiKey(sha256=hash_key("a"), tokens_per_minute=100)}, clock=lambda: now[0])
+    assert limiter.reserve_tokens("k", 5000) == 100, "cut to the whole budget, admitted when it is full"
+    with pytest.raises(OpenAIError):
+        limiter.reserve_tokens("k", 5000)
+    now[0] = 60.0
+    assert limiter.reserve_tokens("k", 5000) == 100
+    assert limiter.reserve_tokens(None, 5000) == 0, "auth off: no budget"
+
+
 def test_keys_hash_cli() -> None:
     app = typer.Typer()
     register_serve_commands(app)

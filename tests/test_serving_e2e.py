@@ -613,7 +613,9 @@ def test_fuzz_chat_no_5xx(gateway: ThreadedServer, body: dict[str, Any]) -> None
     path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
 )
 def test_fuzz_raw_bodies_no_5xx(gateway: ThreadedServer, body: bytes, path: str) -> None:
-    resp = httpx.post(gateway.url + path, content=body, timeout=60)
+    resp = httpx.post(
+        gateway.url + path, content=body, timeout=60, headers={"content-type": "application/json"}
+    )
     assert resp.status_code in (400, 404), resp.text
     check_answer(resp)
 

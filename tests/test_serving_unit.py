@@ -396,9 +396,13 @@ def gateway(fakes: dict[str, ThreadedServer]) -> Iterator[str]:
         yield server.url
 
 
+JSON = {"content-type": "application/json"}
+
+
 def post(url: str, body: Any, **kw: Any) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(url + "/v1/chat/completions", content=content, timeout=30, **kw)
+    headers = {"content-type": "application/json", **kw.pop("headers", {})}
+    return httpx.post(url + "/v1/chat/completions", content=content, timeout=30, headers=headers, **kw)
 
 
 def msg(model: str, **kw: Any) -> dict[str, Any]:
@@ -496,7 +500,108 @@ def test_oversize_body_is_413(gateway: str) -> None:
         yield b"x" * 10_000
         yield b'"}]}'
 
-    assert_openai_error(httpx.post(gateway + "/v1/chat/completions", content=chunks(), timeout=30), 413)
+    assert_openai_error(
+        httpx.post(gateway + "/v1/chat/completions", content=chunks(), timeout=30, headers=JSON), 413
+    )
+
+
+@pytest.mark.parametrize(
+    "content_type", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; b=x"]
+)
+def test_non_json_bodies_are_415(gateway: str, content_type: str | None) -> None:
+    """A browser's cross-site "simple" POST (no CORS preflight) never reaches a backend."""
+    headers = {} if content_type is None else {"content-type": content_type}
+    resp = httpx.post(gateway + "/v1/chat/completions", content=json.dumps(msg("good")), headers=headers)
+    assert assert_openai_error(resp, 415)["code"] == "unsupported_media_type"
+    resp = httpx.post(
+        gateway + "/v1/chat/completions",
+        content=json.dumps(msg("good")),
+        headers={"content-type": "application/json; charset=utf-8"},
+    )
+    assert resp.status_code == 200, resp.text
+
+
+@pytest.fixture(scope="module")
+def admission_gateway(fakes: dict[str, ThreadedServer]) -> Iterator[str]:
+    """One slot, a 1 s body deadline, allowed hosts, and keys with request and token budgets."""
+    from serving.app import create_app
+    from serving.auth import hash_key
+
+    config = parse_config(
+        {
+            "server": {
+                "max_concurrent_requests": 1,
+                "body_timeout_s": 1,
+                "allowed_hosts": [LOOPBACK, "localhost"],
+            },
+            "experts": {"good": remote(fakes["ok"].url + "/v1")},
+            "auth": {
+                "keys": {
+                    "tokens": {"sha256": hash_key("sk-tokens"), "tokens_per_minute": 100},
+                    "once": {"sha256": hash_key("sk-once"), "requests_per_minute": 1},
+                }
+            },
+        }
+    )
+    with ThreadedServer(create_app(config)) as server:
+        yield server.url
+
+
+def _trickle(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+        "content-length: 1000\r\n\r\n{".encode()
+    )
+    return sock
+
+
+def test_slow_upload_takes_no_slot_and_meets_its_deadline(admission_gateway: str) -> None:
+    """Two trickling uploads on a gateway with one slot: a normal request is still served (the slot is
+    taken only once a body is whole), and each trickler gets 408 when its body deadline passes."""
+    tricklers = [_trickle(admission_gateway), _trickle(admission_gateway)]
+    try:
+        resp = post(admission_gateway, msg("good", max_tokens=5), headers=auth_tokens())
+        assert resp.status_code == 200, resp.text
+        for sock in tricklers:
+            sock.settimeout(10)
+            answer = sock.recv(4096).decode()
+            assert answer.startswith("HTTP/1.1 408"), answer
+            assert '"code":"request_timeout"' in answer.replace(" ", "")
+    finally:
+        for sock in tricklers:
+            sock.close()
+
+
+def test_unknown_host_is_refused(admission_gateway: str) -> None:
+    body = msg("good", max_tokens=5)
+    resp = post(admission_gateway, body, headers={"host": "evil.example", **auth_tokens()})
+    assert resp.status_code == 400, resp.text
+    assert post(admission_gateway, body, headers=auth_tokens()).status_code == 200
+
+
+def auth_tokens() -> dict[str, str]:
+    return {"authorization": "Bearer sk-tokens"}
+
+
+def test_token_reservation_is_refunded_after_the_answer(admission_gateway: str) -> None:
+    """On a 100-tokens-a-minute key, a request that may use ~80 tokens (60 to answer, its prompt
+    estimate) is admitted again and again: each reserves its maximum and gets back what it did not use
+    (the fake expert answers 2 tokens). Without the refund the second would get 429."""
+    body = msg("good", max_tokens=60)
+    for _ in range(3):
+        resp = post(admission_gateway, body, headers=auth_tokens())
+        assert resp.status_code == 200, resp.text
+
+
+def test_feedback_is_rate_limited_like_any_request(admission_gateway: str) -> None:
+    headers = {"authorization": "Bearer sk-once", **JSON}
+    body = json.dumps({"request_id": "req-x", "score": 1})
+    first = httpx.post(admission_gateway + "/v1/feedback", content=body, headers=headers)
+    assert first.status_code == 404, first.text  # no decision log here: feedback_disabled
+    second = httpx.post(admission_gateway + "/v1/feedback", content=body, headers=headers)
+    assert assert_openai_error(second, 429)["code"] == "rate_limit_requests"
 
 
 def test_unknown_route_and_method_are_openai_shaped(gateway: str) -> None:
