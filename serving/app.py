@@ -157,7 +157,9 @@ def create_app(config: ServeConfig, metrics: Metrics | None = None) -> FastAPI:
         async def metrics_endpoint() -> Response:
             return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
-    install_openapi_schemas(app, [ChatCompletionRequest, CompletionRequest, FeedbackRequest])
+    install_openapi_schemas(
+        app, [ChatCompletionRequest, CompletionRequest, FeedbackRequest], config.server.max_tokens
+    )
     return app
 
 
@@ -283,7 +285,14 @@ async def _handle(
         _admit_request(gateway, rec.api_key)  # before parsing: a limited key costs the gateway nothing
         payload, body = await parse_body(request, model_cls)
         rec.model, rec.stream, rec.messages = body.model, bool(body.stream), to_messages(body)
-        check_max_tokens(body, gateway.config.max_tokens_for(rec.api_key))
+        cap = gateway.config.max_tokens_for(rec.api_key)
+        check_max_tokens(body, cap)
+        if (
+            cap is not None
+            and body.max_tokens is None
+            and getattr(body, "max_completion_tokens", None) is None
+        ):
+            payload["max_tokens"] = cap  # a capped gateway never lets an answer run to the context's end
         _admit_model(gateway, rec.api_key, body.model)
         rec.reserved_tokens = _reserve(gateway, rec.api_key, reserved_tokens(body, len(await request.body())))
         return await _serve(gateway, request, rec, payload, body.user)

@@ -205,8 +205,14 @@ def request_body(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
-def install_openapi_schemas(app: FastAPI, models: list[type[BaseModel]]) -> None:
-    """Add the request models (and their nested models) to the app's OpenAPI components."""
+def install_openapi_schemas(
+    app: FastAPI, models: list[type[BaseModel]], max_tokens: int | None = None
+) -> None:
+    """Add the request models (and their nested models) to the app's OpenAPI components.
+
+    The document describes what this gateway accepts: with a `server.max_tokens` cap, that cap is the
+    published maximum of `max_tokens` and `max_completion_tokens` (per-key caps can be lower still).
+    """
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -218,7 +224,17 @@ def install_openapi_schemas(app: FastAPI, models: list[type[BaseModel]]) -> None
                 js = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(js.pop("$defs", {}))
                 components[model.__name__] = js
+                if max_tokens is not None:
+                    _cap_token_fields(js, max_tokens)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _cap_token_fields(schema: dict[str, Any], cap: int) -> None:
+    for name in ("max_tokens", "max_completion_tokens"):
+        field = schema.get("properties", {}).get(name)
+        for option in field.get("anyOf", [field]) if field else []:
+            if option.get("type") == "integer":
+                option["maximum"] = cap
