@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -32,7 +33,7 @@ class Routed:
     router: str  # the router's name in the config, `direct`, or `expert:NAME` for a fixed-expert arm
     experiment: str | None = None
     arm: str | None = None
-    shadow: dict[str, asyncio.Future[Decision]] = field(default_factory=dict)
+    shadow: Mapping[str, asyncio.Future[Decision]] = field(default_factory=dict)
     unit: str | None = None  # the experiment's unit of assignment (salted key hash); None: not sticky
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,7 +121,7 @@ class Gateway:
                 self.config.batching.max_wait_ms,
                 observe=self._observe_batch(name),
                 max_queue=self.config.batching.max_queue,
-                on_shed=lambda kind, n=name: self.metrics.router_shed.labels(n, kind).inc(),
+                on_shed=self._count_shed(name),
             )
         self._key_experts = {
             name: self._experts_for_models(key.models)
@@ -157,6 +157,14 @@ class Gateway:
         for batcher in self.batchers.values():
             batcher.close()
         await self.client.aclose()
+
+    def _count_shed(self, name: str) -> Callable[[str], None]:
+        counter = self.metrics.router_shed
+
+        def count(kind: str) -> None:
+            counter.labels(name, kind).inc()
+
+        return count
 
     def _observe_batch(self, name: str) -> Any:
         size, seconds = self.metrics.router_batch.labels(name), self.metrics.router_seconds.labels(name)

@@ -194,7 +194,8 @@ def decode_body(raw: bytes, model: type[Body]) -> tuple[dict[str, Any], Body]:
     try:
         body = model.model_validate(payload)
     except ValidationError as err:
-        message, param, code = validation_message(list(err.errors(include_url=False, include_input=False)))
+        details: list[dict[str, Any]] = [dict(e) for e in err.errors(include_url=False, include_input=False)]
+        message, param, code = validation_message(details)
         raise OpenAIError(400, message, param=param, code=code) from None
     return payload, body
 

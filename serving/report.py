@@ -198,7 +198,9 @@ def build_report(
         "weights_assumed_equal": assumed,
         "arms": {a: _arm_stats(by_arm.get(a, []), fb) for a in arms},
         "vs_control": {
-            a: _compare(by_arm.get(a, []), by_arm.get(control, []), fb) for a in arms if a != control
+            a: _compare(by_arm.get(a, []), by_arm.get(control, []) if control else [], fb)
+            for a in arms
+            if a != control
         },
         "srm": srm_check({a: units(by_arm.get(a, [])) for a in arms}, weights),
     }

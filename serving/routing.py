@@ -133,7 +133,7 @@ class MicroBatcher:
         return await fut
 
     def _next_batch(self) -> list[tuple[RoutingRequest, asyncio.Future[Decision]]]:
-        batch = []
+        batch: list[tuple[RoutingRequest, asyncio.Future[Decision]]] = []
         while self._queue and len(batch) < self.max_batch:
             item = self._queue.popleft()
             if not item[1].done():  # cancelled: nobody waits for this decision

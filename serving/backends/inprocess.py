@@ -60,7 +60,7 @@ def with_cpu_kv_budget(
     if not current_platform.is_cpu():
         return engine_args
     if total_bytes is None:
-        import psutil
+        import psutil  # type: ignore[import-untyped]
 
         total_bytes = int(psutil.virtual_memory().total)
     budget = int(min(KV_CAP_BYTES, total_bytes * KV_SHARE_OF_RAM / max(1, engines)))
@@ -139,7 +139,7 @@ class InProcessBackend(Backend):
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
-        self._protocol = {"chat": ChatCompletionRequest, "completions": CompletionRequest}
+        self._protocol: dict[str, Any] = {"chat": ChatCompletionRequest, "completions": CompletionRequest}
         self._error_type = ErrorResponse
         self._create_error = create_error_response
 
@@ -206,9 +206,11 @@ class InProcessBackend(Backend):
             return JSONResult(status, result.model_dump())
         if not stream:
             return JSONResult(200, result.model_dump(exclude_none=False))
-        if (err := is_error_event(first)) is not None and error_status(err) >= 500:
+        if (event_error := is_error_event(first)) is not None and error_status(event_error) >= 500:
             await result.aclose()
-            raise BackendUnavailable(f"{self.name}: error before the first token: {err.get('message')}")
+            raise BackendUnavailable(
+                f"{self.name}: error before the first token: {event_error.get('message')}"
+            )
         return StreamResult(first=first, rest=_events(result), close=result.aclose)
 
 
