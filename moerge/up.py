@@ -424,7 +424,9 @@ def register_up_command(app: Any) -> None:
                 plan = make_plan(topo, gateway_port=port)
                 for name, argv in plan.expert_argv.items():
                     console.print(Text(f"{name}: {' '.join(argv[1:])}"), soft_wrap=True)
-                console.print(Text(yaml.safe_dump({"gateway": plan.gateway_config}, sort_keys=False)), soft_wrap=True)
+                console.print(
+                    Text(yaml.safe_dump({"gateway": plan.gateway_config}, sort_keys=False)), soft_wrap=True
+                )
                 return
             code = run_up(topo, console=console, gateway_port=port, run_dir=run_dir)
         except ConfigError as err:

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -38,7 +38,6 @@ class Served:
     expert: str
     result: JSONResult | StreamResult
     attempts: int
-    failed: list[str] = field(default_factory=list)  # experts that failed before `expert` answered
 
 
 def build_backend(
@@ -289,10 +288,6 @@ class Gateway:
             )
         return out
 
-    async def decide(self, model: str, messages: list[dict[str, Any]], previous: str | None) -> Decision:
-        """The decision alone (no experiment key): `route` is what the HTTP layer uses."""
-        return (await self.route(model, messages, previous, request_id="-")).decision
-
     async def route(
         self,
         model: str,
@@ -389,7 +384,6 @@ class Gateway:
         t, retry = self.config.timeouts, self.config.retry
         errors: list[str] = []  # for the log only: backend errors may name internal addresses
         outcomes: dict[str, str] = {}  # for the client: expert → what happened
-        failed: list[str] = []
         attempts = 0
         for name in self.fallback_chain(expert, api_key):
             breaker, backend = self.breakers[name], self.backends[name]
@@ -420,8 +414,7 @@ class Gateway:
                 self.metrics.attempts.labels(name, "ok").inc()
                 if name != expert:
                     self.metrics.fallbacks.labels(expert, name).inc()
-                return Served(name, result, attempts, failed)
-            failed.append(name)
+                return Served(name, result, attempts)
         self.update_gauges()
         log.warning("no backend could serve expert %s: %s", expert, "; ".join(errors[-4:]))
         tried = ", ".join(f"{name} {outcome}" for name, outcome in outcomes.items())

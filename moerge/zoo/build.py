@@ -13,8 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from moerge.zoo import serveconf
 from moerge.zoo.config import ZooConfig
 from moerge.zoo.smollm2 import locate_gguf
@@ -352,7 +350,3 @@ def build_zoo(
 ) -> dict[str, Any]:
     """Build (or bring up to date) the zoo under `out`; returns the summary also stored in the manifest."""
     return ZooBuild(out, data_dir, cfg or ZooConfig(), force=force, bar=bar, log=log).run()
-
-
-def load_serve_yaml(out: Path) -> dict[str, Any]:
-    return yaml.safe_load((Path(out) / "serve.yaml").read_text())

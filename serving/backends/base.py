@@ -70,9 +70,6 @@ class Backend(ABC):
     ) -> JSONResult | StreamResult:
         """Send one request; raise BackendUnavailable on failures worth retrying elsewhere."""
 
-    def describe(self) -> dict[str, Any]:
-        return {"backend": self.kind}
-
 
 _TYPE_STATUS = {
     "invalid_request_error": 400,

@@ -111,9 +111,6 @@ class InProcessBackend(Backend):
         self.state = State()
         self._stack = AsyncExitStack()
 
-    def describe(self) -> dict[str, Any]:
-        return {"backend": self.kind, "model": self.model}
-
     async def start(self) -> None:
         check_vllm()  # before any vLLM internals are imported
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state

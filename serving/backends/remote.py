@@ -58,9 +58,6 @@ class RemoteBackend(Backend):
         root = self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
         self.health_url = root + "/health"
 
-    def describe(self) -> dict[str, Any]:
-        return {"backend": self.kind, "url": self.base_url, "model": self.model}
-
     async def health(self) -> bool:
         try:
             resp = await self.client.get(self.health_url, headers=self.headers, timeout=2.0)
