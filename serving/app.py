@@ -489,8 +489,14 @@ async def _relay(
         reason = "no event within the idle timeout" if isinstance(err, TimeoutError) else str(err)
         log.warning("stream from expert %s failed after the first event: %s", expert, reason)
         gateway.record_stream_failure(expert, reason)
+        # The client learns what happened, not the backend's own error text (addresses, internals):
+        # that is in the log, under this request id.
+        what = "went silent" if isinstance(err, TimeoutError) else "broke off"
         body = error_body(
-            f"The expert `{expert}` failed mid-stream: {reason}", "server_error", None, "backend_stream_error"
+            f"The expert `{expert}` {what} mid-stream; the answer is incomplete (request {rec.request_id}).",
+            "server_error",
+            None,
+            "backend_stream_error",
         )
         yield b"data: " + json.dumps(body).encode() + b"\n\n"
         yield _DONE

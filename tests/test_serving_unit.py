@@ -742,6 +742,7 @@ def test_failure_after_first_token_ends_stream_with_error_event(gateway: str) ->
     assert json.loads(events[0][len("data: ") :])["choices"][0]["delta"]["content"] == "ok"
     error = json.loads(events[-2][len("data: ") :])["error"]
     assert error["code"] == "backend_stream_error" and "mid-stream" in error["message"]
+    assert "127.0.0.1" not in error["message"] and "http" not in error["message"], "no backend internals"
     assert events[-1] == "data: [DONE]"
 
 
