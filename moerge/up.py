@@ -30,12 +30,12 @@ from rich.console import Console
 from rich.text import Text
 
 from serving.config import NAME_PATTERN, ConfigError, ServeConfig, format_validation_error, parse_config
+from serving.engine_args import check_engine_args, engine_flags
 from serving.vllm_boundary import VllmVersionError, check_vllm
 
 LOOPBACK = "127.0.0.1"
 COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "bright_red", "bright_cyan", "bright_magenta")
 # Flags moerge up sets itself; `trust_remote_code` is refused as everywhere in moerge.
-RESERVED_ARGS = {"model", "host", "port", "served_model_name", "model_tag", "trust_remote_code"}
 
 
 class _Strict(BaseModel):
@@ -63,9 +63,7 @@ class ExpertProcess(_Strict):
     @field_validator("args")
     @classmethod
     def _no_reserved(cls, v: dict[str, Any]) -> dict[str, Any]:
-        bad = sorted(k for k in v if k.replace("-", "_") in RESERVED_ARGS)
-        if bad:
-            raise ValueError(f"{', '.join(bad)}: set by moerge up (use `model`, `port` and the expert name)")
+        check_engine_args(v, set_by="moerge up")
         return v
 
 
@@ -150,23 +148,8 @@ def free_port() -> int:
 
 
 def cli_flags(args: dict[str, Any]) -> list[str]:
-    """`{max_model_len: 256, enforce_eager: true}` → `--max-model-len 256 --enforce-eager`."""
-    out: list[str] = []
-    for key, value in args.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            out.append(flag)
-        elif value is False or value is None:
-            continue
-        elif isinstance(value, list):
-            out += [flag, *(str(v) for v in value)]
-        elif isinstance(value, dict):
-            import json
-
-            out += [flag, json.dumps(value)]
-        else:
-            out += [flag, str(value)]
-    return out
+    """The expert's `args` as `vllm serve` flags: the same mapping as in-process engines use."""
+    return engine_flags(args)
 
 
 @dataclass

@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from serving.engine_args import check_engine_args
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
@@ -134,14 +136,10 @@ class VllmExpert(_ExpertBase):
 
     @model_validator(mode="after")
     def _safe_engine_args(self) -> VllmExpert:
-        keys = {k.replace("-", "_") for k in self.engine_args}
-        if self.engine_args.get("trust_remote_code") or self.engine_args.get("trust-remote-code"):
-            raise ValueError("engine_args.trust_remote_code is refused: moerge never runs model code")
-        reserved = sorted(keys & {"model", "served_model_name", "host", "port", "model_tag"})
-        if reserved:
-            raise ValueError(
-                f"engine_args: {', '.join(reserved)} are set by moerge (use `model` and the expert name)"
-            )
+        try:
+            check_engine_args(self.engine_args)
+        except ValueError as err:
+            raise ValueError(f"engine_args: {err}") from None
         return self
 
 

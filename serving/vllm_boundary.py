@@ -8,11 +8,13 @@ does not start on another unless MOERGE_ALLOW_UNTESTED_VLLM=1 says to try (then 
 `python -m serving.vllm_boundary` prints the installed version or exits 1 (the CUDA image runs it).
 
 The in-process backend's other uses of vLLM internals are to move behind this module.
-May import: the standard library only (reading the version must not import vllm, i.e. torch).
+May import: the standard library only at import time (reading the version must not import vllm, i.e.
+torch); `negatable_flags` imports vLLM's argument parser when first called.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -61,6 +63,31 @@ def check_vllm(installed: str | None = None) -> str:
         log.warning("%s (%s=1: trying)", message, ALLOW_UNTESTED)
         return found
     raise VllmVersionError(message)
+
+
+@functools.cache
+def negatable_flags() -> frozenset[str]:
+    """The `vllm serve` flags that have a `--no-` form (argparse's BooleanOptionalAction), by vLLM's parser.
+
+    Imports vLLM's argument parser (seconds, once per process); without vLLM, every flag counts as
+    negatable (the caller's vLLM then says which are not).
+    """
+    try:
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+    except ImportError:
+        return _ANY_FLAG
+    parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve", exit_on_error=False))
+    options = {s for action in parser._actions for s in action.option_strings}
+    return frozenset(s for s in options if s.startswith("--") and "--no-" + s[2:] in options)
+
+
+class _AnyFlag(frozenset[str]):
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+_ANY_FLAG = _AnyFlag()
 
 
 if __name__ == "__main__":

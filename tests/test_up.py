@@ -67,6 +67,29 @@ def test_cli_flags() -> None:
     ]
 
 
+def test_engine_options_mean_the_same_in_process_and_under_moerge_up() -> None:
+    """One mapping: `enforce_eager: false` is `--no-enforce-eager` (vLLM can negate it) in both, a
+    plain switch set false is left out in both, and vLLM's own parser accepts the result."""
+    from serving.backends.inprocess import engine_argv, parse_engine_args
+
+    options = {"enforce_eager": False, "disable_log_stats": False, "max_model_len": 256, "seed": None}
+    flags = cli_flags(options)
+    assert flags == ["--no-enforce-eager", "--max-model-len", "256"]
+    assert engine_argv("/m", "x", options)[4:] == flags
+    args = parse_engine_args("/m", "x", options)
+    assert args.enforce_eager is False and args.max_model_len == 256
+
+
+@pytest.mark.parametrize("key", ["model", "served-model-name", "port", "host", "model_tag"])
+def test_reserved_engine_args_are_refused_everywhere(key: str) -> None:
+    from serving.config import ConfigError, parse_config
+
+    with pytest.raises(ValueError, match=key.replace("-", "_")):
+        ExpertProcess(model="/m", args={key: "x"})
+    with pytest.raises(ConfigError, match=key.replace("-", "_")):
+        parse_config({"experts": {"a": {"backend": "vllm", "model": "/m", "engine_args": {key: "x"}}}})
+
+
 @pytest.mark.parametrize(
     ("patch", "field"),
     [

@@ -10,7 +10,6 @@ runs in its own process (vLLM spawns it), so generation does not compete with th
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 from contextlib import AsyncExitStack
@@ -30,6 +29,7 @@ from serving.backends.base import (
     error_status,
     is_error_event,
 )
+from serving.engine_args import engine_flags
 from serving.errors import error_body, validation_message
 from serving.vllm_boundary import check_vllm
 
@@ -68,19 +68,14 @@ def with_cpu_kv_budget(
 
 
 def engine_argv(model: str, served_name: str, engine_args: dict[str, Any]) -> list[str]:
-    """`vllm serve` command-line flags for the engine args of the config (the way vLLM reads YAML configs)."""
-    argv = ["--model", model, "--served-model-name", served_name]
-    for key, value in {**_DEFAULT_ENGINE_ARGS, **engine_args}.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            argv.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif isinstance(value, list):
-            argv += [flag, *map(str, value)]
-        elif isinstance(value, dict):
-            argv += [flag, json.dumps(value)]
-        elif value is not None:
-            argv += [flag, str(value)]
-    return argv
+    """`vllm serve` command-line flags for an expert (serving/engine_args.py maps the config's options)."""
+    return [
+        "--model",
+        model,
+        "--served-model-name",
+        served_name,
+        *engine_flags({**_DEFAULT_ENGINE_ARGS, **engine_args}),
+    ]
 
 
 def parse_engine_args(model: str, served_name: str, engine_args: dict[str, Any]) -> Any:
