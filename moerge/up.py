@@ -123,7 +123,21 @@ def load_topology(path: str | Path) -> Topology:
     for expert in topo.experts.values():
         expert.model = _resolve_relative(expert.model, base)
     topo.gateway = _resolve_relative(topo.gateway, base)
+    _place_decision_log(topo.gateway, base)
     return topo
+
+
+def _place_decision_log(gateway: dict[str, Any], base: Path) -> None:
+    """The decision log's SQLite file lives beside the topology file, as it would beside a serve config
+    (the generated gateway config is in a run folder that may be temporary)."""
+    log_cfg = gateway.get("decision_log")
+    if not isinstance(log_cfg, dict):
+        return
+    url = log_cfg.get("url")
+    if url is None:
+        log_cfg["url"] = f"sqlite:///{base / 'moerge-decisions.db'}"
+    elif isinstance(url, str) and url.startswith(("sqlite:///./", "sqlite:///../")):
+        log_cfg["url"] = "sqlite:///" + str((base / url[len("sqlite:///") :]).resolve())
 
 
 def free_port() -> int:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -78,6 +79,19 @@ def test_engine_options_mean_the_same_in_process_and_under_moerge_up() -> None:
     assert engine_argv("/m", "x", options)[4:] == flags
     args = parse_engine_args("/m", "x", options)
     assert args.enforce_eager is False and args.max_model_len == 256
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"), [(None, "moerge-decisions.db"), ("sqlite:///./d/x.db", "d/x.db")]
+)
+def test_decision_log_lives_beside_the_topology(tmp_path: Path, url: str | None, expected: str) -> None:
+    topo_file = tmp_path / "topo.yaml"
+    log_cfg: dict[str, Any] = {"enabled": True} if url is None else {"enabled": True, "url": url}
+    topo_file.write_text(
+        yaml.safe_dump({"experts": {"a": {"model": str(tmp_path)}}, "gateway": {"decision_log": log_cfg}})
+    )
+    plan = make_plan(load_topology(topo_file))
+    assert plan.serve_config.decision_log.url == f"sqlite:///{tmp_path.resolve() / expected}"
 
 
 @pytest.mark.parametrize("key", ["model", "served-model-name", "port", "host", "model_tag"])
