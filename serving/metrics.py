@@ -34,6 +34,12 @@ class Metrics:
         r = self.registry
         self._before_collect = _BeforeCollect()
         r.register(self._before_collect)  # first: the gauges it updates are collected after it
+        self._add_request_metrics(r)
+        self._add_ab_metrics(r)
+        self._add_decision_log_metrics(r)
+
+    def _add_request_metrics(self, r: CollectorRegistry) -> None:
+        """Requests, routing, backends: what an operator's dashboard shows."""
         self.requests = Counter(
             "moerge_requests", "Requests answered", ["endpoint", "model", "expert", "status"], registry=r
         )
@@ -103,7 +109,8 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        # -- A/B: per experiment and arm ------------------------------------------------------------
+    def _add_ab_metrics(self, r: CollectorRegistry) -> None:
+        """Per experiment and arm: what an A/B dashboard compares."""
         arm = ["experiment", "arm"]
         self.ab_requests = Counter(
             "moerge_ab_requests", "Requests per experiment arm", [*arm, "status"], registry=r
@@ -149,7 +156,7 @@ class Metrics:
             ["router", "expert", "agrees"],
             registry=r,
         )
-        # -- decision log ----------------------------------------------------------------------------
+    def _add_decision_log_metrics(self, r: CollectorRegistry) -> None:
         self.log_written = Counter(
             "moerge_decision_log_written", "Rows written to the decision log", registry=r
         )
