@@ -6,6 +6,7 @@ imports happen inside the stages, so a fully cached build finishes in seconds.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -77,7 +78,7 @@ class ZooBuild:
                     f"expert:{name}",
                     [f"experts/{name}"],
                     {"domain": spec.domain, "index": index, **tune},
-                    lambda tmp, n=name, i=index: self._expert(tmp, n, i),
+                    functools.partial(self._expert, name=name, index=index),
                     after=["data", "base"],
                 )
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -44,7 +45,7 @@ def build_command(
 class zoo_progress:  # noqa: N801 - used as a context manager
     """A rich Progress whose tasks the stages create: (bar factory, log function)."""
 
-    def __init__(self, console) -> None:  # noqa: ANN001
+    def __init__(self, console: Any) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.console = console
@@ -64,7 +65,7 @@ class zoo_progress:  # noqa: N801 - used as a context manager
             task = self.progress.add_task(description, total=total, info="")
 
             def advance(completed: int, loss: float | None = None, total: int | None = None) -> None:
-                fields = {"info": f"loss {loss:.3f}"} if loss is not None else {}
+                fields: dict[str, Any] = {"info": f"loss {loss:.3f}"} if loss is not None else {}
                 if total is not None:
                     fields["total"] = total
                 if completed and self.progress.tasks[task].total is None and total is None:
@@ -75,5 +76,5 @@ class zoo_progress:  # noqa: N801 - used as a context manager
 
         return bar, lambda message: self.progress.console.print(message, highlight=False)
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)

@@ -78,6 +78,7 @@ def nll_matrix(
         for begin in range(0, len(examples), spec.batch_size):
             ids, mask, labels = collate(examples[begin : begin + spec.batch_size], pad)
             captured, final = hidden_before(base, wanted, ids, mask, stop=False)
+            assert final is not None  # stop=False: the whole forward ran
             nll, count = scored_nll(base, final, labels)
             sums["base"][domain][0] += nll
             sums["base"][domain][1] += count
@@ -97,7 +98,7 @@ def nll_matrix(
             done += 1
             if tick is not None:
                 tick(done, total)
-    table = {m: {d: mean_nll(*v) for d, v in row.items()} for m, row in sums.items()}
+    table = {m: {d: mean_nll(v[0], int(v[1])) for d, v in row.items()} for m, row in sums.items()}
     return {
         "measure": "mean NLL per reference-response token given the chat-formatted prompt "
         "(knowledge: NLL of the prompt text, MMLU has no reference answer)",

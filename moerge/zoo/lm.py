@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,7 +113,7 @@ def hidden_before(
     blocks = model.model.layers
     handles = []
 
-    def hook(index: int):  # noqa: ANN202
+    def hook(index: int) -> Callable[..., None]:
         def grab(_module: Any, args: tuple, kwargs: dict) -> None:
             captured[index] = (args[0] if args else kwargs["hidden_states"]).detach()
             if stop and len(captured) == len(wanted):
