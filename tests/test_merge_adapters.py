@@ -133,6 +133,15 @@ def test_adapters_merge_like_their_peft_materialised_checkpoints(
     assert (got[q] - base[q]).abs().max() > 1e-3
 
 
+def test_dense_merge_of_adapters_matches_full_checkpoints(lora_zoo: LoraZoo, tmp_path: Path) -> None:
+    merge_experts(recipe(lora_zoo, lora_zoo.adapters), tmp_path / "lora", dense=True)
+    merge_experts(recipe(lora_zoo, lora_zoo.full), tmp_path / "full", dense=True)
+    got, want = read_all(tmp_path / "lora"), read_all(tmp_path / "full")
+    assert got.keys() == want.keys() and any(".mlp." in k for k in got)
+    for key in want:
+        assert (got[key] - want[key]).abs().max() <= 1e-6, key
+
+
 def test_bfloat16_output_matches_within_bf16_rounding(lora_zoo: LoraZoo, tmp_path: Path) -> None:
     merge_experts(recipe(lora_zoo, lora_zoo.adapters, dtype="bfloat16"), tmp_path / "lora")
     merge_experts(recipe(lora_zoo, lora_zoo.full, dtype="bfloat16"), tmp_path / "full")
