@@ -142,14 +142,46 @@ def test_dense_merge_of_adapters_matches_full_checkpoints(lora_zoo: LoraZoo, tmp
         assert (got[key] - want[key]).abs().max() <= 1e-6, key
 
 
-def test_bfloat16_output_matches_within_bf16_rounding(lora_zoo: LoraZoo, tmp_path: Path) -> None:
-    merge_experts(recipe(lora_zoo, lora_zoo.adapters, dtype="bfloat16"), tmp_path / "lora")
-    merge_experts(recipe(lora_zoo, lora_zoo.full, dtype="bfloat16"), tmp_path / "full")
-    got, want = read_all(tmp_path / "lora"), read_all(tmp_path / "full")
-    for key in want:
+@pytest.fixture(scope="module")
+def bf16_zoo(lora_zoo: LoraZoo, tmp_path_factory: pytest.TempPathFactory) -> tuple[LoraZoo, dict[str, Path]]:
+    """The same adapters on a bfloat16 copy of the base: peft's bf16 checkpoints, and exact float32 ones."""
+    root = tmp_path_factory.mktemp("lora-bf16")
+    base = root / "base"
+    LlamaForCausalLM.from_pretrained(str(lora_zoo.base), dtype=torch.bfloat16).save_pretrained(str(base))
+    full16, full32 = {}, {}
+    for domain, adapter in lora_zoo.adapters.items():
+        for folder, dtype in ((full16, torch.bfloat16), (full32, torch.float32)):
+            folder[domain] = root / f"full-{domain}-{str(dtype).split('.')[-1]}"
+            model = LlamaForCausalLM.from_pretrained(str(base), dtype=dtype)
+            PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().save_pretrained(
+                str(folder[domain])
+            )
+    for folder in (base, *full16.values(), *full32.values()):
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(lora_zoo.base / name, folder / name)
+    return LoraZoo(base=base, adapters=lora_zoo.adapters, full=full16, data=lora_zoo.data), full32
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "linear"])
+def test_bfloat16_merge_is_the_exact_merge_rounded_once(
+    bf16_zoo: tuple[LoraZoo, dict[str, Path]], tmp_path: Path, method: str
+) -> None:
+    """On a bf16 base: adapters give the float32 merge of exact W + s·B·A rounded once to bf16, bit for
+    bit; peft's bf16 checkpoints (W + s·B·A already rounded, τ recovered from rounded weights) are further off.
+    """
+    zoo, full32 = bf16_zoo
+    shared = {"method": method, "seed": 3}
+    merge_experts(recipe(zoo, zoo.adapters, dtype="bfloat16", shared=shared), tmp_path / "lora")
+    merge_experts(recipe(zoo, zoo.full, dtype="bfloat16", shared=shared), tmp_path / "full16")
+    merge_experts(recipe(zoo, full32, dtype="float32", shared=shared), tmp_path / "exact")
+    got, full16, exact = (read_all(tmp_path / n) for n in ("lora", "full16", "exact"))
+    err_lora = err_full = 0.0
+    for key, want in exact.items():
         assert got[key].dtype == torch.bfloat16
-        a, b = got[key].float(), want[key].float()
-        assert torch.allclose(a, b, rtol=2**-7, atol=1e-7), (key, (a - b).abs().max())
+        assert torch.equal(got[key], want.to(torch.bfloat16)), (key, (got[key].float() - want).abs().max())
+        err_lora += (got[key].float() - want).abs().sum().item()
+        err_full += (full16[key].float() - want).abs().sum().item()
+    assert err_lora < err_full
 
 
 def test_a_recipe_mixing_adapters_and_a_full_checkpoint(lora_zoo: LoraZoo, tmp_path: Path) -> None:
