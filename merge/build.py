@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from merge.adapter import open_expert
+from merge.adapter import AdapterCheckpoint, open_expert
 from merge.calibration import (
     LayerwiseForward,
     load_calibration_prompts,
@@ -239,6 +239,7 @@ def merge_experts(
             report = {
                 "mode": "dense" if dense else "moe",
                 "experts": expert_labels,
+                "lora_experts": [e.name for e in inputs.experts if isinstance(e, AdapterCheckpoint)],
                 "num_experts": 1 if dense else num_experts,
                 "experts_per_token": recipe.experts_per_token,
                 "shared_method": recipe.shared.method,

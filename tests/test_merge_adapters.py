@@ -198,6 +198,7 @@ def test_a_recipe_mixing_adapters_and_a_full_checkpoint(lora_zoo: LoraZoo, tmp_p
                 key,
                 (got[key] - want[key]).abs().max(),
             )
+    assert report["lora_experts"] == ["math", "text"]
     assert set(report["inputs"]) == {"base", "math", "code", "text", "data"}
     assert "adapter_config.json" in report["inputs"]["math"]
     assert "adapter_model.safetensors" in report["inputs"]["math"]
