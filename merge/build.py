@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from merge.adapter import AdapterCheckpoint, open_expert
 from merge.calibration import (
     LayerwiseForward,
     load_calibration_prompts,
@@ -27,7 +28,7 @@ from merge.card import input_hashes, write_model_card
 from merge.checkpoint import TOKENIZER_FILES, DenseCheckpoint, check_compatible
 from merge.gates import init_gate
 from merge.layout import expert_name, gate_name, is_ffn, layer_of, mixtral_config
-from merge.methods import merge_tensor, trim_threshold
+from merge.methods import merge_task_vectors, merge_tensor, trim_threshold
 from merge.recipe import Recipe
 from merge.resources import PeakRSS
 from merge.writer import DTYPES, ShardWriter, atomic_output_dir, check_output_dir
@@ -55,8 +56,9 @@ class MergeInputs:
 
 
 def open_inputs(recipe: Recipe) -> MergeInputs:
-    experts = [DenseCheckpoint.open(e.name, e.path) for e in recipe.experts]
+    """Open the base and every expert (a dense folder or a LoRA adapter of the base), checked compatible."""
     base = DenseCheckpoint.open("base", recipe.base) if recipe.base is not None else None
+    experts = [open_expert(e.name, e.path, base) for e in recipe.experts]
     check_compatible(([base] if base else []) + experts)
     return MergeInputs(base=base, experts=experts)
 
@@ -80,10 +82,12 @@ class SharedMerger:
         if self.recipe.shared.method == "ties" and self.recipe.shared.density < 1.0:
             base = self.inputs.base
             assert base is not None, "TIES needs the base (checked by the recipe)"
+            whole = base.tensor(name)
             thresholds = [
-                trim_threshold(e.tensor(name) - base.tensor(name), self.recipe.shared.density)
+                trim_threshold(e.task_vector(name, whole), self.recipe.shared.density)
                 for e in self.inputs.experts
             ]
+            del whole
         step = max(1, CHUNK_ELEMENTS // shape[1])
         out = torch.empty(shape, dtype=DTYPES[self.recipe.dtype])
         for start in range(0, shape[0], step):
@@ -93,11 +97,17 @@ class SharedMerger:
 
     def _merge(self, name: str, rows: tuple[int, int] | None, thresholds: list[float] | None) -> torch.Tensor:
         spec = self.recipe.shared
-        tensors = [e.tensor(name, rows) for e in self.inputs.experts]
-        base = self.inputs.base.tensor(name, rows) if self.inputs.base is not None else None
-        return merge_tensor(
+        if spec.method == "linear" or self.inputs.base is None:
+            tensors = [e.tensor(name, rows) for e in self.inputs.experts]
+            return merge_tensor(
+                spec.method, tensors, self.weights, None, scale=spec.scale, density=spec.density
+            )
+        # Task vectors straight from each expert: a LoRA expert's is s·B·A, not (W + s·B·A) − W.
+        base = self.inputs.base.tensor(name, rows)
+        taus = [e.task_vector(name, base, rows) for e in self.inputs.experts]
+        return merge_task_vectors(
             spec.method,
-            tensors,
+            taus,
             self.weights,
             base,
             scale=spec.scale,
@@ -229,6 +239,7 @@ def merge_experts(
             report = {
                 "mode": "dense" if dense else "moe",
                 "experts": expert_labels,
+                "lora_experts": [e.name for e in inputs.experts if isinstance(e, AdapterCheckpoint)],
                 "num_experts": 1 if dense else num_experts,
                 "experts_per_token": recipe.experts_per_token,
                 "shared_method": recipe.shared.method,

@@ -21,7 +21,7 @@ def file_sha256(path: Path) -> str:
 
 
 def _model_files(folder: Path) -> list[Path]:
-    keep = {"config.json", *TOKENIZER_FILES}
+    keep = {"config.json", "adapter_config.json", *TOKENIZER_FILES}
     return sorted(p for p in folder.iterdir() if p.suffix == ".safetensors" or p.name in keep)
 
 

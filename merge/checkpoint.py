@@ -119,6 +119,10 @@ class DenseCheckpoint:
             raise CheckpointError(f"{self.name}: tensor {key} contains NaN or Inf values")
         return t
 
+    def task_vector(self, key: str, base: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """τ = θ − θ_base for one tensor (rows of it), float32, given the base's `base` (same rows)."""
+        return self.tensor(key, rows) - base
+
     def shape(self, key: str) -> list[int]:
         shape = self._shapes.get(key)
         if shape is None:

@@ -89,11 +89,36 @@ def merge_tensor(
         raise ValueError(f"method {method} needs the base tensor")
     base32 = base.float()
     taus = [t.float() - base32 for t in tensors]
-    lam = default_scale(method, len(tensors)) if scale is None else scale
+    return merge_task_vectors(
+        method,
+        taus,
+        weights,
+        base32,
+        scale=scale,
+        density=density,
+        generator=generator,
+        trim_thresholds=trim_thresholds,
+    )
+
+
+def merge_task_vectors(
+    method: MergeMethod,
+    taus: list[torch.Tensor],
+    weights: list[float],
+    base: torch.Tensor,
+    *,
+    scale: float | None,
+    density: float,
+    generator: torch.Generator | None = None,
+    trim_thresholds: list[float] | None = None,
+) -> torch.Tensor:
+    """θ_base + λ·merge(τ) from the task vectors themselves (a LoRA's is s·B·A, never a difference); float32."""
+    base32 = base.float()
+    lam = default_scale(method, len(taus)) if scale is None else scale
     if method == "task_arithmetic":
         merged = sum(t * w for t, w in zip(taus, weights, strict=True))
     elif method == "ties":
-        cuts = trim_thresholds or [None] * len(taus)
+        cuts: list[float | None] = list(trim_thresholds) if trim_thresholds else [None] * len(taus)
         merged = sign_consensus_mean(
             [trim_by_magnitude(t, density, c) for t, c in zip(taus, cuts, strict=True)], weights
         )
