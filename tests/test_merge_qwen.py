@@ -242,7 +242,7 @@ def test_check_names_the_unloaded_parameter(qwen2_moe: Path, tmp_path: Path) -> 
 
     problems = check_checkpoint(_rewrite(qwen2_moe, tmp_path / "x", drop)).problems
     assert problems == [
-        "parameter model.layers.1.mlp.experts.w13_weight not (fully) loaded: "
+        "parameter model.layers.1.mlp.experts.routed_experts.w13_weight not (fully) loaded: "
         "no tensor model.layers.1.mlp.experts.0.up_proj.weight",
         "parameter model.layers.1.self_attn.qkv_proj.bias not (fully) loaded: "
         "no tensor model.layers.1.self_attn.k_proj.bias",
@@ -276,7 +276,7 @@ def test_check_catches_a_transposed_gate_and_a_stray_tensor(qwen2_moe: Path, tmp
     problems = check_checkpoint(_rewrite(qwen2_moe, tmp_path / "m", mangle)).problems
     assert problems == [
         "model.layers.0.mlp.experts.0.gate_proj.weight: not mapped by Qwen2MoeForCausalLM's loader with this "
-        "config (no parameter model.layers.0.mlp.experts.w13_weight)",
+        "config (no parameter model.layers.0.mlp.experts.routed_experts.w13_weight)",
         "model.layers.1.mlp.gate.weight: shape [128, 3], Qwen2MoeForCausalLM with this config expects [3, 128]",
     ]
 

@@ -17,6 +17,7 @@ from merge.outputs.mixtral import MIXTRAL
 from merge.outputs.qwen2_moe import QWEN2_MOE
 from merge.outputs.qwen3_moe import QWEN3_MOE
 
+MIXTRAL_CLASS, QWEN2_MOE_CLASS, QWEN3_MOE_CLASS = MIXTRAL, QWEN2_MOE, QWEN3_MOE
 MOE_CLASSES: tuple[ModelClass, ...] = (MIXTRAL, QWEN2_MOE, QWEN3_MOE)
 ALL_CLASSES: dict[str, ModelClass] = {c.architecture: c for c in (*MOE_CLASSES, *DENSE_CLASSES)}
 SUPPORTED_INPUTS: tuple[str, ...] = tuple(a for c in MOE_CLASSES for a in c.dense_inputs)
@@ -41,7 +42,10 @@ def dense_class_for(dense_architecture: str) -> ModelClass:
 
 __all__ = [
     "ALL_CLASSES",
+    "MIXTRAL_CLASS",
     "MOE_CLASSES",
+    "QWEN2_MOE_CLASS",
+    "QWEN3_MOE_CLASS",
     "SUPPORTED_INPUTS",
     "ModelClass",
     "MoEPlan",

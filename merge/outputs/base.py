@@ -181,13 +181,14 @@ class ModelClass:
     def vllm_param(self, name: str) -> str:
         """The vLLM parameter a checkpoint tensor is loaded into (vLLM 0.32's naming rules for this class).
 
-        Per-expert tensors go into the layer's fused `experts.w13_weight` (gate and up: w1/w3) or
-        `experts.w2_weight` (down); q/k/v and a dense FFN's gate/up are stacked.
+        Per-expert tensors go into the layer's fused `experts.routed_experts.w13_weight` (gate and up:
+        w1/w3) or `experts.routed_experts.w2_weight` (down) — vLLM 0.32's FusedMoEFactory keeps them in a
+        `routed_experts` child; q/k/v and a dense FFN's gate/up are stacked.
         """
         match = EXPERT_TENSOR.match(name)
         if match and match.group("proj") in self.expert_proj.values():
-            down = self.expert_proj["down_proj"]
-            return f"{match.group('prefix')}.{'w2' if match.group('proj') == down else 'w13'}_weight"
+            kind = "w2" if match.group("proj") == self.expert_proj["down_proj"] else "w13"
+            return f"{match.group('prefix')}.routed_experts.{kind}_weight"
         for old, new in STACKED:
             if old in name:
                 return name.replace(old, new)
