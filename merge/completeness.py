@@ -90,9 +90,9 @@ def checkpoint_tensors(folder: Path) -> tuple[dict[str, tuple[int, ...]], list[s
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map: dict[str, str] = json.loads(index.read_text()).get("weight_map", {})
-        for name, file in sorted(weight_map.items()):
-            if owner.get(name) != file:
-                problems.append(f"{name}: the index names {file}, which does not hold it")
+        for name, shard in sorted(weight_map.items()):
+            if owner.get(name) != shard:
+                problems.append(f"{name}: the index names {shard}, which does not hold it")
         problems += [f"{n}: in {owner[n]} but not in the index" for n in sorted(set(owner) - set(weight_map))]
     return shapes, problems
 

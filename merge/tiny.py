@@ -124,7 +124,7 @@ def tiny_config(vocab_size: int, layers: int = 2) -> LlamaConfig:
 
 
 def _train(
-    model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, texts: list[str], steps: int, seed: int
+    model: PreTrainedModel, tok: PreTrainedTokenizerFast, texts: list[str], steps: int, seed: int
 ) -> None:
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -155,12 +155,21 @@ def _save(model: PreTrainedModel, tok: PreTrainedTokenizerFast, out: Path) -> No
     tok.save_pretrained(out)
 
 
-def build_tiny_zoo(root: Path, *, shared_attention: bool = False, layers: int = 2, seed: int = 0) -> TinyZoo:
+def build_tiny_zoo(
+    root: Path, *, shared_attention: bool = False, layers: int = 2, seed: int = 0, family: str = "llama"
+) -> TinyZoo:
     """Build (or reuse) a tiny zoo under `root`.
 
     With `shared_attention`, every expert keeps the base's non-FFN weights exactly, so an MoE whose
-    gate picks expert i must reproduce expert i's logits: the equivalence test uses this.
+    gate picks expert i must reproduce expert i's logits: the equivalence test uses this. `family`
+    "qwen2" or "qwen3" trains that family's architecture instead of Llama (same shape, head_dim 64).
     """
+
+    def fresh() -> PreTrainedModel:
+        if family == "llama":
+            return LlamaForCausalLM(tiny_config(len(tok), layers))
+        return _causal_lm(tiny_family_config(family, len(tok), layers))
+
     root = Path(root)
     marker = root / "zoo.json"
     experts = {d: root / f"expert-{d}" for d in TINY_DOMAINS}
@@ -173,7 +182,7 @@ def build_tiny_zoo(root: Path, *, shared_attention: bool = False, layers: int = 
     tmp.mkdir(parents=True)
     tok = build_tokenizer(tmp / "tokenizer")
     torch.manual_seed(seed)
-    base = LlamaForCausalLM(tiny_config(len(tok), layers))
+    base = fresh()
     mixed = [s for d in TINY_DOMAINS for s in domain_prompts(d, 200, seed=seed + 1)]
     random.Random(seed).shuffle(mixed)
     _train(base, tok, mixed, steps=40, seed=seed)
@@ -185,7 +194,7 @@ def build_tiny_zoo(root: Path, *, shared_attention: bool = False, layers: int = 
         with open(tmp / "data" / f"{domain}.jsonl", "w") as fh:
             for j, text in enumerate(texts):
                 fh.write(json.dumps({"id": f"{domain}-{j}", "domain": domain, "prompt": text}) + "\n")
-        expert = LlamaForCausalLM(tiny_config(len(tok), layers))
+        expert = fresh()
         expert.load_state_dict(base_state)
         _train(expert, tok, texts[:200], steps=60, seed=seed + 10 + i)
         if shared_attention:
@@ -195,7 +204,7 @@ def build_tiny_zoo(root: Path, *, shared_attention: bool = False, layers: int = 
                     state[name].copy_(tensor)
         _save(expert, tok, tmp / f"expert-{domain}")
     (tmp / "zoo.json").write_text(
-        json.dumps({"domains": list(TINY_DOMAINS), "shared_attention": shared_attention})
+        json.dumps({"domains": list(TINY_DOMAINS), "shared_attention": shared_attention, "family": family})
     )
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 FFN_PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -160,19 +161,17 @@ class ModelClass:
             if moe[layer]:
                 out.update(self._moe_tensors(config, layer, d))
             else:
-                out.update(
-                    _ffn_tensors(lambda proj, i=layer: self.dense_ffn_name(i, proj), d, d.intermediate)
-                )
+                out.update(_ffn_tensors(partial(self.dense_ffn_name, layer), d, d.intermediate))
         return out
 
     def _moe_tensors(self, config: Mapping[str, Any], layer: int, d: Dims) -> dict[str, tuple[int, ...]]:
         experts, size = self.num_experts(config), int(config[self.expert_size_key])
         out: dict[str, tuple[int, ...]] = {self.gate_name(layer): (experts, d.hidden)}
         for e in range(experts):
-            out.update(_ffn_tensors(lambda proj, e=e: self.expert_name(layer, e, proj), d, size))
+            out.update(_ffn_tensors(partial(self.expert_name, layer, e), d, size))
         shared = int(config.get("shared_expert_intermediate_size") or 0) if self.supports_shared_expert else 0
         if shared > 0:
-            out.update(_ffn_tensors(lambda proj: self.shared_expert_name(layer, proj), d, shared))
+            out.update(_ffn_tensors(partial(self.shared_expert_name, layer), d, shared))
         if shared > 0 or self.shared_gate_always:
             out[self.shared_gate_name(layer)] = (1, d.hidden)
         return out

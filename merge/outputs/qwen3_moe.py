@@ -18,9 +18,10 @@ from merge.outputs.base import ModelClass, MoEPlan, clean_config, common_fields
 
 def qwen3_moe_config(dense: dict[str, Any], plan: MoEPlan) -> dict[str, Any]:
     fields = common_fields(dense)
-    config = Qwen3MoeConfig(
+    head_dim = dense.get("head_dim") or dense["hidden_size"] // dense["num_attention_heads"]
+    config = Qwen3MoeConfig(  # head_dim is no declared field of Qwen3MoeConfig; kept as an attribute
         **fields,
-        head_dim=dense.get("head_dim") or dense["hidden_size"] // dense["num_attention_heads"],
+        **{"head_dim": head_dim},
         attention_bias=bool(dense.get("attention_bias", False)),
         use_sliding_window=bool(dense.get("use_sliding_window", False)),
         sliding_window=dense.get("sliding_window"),
