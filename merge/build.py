@@ -1,4 +1,10 @@
-"""The merge itself: stream N dense experts layer by layer into one Mixtral MoE (or one dense model).
+"""The merge itself: stream N dense experts layer by layer into one MoE (or one dense model).
+
+The MoE class follows from the experts' architecture (`merge/outputs/`): Llama/Mistral → Mixtral,
+Qwen2 → Qwen2-MoE (optionally with the base's FFN as shared expert), Qwen3 → Qwen3-MoE. For the Qwen
+outputs a layer where every expert's FFN equals the base's stays one dense FFN (`mlp_only_layers`).
+Every written checkpoint passes the load-completeness check (`merge/completeness.py`) before it is
+put in place.
 
 Memory stays bounded by one decoder layer of every input plus the calibration hidden states: each tensor
 is read lazily, merged or copied, written into the current shard, and dropped.
@@ -25,11 +31,13 @@ from merge.calibration import (
     tokenizer_for,
 )
 from merge.card import input_hashes, write_model_card
-from merge.checkpoint import TOKENIZER_FILES, DenseCheckpoint, check_compatible
+from merge.checkpoint import TOKENIZER_FILES, CheckpointError, DenseCheckpoint, check_compatible
+from merge.completeness import check_checkpoint
 from merge.gates import init_gate
-from merge.layout import expert_name, gate_name, is_ffn, layer_of, mixtral_config
+from merge.layout import in_layer_name, is_ffn, layer_of
 from merge.methods import merge_task_vectors, merge_tensor, trim_threshold
-from merge.recipe import Recipe
+from merge.outputs import ModelClass, MoEPlan, moe_class_for
+from merge.recipe import Recipe, RecipeError
 from merge.resources import PeakRSS
 from merge.writer import DTYPES, ShardWriter, atomic_output_dir, check_output_dir
 
@@ -121,9 +129,27 @@ def _layer_names(names: list[str], layer: int) -> list[str]:
     return [n for n in names if layer_of(n) == layer]
 
 
-def _short(name: str) -> str:
-    """`model.layers.3.self_attn.q_proj.weight` → `q_proj`; `...input_layernorm.weight` → `input_layernorm`."""
-    return name.split(".")[-2]
+def output_class(recipe: Recipe, inputs: MergeInputs) -> ModelClass:
+    """The MoE class the experts' architecture maps to, with the recipe's output options checked against it."""
+    arch = inputs.reference.config["architectures"][0]
+    try:
+        cls = moe_class_for(arch)
+    except ValueError as err:
+        raise CheckpointError(f"{inputs.reference.name}: {err}") from err
+    if recipe.output.shared_expert != "none" and not cls.supports_shared_expert:
+        raise RecipeError(
+            f"output.shared_expert={recipe.output.shared_expert}: the output class {cls.architecture} "
+            f"(for {arch} experts) has no shared expert; only Qwen2MoeForCausalLM has one"
+        )
+    return cls
+
+
+def _read_ffn(src: DenseCheckpoint, layer: int) -> dict[str, torch.Tensor]:
+    return {p: src.tensor(f"model.layers.{layer}.mlp.{p}.weight") for p in FFN_PROJS}
+
+
+def _same_ffn(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(a[p], b[p]) for p in FFN_PROJS)
 
 
 def merge_experts(
@@ -148,6 +174,11 @@ def merge_experts(
         num_experts = recipe.num_experts
         expert_labels = recipe.expert_names + (["base"] if recipe.base_as_expert else [])
         merger = SharedMerger(recipe, inputs)
+        cls = output_class(recipe, inputs)
+        hidden = int(ref.value("hidden_size"))
+        shared_expert = recipe.output.shared_expert == "base"
+        wants_base_ffn = shared_expert or (cls.supports_dense_layers and recipe.output.dense_unchanged_layers)
+        dense_layers: list[int] = []
         forward = None
         has_data = any(e.data or e.positive_prompts for e in recipe.experts)
         if not dense and has_data:
@@ -188,17 +219,40 @@ def merge_experts(
                 shared = {}
                 for name in in_layer:
                     if not is_ffn(name):
-                        shared[_short(name)] = merger(name)
-                        writer.add(name, shared[_short(name)])
+                        shared[in_layer_name(name)] = merger(name)
+                        writer.add(name, shared[in_layer_name(name)])
                 if dense:
                     for name in in_layer:
                         if is_ffn(name):
                             writer.add(name, merger(name))
                     continue
-                ffns = [
-                    {p: src.tensor(f"model.layers.{layer}.mlp.{p}.weight") for p in FFN_PROJS}
-                    for src in inputs.ffn_sources[:num_experts]
-                ]
+                ffns = [_read_ffn(src, layer) for src in inputs.ffn_sources[:num_experts]]
+                base_ffn = (
+                    _read_ffn(inputs.base, layer) if inputs.base is not None and wants_base_ffn else None
+                )
+                if (
+                    base_ffn is not None
+                    and cls.supports_dense_layers
+                    and recipe.output.dense_unchanged_layers
+                    and all(_same_ffn(ffn, base_ffn) for ffn in ffns[: len(recipe.experts)])
+                ):
+                    dense_layers.append(layer)  # every expert kept the base's FFN here: no routing needed
+                    for proj, tensor in base_ffn.items():
+                        writer.add(cls.dense_ffn_name(layer, proj), tensor)
+                    if forward is not None:
+                        forward.attention(shared)
+                        forward.dense(base_ffn)
+                    del ffns, shared, base_ffn
+                    continue
+                shared_ffn, shared_gate = None, None
+                if shared_expert and base_ffn is not None:
+                    # Each token's FFN output = (1-β)·routed experts + β·base FFN at init: the shared expert
+                    # gate is 0 (sigmoid = 1/2), so the base's down projection carries 2β, the experts' 1-β.
+                    beta = recipe.output.shared_expert_weight
+                    shared_ffn = {**base_ffn, "down_proj": base_ffn["down_proj"] * (2 * beta)}
+                    ffns = [{**f, "down_proj": f["down_proj"] * (1 - beta)} for f in ffns]
+                if cls.shared_gate_always or shared_ffn is not None:
+                    shared_gate = torch.zeros(1, hidden)
                 if forward is not None:
                     ffn_inputs = forward.attention(shared)
                     if cheap_gate is not None:
@@ -212,32 +266,54 @@ def merge_experts(
                             ridge_lambda=recipe.gate.ridge_lambda,
                             generator=gate_rng,
                         )
-                    top1 = forward.route(gate, ffns, recipe.experts_per_token)
+                    top1 = forward.route(gate, ffns, recipe.experts_per_token, shared_ffn, shared_gate)
                     layer_stats.append(_layer_stat(layer, top1, token_labels, expert_labels))
                 else:
                     gate = init_gate(
                         recipe.gate.init,
-                        torch.zeros(1, int(ref.value("hidden_size"))),
+                        torch.zeros(1, hidden),
                         torch.zeros(1, dtype=torch.long),
                         num_experts,
                         ridge_lambda=recipe.gate.ridge_lambda,
                         generator=gate_rng,
                     )
-                writer.add(gate_name(layer), gate)
+                writer.add(cls.gate_name(layer), gate)
                 for e, ffn in enumerate(ffns):
                     for proj, tensor in ffn.items():
-                        writer.add(expert_name(layer, e, proj), tensor)
-                del ffns, shared
+                        writer.add(cls.expert_name(layer, e, proj), tensor)
+                if shared_ffn is not None:
+                    for proj, tensor in shared_ffn.items():
+                        writer.add(cls.shared_expert_name(layer, proj), tensor)
+                if shared_gate is not None:
+                    writer.add(cls.shared_gate_name(layer), shared_gate)
+                del ffns, shared, base_ffn, shared_ffn
+            if not dense and len(dense_layers) == layers:
+                raise RecipeError(
+                    "every layer's expert FFNs equal the base's: an MoE would route between identical "
+                    "experts; write a dense merge (--dense) or set output.dense_unchanged_layers: false"
+                )
             tick("layers", layers, layers)
             for name in names:
                 if layer_of(name) is None and name != embed_name:
                     writer.add(name, merger(name))
             writer.close()
             layer_shared = [n for n in names if n.startswith("model.layers.") and not is_ffn(n)]
-            _write_config(tmp, ref, recipe, dense, num_experts)
+            plan = MoEPlan(
+                num_experts=num_experts,
+                experts_per_token=recipe.experts_per_token,
+                dtype=recipe.dtype,
+                dense_layers=tuple(dense_layers),
+                shared_expert_intermediate_size=int(ref.value("intermediate_size")) if shared_expert else 0,
+            )
+            _write_config(tmp, ref, recipe, dense, cls, plan)
+            check = check_checkpoint(tmp)
+            check.raise_if_incomplete()
             _copy_tokenizer(ref.path, tmp)
             report = {
                 "mode": "dense" if dense else "moe",
+                "architecture": check.architecture,
+                "dense_layers": [] if dense else dense_layers,
+                "shared_expert": None if dense else recipe.output.shared_expert,
                 "experts": expert_labels,
                 "lora_experts": [e.name for e in inputs.experts if isinstance(e, AdapterCheckpoint)],
                 "num_experts": 1 if dense else num_experts,
@@ -252,6 +328,7 @@ def merge_experts(
                 "unused_experts": sorted({u for s in layer_stats for u in s["unused"]}),
                 "mean_own_share": _mean_own_share(layer_stats, expert_labels),
             }
+            report["load_check"] = {k: v for k, v in check.summary().items() if k != "problems"}
             report["inputs"] = input_hashes(recipe)
             report["seconds"] = round(time.perf_counter() - started, 3)
             report["peak_rss_mib"] = round(rss.peak_mib, 1)
@@ -281,13 +358,16 @@ def _mean_own_share(stats: list[dict[str, Any]], experts: list[str]) -> dict[str
     return {e: round(sum(s["own_share"][e] for s in stats) / len(stats), 4) for e in experts}
 
 
-def _write_config(tmp: Path, ref: DenseCheckpoint, recipe: Recipe, dense: bool, num_experts: int) -> None:
+def _write_config(
+    tmp: Path, ref: DenseCheckpoint, recipe: Recipe, dense: bool, cls: ModelClass, plan: MoEPlan
+) -> None:
     if dense:
         config = dict(ref.config)
         config["dtype"] = recipe.dtype
         config.pop("torch_dtype", None)
     else:
-        config = mixtral_config(ref.config, num_experts, recipe.experts_per_token, recipe.dtype)
+        assert cls.build_config is not None
+        config = cls.build_config(ref.config, plan)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
 
 

@@ -173,15 +173,27 @@ class LayerwiseForward:
         return self.hidden[self.cal.mask]
 
     def _attention(self, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Causal self-attention of one layer; `w` is keyed by the name inside the layer
+        (`self_attn.q_proj.weight`); q/k/v biases (Qwen2) and per-head q/k norms (Qwen3) where present."""
         b, t, _ = x.shape
         x = x.to(self.compute_dtype)
         w = {k: v.to(self.compute_dtype) for k, v in w.items()}
-        q = (x @ w["q_proj"].T).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = (x @ w["k_proj"].T).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = (x @ w["v_proj"].T).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+
+        def proj(name: str, heads: int) -> torch.Tensor:
+            y = x @ w[f"self_attn.{name}.weight"].T
+            bias = w.get(f"self_attn.{name}.bias")
+            if bias is not None:
+                y = y + bias
+            return y.view(b, t, heads, self.head_dim)
+
+        q, k, v = proj("q_proj", self.heads), proj("k_proj", self.kv_heads), proj("v_proj", self.kv_heads)
+        if "self_attn.q_norm.weight" in w:  # Qwen3: RMSNorm over each head, before RoPE
+            q = rms_norm(q.float(), w["self_attn.q_norm.weight"].float(), self.eps).to(x.dtype)
+            k = rms_norm(k.float(), w["self_attn.k_norm.weight"].float(), self.eps).to(x.dtype)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, self.cos[:, :t].to(x.dtype), self.sin[:, :t].to(x.dtype))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
-        return (out.transpose(1, 2).reshape(b, t, -1) @ w["o_proj"].T).float()
+        return (out.transpose(1, 2).reshape(b, t, -1) @ w["self_attn.o_proj.weight"].T).float()
 
     @torch.inference_mode()
     def attention(self, shared: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -190,14 +202,31 @@ class LayerwiseForward:
         outs = []
         for start in range(0, len(self.hidden), BATCH):
             h = self.hidden[start : start + BATCH]
-            outs.append(h + self._attention(rms_norm(h, shared["input_layernorm"], self.eps), shared))
+            outs.append(h + self._attention(rms_norm(h, shared["input_layernorm.weight"], self.eps), shared))
         self.hidden = torch.cat(outs)
-        self._ffn_in = rms_norm(self.hidden, shared["post_attention_layernorm"], self.eps)
+        self._ffn_in = rms_norm(self.hidden, shared["post_attention_layernorm.weight"], self.eps)
         return self._ffn_in[self.cal.mask]
 
     @torch.inference_mode()
-    def route(self, gate: torch.Tensor, experts: list[dict[str, torch.Tensor]], top_k: int) -> torch.Tensor:
-        """Route every token through its top-k experts (Mixtral's renormalised softmax); returns top-1 ids."""
+    def dense(self, ffn: dict[str, torch.Tensor]) -> None:
+        """A layer that keeps one dense FFN: every real token goes through it."""
+        x = self._ffn_in
+        y = swiglu(x.to(self.compute_dtype), ffn["gate_proj"], ffn["up_proj"], ffn["down_proj"]).float()
+        assert self.hidden is not None
+        self.hidden = self.hidden + y * self.cal.mask.unsqueeze(-1)
+
+    @torch.inference_mode()
+    def route(
+        self,
+        gate: torch.Tensor,
+        experts: list[dict[str, torch.Tensor]],
+        top_k: int,
+        shared: dict[str, torch.Tensor] | None = None,
+        shared_gate: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Route every token through its top-k experts (softmax, top-k, renormalised: Mixtral's routing and
+        Qwen's with norm_topk_prob), plus sigmoid(shared_gate · x) times the shared expert if there is one;
+        returns top-1 ids."""
         x = self._ffn_in
         probs = torch.softmax(x @ gate.T, dim=-1)
         weights, chosen = probs.topk(top_k, dim=-1)
@@ -212,6 +241,10 @@ class LayerwiseForward:
                 x[token_mask].to(self.compute_dtype), ffn["gate_proj"], ffn["up_proj"], ffn["down_proj"]
             ).float()
             out[token_mask] += y * (weights * hit).sum(-1)[token_mask].unsqueeze(-1)
+        if shared is not None and shared_gate is not None:
+            real = x[self.cal.mask].to(self.compute_dtype)
+            y = swiglu(real, shared["gate_proj"], shared["up_proj"], shared["down_proj"]).float()
+            out[self.cal.mask] += torch.sigmoid(real.float() @ shared_gate.float().T) * y
         assert self.hidden is not None
         self.hidden = self.hidden + out
         return chosen[..., 0][self.cal.mask]

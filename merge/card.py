@@ -40,7 +40,8 @@ def input_hashes(recipe: Recipe) -> dict[str, dict[str, str]]:
 
 def write_model_card(folder: Path, recipe: Recipe, report: dict[str, Any], recipe_text: str | None) -> None:
     recipe_yaml = recipe_text or yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-    kind = "dense merge" if report["mode"] == "dense" else f"Mixtral MoE of {report['num_experts']} experts"
+    arch = report.get("architecture", "MixtralForCausalLM")
+    kind = "dense merge" if report["mode"] == "dense" else f"{arch} MoE of {report['num_experts']} experts"
     lines = [
         "---",
         "library_name: transformers",

@@ -15,7 +15,21 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+from merge.outputs import SUPPORTED_INPUTS
+
+SUPPORTED_ARCHITECTURES = SUPPORTED_INPUTS  # Llama, Mistral (→ Mixtral), Qwen2, Qwen3 (→ their MoE classes)
+# Bias flags the output class cannot hold, per input family: (flag, why).
+REFUSED_FLAGS = {
+    "LlamaForCausalLM": (
+        ("attention_bias", "Mixtral has no bias terms to hold it"),
+        ("mlp_bias", "Mixtral has no bias terms to hold it"),
+    ),
+    "MistralForCausalLM": (
+        ("attention_bias", "Mixtral has no bias terms to hold it"),
+        ("mlp_bias", "Mixtral has no bias terms to hold it"),
+    ),
+    "Qwen3ForCausalLM": (("attention_bias", "vLLM's Qwen3-MoE has no o_proj bias to hold it"),),
+}
 # Config fields that must agree for the FFNs and shared weights to line up.
 MUST_MATCH = (
     "hidden_size",
@@ -73,9 +87,9 @@ class DenseCheckpoint:
             raise CheckpointError(
                 f"{name}: architecture {arch} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        for flag in ("attention_bias", "mlp_bias"):
+        for flag, why in REFUSED_FLAGS.get(arch, ()):
             if config.get(flag):
-                raise CheckpointError(f"{name}: config {flag}=true; Mixtral has no bias terms to hold it")
+                raise CheckpointError(f"{name}: config {flag}=true; {why}")
         files = sorted(path.glob("*.safetensors"))
         if not files:
             hint = (

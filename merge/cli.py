@@ -24,25 +24,42 @@ def _progress() -> Progress:
 
 
 def merge_command(
-    recipe: Path = typer.Argument(
-        ..., help="Merge recipe (YAML): base, experts, shared-weight method, gate init."
+    recipe: Path | None = typer.Argument(
+        None, help="Merge recipe (YAML): base, experts, shared-weight method, gate init."
     ),
-    out_dir: Path = typer.Argument(
-        ..., help="Output folder; written beside itself and renamed when complete."
+    out_dir: Path | None = typer.Argument(
+        None, help="Output folder; written beside itself and renamed when complete."
+    ),
+    check: Path | None = typer.Option(
+        None,
+        "--check",
+        help="Only check that vLLM's loader for DIR's class would load every tensor and fill every "
+        "parameter (from config.json and the safetensors headers; no vLLM started). Exit 1 if not.",
+        metavar="DIR",
     ),
     dense: bool = typer.Option(
         False, "--dense", help="Write a dense merge (FFNs merged too) instead of an MoE."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it already exists."),
 ) -> None:
-    """Merge fine-tunes of one base into a Mixtral MoE checkpoint that vLLM loads natively.
+    """Merge fine-tunes of one base into an MoE checkpoint that vLLM loads natively.
 
-    Every expert's FFN becomes one MoE expert per layer; attention, embeddings and norms are merged
-    with the recipe's method (linear, task_arithmetic, ties, dare_linear, dare_ties); each layer's gate
-    is initialised from the experts' data. Prints the merge report (also saved as merge-report.json).
+    Llama/Mistral experts become MixtralForCausalLM, Qwen2 experts Qwen2MoeForCausalLM, Qwen3 experts
+    Qwen3MoeForCausalLM. Every expert's FFN becomes one MoE expert per layer; attention, embeddings and
+    norms are merged with the recipe's method (linear, task_arithmetic, ties, dare_linear, dare_ties);
+    each layer's gate is initialised from the experts' data. The output passes the load-completeness
+    check before it is put in place. Prints the merge report (also saved as merge-report.json).
+    `moerge merge --check DIR` checks any checkpoint instead.
     """
+    if check is not None:
+        _check_command(check)
+        return
+    if recipe is None or out_dir is None:
+        err_console.print("[red]error:[/red] give RECIPE and OUT_DIR (or --check DIR)")
+        raise typer.Exit(2)
     from merge.build import merge_experts
     from merge.checkpoint import CheckpointError
+    from merge.completeness import LoadCheckError
     from merge.recipe import RecipeError, load_recipe
 
     try:
@@ -56,13 +73,15 @@ def merge_command(
             report = merge_experts(
                 spec, out_dir, dense=dense, overwrite=overwrite, progress=tick, recipe_text=recipe.read_text()
             )
-    except (RecipeError, CheckpointError, FileExistsError, FileNotFoundError) as err:
-        err_console.print(f"[red]error:[/red] {err}")
+    except (RecipeError, CheckpointError, LoadCheckError, FileExistsError, FileNotFoundError) as err:
+        err_console.print(f"[red]error:[/red] {err}", markup=False, highlight=False)
         raise typer.Exit(2) from err
     summary = {
         k: report[k]
         for k in (
             "mode",
+            "architecture",
+            "dense_layers",
             "experts",
             "gate_init",
             "mean_own_share",
@@ -73,6 +92,24 @@ def merge_command(
     }
     typer.echo(json.dumps(summary, indent=2))
     err_console.print(f"[green]wrote[/green] {out_dir}")
+
+
+def _check_command(folder: Path) -> None:
+    from merge.completeness import LoadCheckError, check_checkpoint
+
+    try:
+        result = check_checkpoint(folder)
+    except LoadCheckError as err:
+        err_console.print(f"error: {err}", markup=False, highlight=False)
+        raise typer.Exit(2) from err
+    typer.echo(json.dumps(result.summary(), indent=2))
+    if not result.ok:
+        try:
+            result.raise_if_incomplete()
+        except LoadCheckError as err:
+            err_console.print(f"error: {err}", markup=False, highlight=False)
+        raise typer.Exit(1)
+    err_console.print(f"complete: {folder} loads as {result.architecture}", markup=False, highlight=False)
 
 
 def tune_gates_command(

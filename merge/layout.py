@@ -1,7 +1,6 @@
-"""Tensor names and config of the output: Llama/Mistral dense names → vLLM's native Mixtral layout.
+"""Tensor names of the dense inputs, and the Mixtral names kept for callers that predate `merge/outputs/`.
 
-vLLM's Mixtral loader wants one tensor per expert (`block_sparse_moe.experts.M.{w1,w2,w3}`), not the
-fused layout transformers 5 writes, so moerge names every tensor itself.
+Which output class a merge writes, and how it names tensors, lives in `merge/outputs/` (one module per class).
 """
 
 from __future__ import annotations
@@ -9,11 +8,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from transformers import MixtralConfig
+from merge.outputs.base import MoEPlan
+from merge.outputs.mixtral import MIXTRAL, MIXTRAL_PROJ
 
 FFN_PATTERN = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
-# Mixtral's names for Llama's FFN projections: w1 = gate_proj, w2 = down_proj, w3 = up_proj.
-MIXTRAL_PROJ = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 LLAMA_PROJ = {v: k for k, v in MIXTRAL_PROJ.items()}
 
 
@@ -27,56 +25,22 @@ def layer_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def in_layer_name(name: str) -> str:
+    """`model.layers.3.self_attn.q_proj.bias` → `self_attn.q_proj.bias` (the name inside its layer)."""
+    return name.split(".", 3)[3]
+
+
 def expert_name(layer: int, expert: int, proj: str) -> str:
-    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{MIXTRAL_PROJ[proj]}.weight"
+    return MIXTRAL.expert_name(layer, expert, proj)
 
 
 def gate_name(layer: int) -> str:
-    return f"model.layers.{layer}.block_sparse_moe.gate.weight"
+    return MIXTRAL.gate_name(layer)
 
 
 def mixtral_config(
     dense: dict[str, Any], num_experts: int, experts_per_token: int, dtype: str
 ) -> dict[str, Any]:
-    """The output config: the dense model's shape with MoE fields, validated by transformers' MixtralConfig."""
-    head_dim = dense.get("head_dim") or dense["hidden_size"] // dense["num_attention_heads"]
-    rope = dense.get("rope_parameters") or {
-        "rope_type": "default",
-        "rope_theta": dense.get("rope_theta", 10000.0),
-        **(dense.get("rope_scaling") or {}),
-    }
-    config = MixtralConfig(
-        vocab_size=dense["vocab_size"],
-        hidden_size=dense["hidden_size"],
-        intermediate_size=dense["intermediate_size"],
-        num_hidden_layers=dense["num_hidden_layers"],
-        num_attention_heads=dense["num_attention_heads"],
-        num_key_value_heads=dense.get("num_key_value_heads", dense["num_attention_heads"]),
-        head_dim=head_dim,
-        hidden_act=dense.get("hidden_act", "silu"),
-        max_position_embeddings=dense.get("max_position_embeddings", 2048),
-        rms_norm_eps=dense.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=bool(dense.get("tie_word_embeddings", False)),
-        bos_token_id=dense.get("bos_token_id"),
-        eos_token_id=dense.get("eos_token_id"),
-        pad_token_id=dense.get("pad_token_id"),
-        sliding_window=dense.get("sliding_window"),
-        num_local_experts=num_experts,
-        num_experts_per_tok=experts_per_token,
-        rope_parameters=rope,
-    )
-    out = config.to_dict()
-    for generic in (
-        "id2label",
-        "label2id",
-        "problem_type",
-        "chunk_size_feed_forward",
-        "output_hidden_states",
-        "return_dict",
-        "is_encoder_decoder",
-        "transformers_version",
-    ):
-        out.pop(generic, None)
-    out["architectures"] = ["MixtralForCausalLM"]
-    out["dtype"] = dtype
-    return out
+    from merge.outputs.mixtral import mixtral_config as build
+
+    return build(dense, MoEPlan(num_experts=num_experts, experts_per_token=experts_per_token, dtype=dtype))

@@ -80,6 +80,27 @@ class GateSpec(_Strict):
     seed: int = 0
 
 
+class OutputSpec(_Strict):
+    """Options of the output class (which class: chosen from the experts' architecture)."""
+
+    shared_expert: Literal["none", "base"] = Field(
+        default="none",
+        description="Qwen2-MoE output only: `base` adds the base's own FFN as the shared expert",
+    )
+    shared_expert_weight: float = Field(
+        default=0.5,
+        gt=0,
+        lt=1,
+        description="β: each token's FFN output starts as (1-β)·routed experts + β·shared expert "
+        "(shared_expert_gate = 0, so sigmoid = 1/2; the down projections carry the scales)",
+    )
+    dense_unchanged_layers: bool = Field(
+        default=True,
+        description="Qwen outputs: a layer where every expert's FFN equals the base's stays one dense FFN "
+        "(`mlp_only_layers`)",
+    )
+
+
 class Recipe(_Strict):
     base: Path | None = None
     experts: list[ExpertSpec] = Field(min_length=1)
@@ -88,6 +109,7 @@ class Recipe(_Strict):
     experts_per_token: int = Field(default=1, ge=1)
     dtype: DType = "bfloat16"
     base_as_expert: bool = False
+    output: OutputSpec = Field(default_factory=OutputSpec)
 
     @field_validator("experts")
     @classmethod
@@ -102,6 +124,8 @@ class Recipe(_Strict):
     def _consistent(self) -> Recipe:
         if self.shared.method in TASK_VECTOR_METHODS and self.base is None:
             raise ValueError(f"shared.method={self.shared.method} works on task vectors and needs `base`")
+        if self.output.shared_expert == "base" and self.base is None:
+            raise ValueError("output.shared_expert=base needs `base`")
         if self.base_as_expert and self.base is None:
             raise ValueError("base_as_expert=true needs `base`")
         if "base" in self.expert_names and self.base_as_expert:

@@ -16,7 +16,13 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 TINY_DOMAINS = ("math", "code", "text")
 CHAT_TEMPLATE = (
@@ -118,7 +124,7 @@ def tiny_config(vocab_size: int, layers: int = 2) -> LlamaConfig:
 
 
 def _train(
-    model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, texts: list[str], steps: int, seed: int
+    model: PreTrainedModel, tok: PreTrainedTokenizerFast, texts: list[str], steps: int, seed: int
 ) -> None:
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -144,17 +150,26 @@ class TinyZoo:
     data: dict[str, Path]
 
 
-def _save(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, out: Path) -> None:
+def _save(model: PreTrainedModel, tok: PreTrainedTokenizerFast, out: Path) -> None:
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
 
 
-def build_tiny_zoo(root: Path, *, shared_attention: bool = False, layers: int = 2, seed: int = 0) -> TinyZoo:
+def build_tiny_zoo(
+    root: Path, *, shared_attention: bool = False, layers: int = 2, seed: int = 0, family: str = "llama"
+) -> TinyZoo:
     """Build (or reuse) a tiny zoo under `root`.
 
     With `shared_attention`, every expert keeps the base's non-FFN weights exactly, so an MoE whose
-    gate picks expert i must reproduce expert i's logits: the equivalence test uses this.
+    gate picks expert i must reproduce expert i's logits: the equivalence test uses this. `family`
+    "qwen2" or "qwen3" trains that family's architecture instead of Llama (same shape, head_dim 64).
     """
+
+    def fresh() -> PreTrainedModel:
+        if family == "llama":
+            return LlamaForCausalLM(tiny_config(len(tok), layers))
+        return _causal_lm(tiny_family_config(family, len(tok), layers))
+
     root = Path(root)
     marker = root / "zoo.json"
     experts = {d: root / f"expert-{d}" for d in TINY_DOMAINS}
@@ -167,7 +182,7 @@ def build_tiny_zoo(root: Path, *, shared_attention: bool = False, layers: int = 
     tmp.mkdir(parents=True)
     tok = build_tokenizer(tmp / "tokenizer")
     torch.manual_seed(seed)
-    base = LlamaForCausalLM(tiny_config(len(tok), layers))
+    base = fresh()
     mixed = [s for d in TINY_DOMAINS for s in domain_prompts(d, 200, seed=seed + 1)]
     random.Random(seed).shuffle(mixed)
     _train(base, tok, mixed, steps=40, seed=seed)
@@ -179,7 +194,7 @@ def build_tiny_zoo(root: Path, *, shared_attention: bool = False, layers: int = 
         with open(tmp / "data" / f"{domain}.jsonl", "w") as fh:
             for j, text in enumerate(texts):
                 fh.write(json.dumps({"id": f"{domain}-{j}", "domain": domain, "prompt": text}) + "\n")
-        expert = LlamaForCausalLM(tiny_config(len(tok), layers))
+        expert = fresh()
         expert.load_state_dict(base_state)
         _train(expert, tok, texts[:200], steps=60, seed=seed + 10 + i)
         if shared_attention:
@@ -189,8 +204,110 @@ def build_tiny_zoo(root: Path, *, shared_attention: bool = False, layers: int = 
                     state[name].copy_(tensor)
         _save(expert, tok, tmp / f"expert-{domain}")
     (tmp / "zoo.json").write_text(
-        json.dumps({"domains": list(TINY_DOMAINS), "shared_attention": shared_attention})
+        json.dumps({"domains": list(TINY_DOMAINS), "shared_attention": shared_attention, "family": family})
     )
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)
     return zoo
+
+
+# ---- tiny Qwen2 / Qwen3 families: random init, for the equivalence tests of the Qwen output classes ----
+
+TINY_FAMILIES = ("qwen2", "qwen3")
+
+
+def tiny_family_config(family: str, vocab_size: int, layers: int = 2) -> PretrainedConfig:
+    """A tiny dense Qwen2 (q/k/v biases) or Qwen3 (per-head q/k norms) config, head_dim 64."""
+    from transformers import Qwen2Config, Qwen3Config
+
+    shape = {
+        "vocab_size": vocab_size,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "tie_word_embeddings": False,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "pad_token_id": 0,
+    }
+    if family == "qwen2":
+        return Qwen2Config(**shape)
+    if family == "qwen3":
+        return Qwen3Config(**shape, head_dim=64)
+    raise ValueError(f"unknown tiny family {family!r}; expected one of {TINY_FAMILIES}")
+
+
+def _causal_lm(config: PretrainedConfig) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(config)
+
+
+@torch.no_grad()
+def _randomise(model: PreTrainedModel, seed: int) -> None:
+    """Give biases and norm weights random values: transformers initialises them to 0 and 1, which would
+    hide a dropped bias or norm from an equivalence test."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=gen)
+        if name.endswith(".bias"):
+            p.copy_(noise * 0.1)
+        elif "norm" in name:
+            p.copy_(1.0 + noise * 0.2)
+
+
+@dataclass(frozen=True)
+class TinyFamily:
+    """A random-init dense base of one family, and experts derived from it.
+
+    `base`: the dense base. `changed`: a copy of the base whose layer-1 FFN differs (so layer 0 equals the
+    base's). `data`: one JSONL of prompts per tiny domain, for calibrating gates.
+    """
+
+    family: str
+    root: Path
+    base: Path
+    changed: Path
+    data: dict[str, Path]
+
+
+def build_tiny_family(root: Path, family: str, *, layers: int = 2, seed: int = 0) -> TinyFamily:
+    root = Path(root)
+    fam = TinyFamily(
+        family=family,
+        root=root,
+        base=root / "base",
+        changed=root / "changed",
+        data={d: root / "data" / f"{d}.jsonl" for d in TINY_DOMAINS},
+    )
+    if (root / "family.json").exists():
+        return fam
+    tmp = root.with_name(root.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tok = build_tokenizer(tmp / "tokenizer")
+    torch.manual_seed(seed)
+    base = _causal_lm(tiny_family_config(family, len(tok), layers))
+    _randomise(base, seed)
+    _save(base, tok, tmp / "base")
+    with torch.no_grad():
+        mlp = base.model.layers[layers - 1].mlp
+        for proj in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            proj.weight.add_(
+                torch.randn(proj.weight.shape, generator=torch.Generator().manual_seed(seed + 1)) * 0.05
+            )
+    _save(base, tok, tmp / "changed")
+    (tmp / "data").mkdir()
+    for domain in TINY_DOMAINS:
+        with open(tmp / "data" / f"{domain}.jsonl", "w") as fh:
+            for j, text in enumerate(domain_prompts(domain, 48, seed=seed + 2)):
+                fh.write(json.dumps({"id": f"{domain}-{j}", "domain": domain, "prompt": text}) + "\n")
+    (tmp / "family.json").write_text(json.dumps({"family": family, "layers": layers}))
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)
+    return fam

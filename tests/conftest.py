@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from merge.tiny import TinyZoo, build_tiny_zoo
+from merge.tiny import TINY_FAMILIES, TinyFamily, TinyZoo, build_tiny_family, build_tiny_zoo
 
 if TYPE_CHECKING:
     from serving.testing import PostgresServer
@@ -32,6 +32,13 @@ def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> TinyZoo:
 def tiny_zoo_shared_attention(tmp_path_factory: pytest.TempPathFactory) -> TinyZoo:
     """Experts that share every non-FFN weight with the base: an MoE must reproduce each exactly."""
     return build_tiny_zoo(tmp_path_factory.mktemp("zoo-shared") / "tiny", shared_attention=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyFamily]:
+    """Random-init dense Qwen2 and Qwen3 bases (random biases and norms), each with a layer-1-changed copy."""
+    root = tmp_path_factory.mktemp("families")
+    return {f: build_tiny_family(root / f, f) for f in TINY_FAMILIES}
 
 
 @pytest.fixture(scope="session")

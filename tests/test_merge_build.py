@@ -60,6 +60,7 @@ def test_moe_layout_is_vllm_native(tiny_moe: Path) -> None:
         assert (tiny_moe / required).is_file(), required
     report = json.loads((tiny_moe / "merge-report.json").read_text())
     assert report["peak_rss_mib"] > 0 and len(report["gate_stats"]) == 2
+    assert report["architecture"] == "MixtralForCausalLM" and report["load_check"]["complete"]
     assert set(report["inputs"]) == {"base", "math", "code", "text", "data"}
     card = (tiny_moe / "README.md").read_text()
     assert report["inputs"]["math"]["model.safetensors"] in card

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from merge.evaluate import load_causal_lm, routing_shares
 from merge.recipe import load_recipe
-from merge.tiny import TINY_DOMAINS, TinyZoo, domain_prompts
+from merge.tiny import TINY_DOMAINS, TinyFamily, TinyZoo, domain_prompts
 from moerge.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def test_help_explains_every_command() -> None:
     for command in ("merge", "tune-gates", "router", "demo"):
         assert command in result.output
     merge_help = runner.invoke(app, ["merge", "--help"]).output
-    assert "--dense" in merge_help and "--overwrite" in merge_help
+    assert "--dense" in merge_help and "--overwrite" in merge_help and "--check" in merge_help
 
 
 def test_cli_merge_moe_and_dense(tiny_zoo: TinyZoo, tmp_path: Path) -> None:
@@ -103,12 +103,19 @@ def test_tune_gates_improves_routing_of_random_gates(tiny_zoo: TinyZoo, tmp_path
 
 
 @pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("merge-*.yaml")), ids=lambda p: p.name)
-def test_example_recipes_merge(example: Path, tiny_zoo: TinyZoo, tmp_path: Path) -> None:
-    """Every example recipe validates and, with the tiny zoo where it expects it, merges."""
+def test_example_recipes_merge(
+    example: Path, tiny_zoo: TinyZoo, tiny_families: dict[str, TinyFamily], tmp_path: Path
+) -> None:
+    """Every example recipe validates and, with the tiny zoo (or tiny Qwen2 family) where it expects it, merges."""
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     (tmp_path / ".cache").mkdir()
     (tmp_path / ".cache" / "tiny-zoo").symlink_to(tiny_zoo.root)
+    (tmp_path / ".cache" / "tiny-qwen2").symlink_to(tiny_families["qwen2"].root)
     recipe = load_recipe(tmp_path / "examples" / example.name)
     result = runner.invoke(app, ["merge", str(tmp_path / "examples" / example.name), str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "config.json").exists() and recipe.experts
+    summary = json.loads(result.stdout[result.stdout.index("{") :])
+    check = runner.invoke(app, ["merge", "--check", str(tmp_path / "out")])
+    assert check.exit_code == 0, check.output
+    assert json.loads(check.stdout[check.stdout.index("{") :])["architecture"] == summary["architecture"]

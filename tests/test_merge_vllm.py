@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from merge.build import merge_experts
+from merge.completeness import expected_parameters
+from merge.outputs import MIXTRAL_CLASS
 from merge.recipe import Recipe
 from merge.tiny import TINY_DOMAINS, TinyZoo
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 PROMPTS = ["If we compute 12 + 5 we get", "def total_fn(x):", "The old river"]
+# LLM.apply_model ships a function to the engine process (cloudpickle): needed to list its parameters.
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+
+
+def parameter_names(model: torch.nn.Module) -> list[str]:
+    return sorted(name for name, _ in model.named_parameters())
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +59,12 @@ def test_vllm_loads_moe_natively_and_matches_transformers(moe_for_vllm: Path) ->
         chat = llm.chat(
             [{"role": "user", "content": "What is 3 + 4?"}], SamplingParams(max_tokens=6, temperature=0.0)
         )
+        names = llm.apply_model(parameter_names)[0]
     finally:
         del llm
+    # The load-completeness rules for Mixtral name exactly the parameters vLLM builds.
+    config = json.loads((moe_for_vllm / "config.json").read_text())
+    assert set(names) == expected_parameters(MIXTRAL_CLASS, config)
     assert chat[0].outputs[0].token_ids, "chat through the copied chat template produced nothing"
     model = AutoModelForCausalLM.from_pretrained(str(moe_for_vllm), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(moe_for_vllm))

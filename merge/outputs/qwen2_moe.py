@@ -1,0 +1,52 @@
+"""Qwen2 experts (q/k/v biases) → `Qwen2MoeForCausalLM` (vLLM's `qwen2_moe.py`).
+
+Per-expert tensors `mlp.experts.M.{gate,up,down}_proj`, router `mlp.gate` [E, H]; attention keeps
+Qwen2's q/k/v biases. Optionally a shared expert `mlp.shared_expert.{gate,up,down}_proj` whose output is
+scaled by sigmoid(`mlp.shared_expert_gate` · x): vLLM builds `shared_expert_gate` [1, H] in every MoE layer
+even without a shared expert (`shared_expert_intermediate_size: 0`), so moerge always writes it (zeros
+there: nothing reads it). Layers listed in `mlp_only_layers` keep one dense `mlp.{gate,up,down}_proj`.
+`norm_topk_prob: true` gives Mixtral's routing (softmax, top-k, renormalised), which the gates are fitted
+for. vLLM's Qwen2-MoE attention derives head_dim as hidden_size / num_attention_heads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import Qwen2MoeConfig
+
+from merge.outputs.base import ModelClass, MoEPlan, clean_config, common_fields
+
+
+def qwen2_moe_config(dense: dict[str, Any], plan: MoEPlan) -> dict[str, Any]:
+    fields = common_fields(dense)
+    config = Qwen2MoeConfig(
+        **fields,
+        use_sliding_window=bool(dense.get("use_sliding_window", False)),
+        sliding_window=dense.get("sliding_window"),
+        max_window_layers=dense.get("max_window_layers", fields["num_hidden_layers"]),
+        num_experts=plan.num_experts,
+        num_experts_per_tok=plan.experts_per_token,
+        moe_intermediate_size=dense["intermediate_size"],
+        shared_expert_intermediate_size=plan.shared_expert_intermediate_size,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=list(plan.dense_layers),
+        qkv_bias=True,
+    )
+    out = clean_config(config.to_dict(), "Qwen2MoeForCausalLM", plan.dtype)
+    out.pop("layer_types", None)  # recomputed from use_sliding_window by transformers and ignored by vLLM
+    return out
+
+
+QWEN2_MOE = ModelClass(
+    architecture="Qwen2MoeForCausalLM",
+    is_moe=True,
+    qkv_bias=True,
+    head_dim_from_config=False,
+    dense_inputs=("Qwen2ForCausalLM",),
+    supports_shared_expert=True,
+    shared_gate_always=True,
+    supports_dense_layers=True,
+    build_config=qwen2_moe_config,
+)
