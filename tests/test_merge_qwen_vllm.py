@@ -89,7 +89,12 @@ def parameter_names(model: torch.nn.Module) -> list[str]:
     return sorted(name for name, _ in model.named_parameters())
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# In `make test`: both families, top-1 and top-2, the shared expert and dense layers. The rest (top-1
+# Qwen2, dense merges: the plain Qwen2/Qwen3 classes vLLM loads anyway) with `-m slow`: an engine each.
+SLOW = {"qwen2-top1", "qwen2-dense-merge", "qwen3-dense-merge"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in CASES])
 def test_vllm_serves_the_dense_reference(
     case: str, tiny_families: dict[str, TinyFamily], tmp_path: Path
 ) -> None:
