@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from starlette.requests import Request
@@ -21,7 +21,7 @@ from router.base import Decision, RoutingRequest
 from serving.accounting import Accountant, Routed
 from serving.auth import KeyRing, RateLimiter
 from serving.backends.base import Backend, BackendUnavailable, Endpoint, JSONResult, StreamResult
-from serving.config import ConfigError, OpenAIExpert, ServeConfig, VllmExpert
+from serving.config import ConfigError, LoraMember, OpenAIExpert, ServeConfig, VllmExpert
 from serving.decision_log import DecisionLog
 from serving.errors import OpenAIError
 from serving.experiments import Experiment, assignment_key
@@ -29,6 +29,9 @@ from serving.health import CircuitBreaker
 from serving.metrics import Metrics
 from serving.routing import MicroBatcher, decidable_experts, direct_decision, load_router
 from serving.tracing import Tracer
+
+if TYPE_CHECKING:
+    from serving.backends.lora import LoraEngine
 
 log = logging.getLogger("moerge.serving")
 
@@ -42,8 +45,17 @@ class Served:
 
 
 def build_backend(
-    name: str, cfg: VllmExpert | OpenAIExpert, client: httpx.AsyncClient, engines: int = 1
+    name: str,
+    cfg: VllmExpert | OpenAIExpert | LoraMember,
+    client: httpx.AsyncClient,
+    engines: int = 1,
+    lora_engines: dict[str, LoraEngine] | None = None,
 ) -> Backend:
+    if isinstance(cfg, LoraMember):
+        from serving.backends.lora import LoraMemberBackend
+
+        assert lora_engines is not None
+        return LoraMemberBackend(name, lora_engines[cfg.family], cfg.adapter)
     if isinstance(cfg, VllmExpert):
         from serving.backends.inprocess import InProcessBackend
 
@@ -51,6 +63,14 @@ def build_backend(
     from serving.backends.remote import RemoteBackend
 
     return RemoteBackend(name, str(cfg.url), cfg.model or name, client, cfg.key())
+
+
+def _lora_info(backend: Backend) -> dict[str, Any]:
+    """What /v1/models says of a LoRA family's expert: its family, adapter (null: the base), engine kind."""
+    info = backend.describe()
+    if info.get("backend") != "lora":
+        return {}
+    return {"family": info["family"], "adapter": info["adapter"], "engine": info["engine"]}
 
 
 class Gateway:
@@ -61,9 +81,19 @@ class Gateway:
         self.metrics = metrics or Metrics()
         t = config.timeouts
         self.client = make_client(t.connect_s, t.idle_s)
-        embedded = sum(isinstance(cfg, VllmExpert) for cfg in config.experts.values())
+        embedded = sum(isinstance(cfg, VllmExpert) for cfg in config.experts.values()) + sum(
+            isinstance(fam.base, VllmExpert) for fam in config.lora.values()
+        )
+        self.lora_engines: dict[str, LoraEngine] = {}
+        if config.lora:
+            from serving.backends.lora import LoraEngine
+
+            self.lora_engines = {
+                family: LoraEngine(family, fam, self.client, embedded) for family, fam in config.lora.items()
+            }
         self.backends: dict[str, Backend] = {
-            name: build_backend(name, cfg, self.client, embedded) for name, cfg in config.experts.items()
+            name: build_backend(name, cfg, self.client, embedded, self.lora_engines)
+            for name, cfg in config.experts.items()
         }
         cb = config.circuit_breaker
         self.breakers = {
@@ -249,7 +279,7 @@ class Gateway:
                 "object": "model",
                 "created": self.created,
                 "owned_by": "moerge",
-                "moerge": {"type": "expert", "backend": b.kind},
+                "moerge": {"type": "expert", "backend": b.kind, **_lora_info(b)},
             }
             for name, b in self.backends.items()
         ]
