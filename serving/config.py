@@ -329,18 +329,29 @@ class ApiKey(_Strict):
     )
 
 
+class AdminKey(_Strict):
+    """An admin key (register/unregister adapters at runtime), stored as its sha256 like user keys."""
+
+    sha256: str = Field(pattern=SHA256_HEX, description="hex sha256 of the key (`moerge keys hash`)")
+
+
 class AuthConfig(_Strict):
     """Bearer API keys for /v1/*. No keys: the gateway is open (bind it to loopback)."""
 
     keys: dict[Name, ApiKey] = Field(default_factory=dict, description="key name → hashed key and limits")
+    admin_keys: dict[Name, AdminKey] = Field(
+        default_factory=dict,
+        description="keys of the admin API (/admin/*), separate from user keys; none: the admin API is off",
+    )
 
     @model_validator(mode="after")
     def _unique_hashes(self) -> AuthConfig:
         seen: dict[str, str] = {}
-        for name, key in self.keys.items():
-            if key.sha256 in seen:
-                raise ValueError(f"keys.{name}.sha256: the same key as keys.{seen[key.sha256]}")
-            seen[key.sha256] = name
+        for section, keys in (("keys", self.keys), ("admin_keys", self.admin_keys)):
+            for name, key in keys.items():
+                if key.sha256 in seen:
+                    raise ValueError(f"{section}.{name}.sha256: the same key as {seen[key.sha256]}")
+                seen[key.sha256] = f"{section}.{name}"
         return self
 
 
@@ -482,6 +493,11 @@ class ServeConfig(_Strict):
         default_factory=dict,
         description="LoRA families: one engine (base) and its adapters, each adapter an expert",
     )
+    lora_state_file: str | None = Field(
+        None,
+        description="where adapters registered at runtime are saved (default: CONFIG.lora-state.json beside "
+        "the config file; null with a config given as data: not saved)",
+    )
     routers: dict[Name, RouterConfig] = Field(default_factory=dict)
     routing_models: dict[Name, Name] = Field(
         default_factory=dict,
@@ -604,6 +620,8 @@ class ServeConfig(_Strict):
         for router in self.routers.values():
             if router.artifact is not None:
                 router.artifact = fix(router.artifact)
+        if self.lora_state_file is not None:
+            self.lora_state_file = fix(self.lora_state_file)
         url = self.decision_log.url
         if url is None:
             self.decision_log.url = f"sqlite:///{base / 'moerge-decisions.db'}"
@@ -658,6 +676,16 @@ def load_config(path: str | Path) -> ServeConfig:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"cannot read {path}: {err}") from None
+    if isinstance(data, dict) and data.get("lora"):
+        from serving.lora_admin import apply_state, state_path
+
+        state = data.get("lora_state_file")
+        state_file = (path.resolve().parent / state) if isinstance(state, str) else state_path(path.resolve())
+        data.setdefault("lora_state_file", str(state_file))
+        try:
+            data = apply_state(data, state_file)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"lora_state_file: cannot read {state_file}: {err}") from None
     return parse_config(data, base=path.resolve().parent)
 
 

@@ -105,6 +105,8 @@ class Gateway:
         self._health_task: asyncio.Task[None] | None = None
         self.experiments = {name: Experiment(name, cfg) for name, cfg in config.experiments.items()}
         self.keys = KeyRing(config.auth.keys)
+        self.admin_keys = KeyRing(config.auth.admin_keys)
+        self.lora_admin_lock = asyncio.Lock()  # one registration change at a time
         self.limiter = RateLimiter(config.auth.keys)
         self.tracer = Tracer(config.tracing)
         self.decision_log = self._make_decision_log() if config.decision_log.enabled else None
@@ -282,6 +284,7 @@ class Gateway:
                 "moerge": {"type": "expert", "backend": b.kind, **_lora_info(b)},
             }
             for name, b in self.backends.items()
+            if b.available()
         ]
         for model, target in self.config.routing_models.items():
             info: dict[str, Any] = {"type": "routing"}
@@ -327,6 +330,13 @@ class Gateway:
         api_key: str | None = None,
     ) -> Routed:
         """Direct, a router, or an experiment arm (sticky by its key) plus the experiment's shadow routers."""
+        if model in self.backends and not self.backends[model].available():
+            raise OpenAIError(
+                404,
+                f"The model `{model}` was unregistered.",
+                param="model",
+                code="model_not_found",
+            )
         if model in self.backends:
             routed = Routed(direct_decision(model), "direct")
         else:
@@ -415,6 +425,10 @@ class Gateway:
         attempts = 0
         for name in self.fallback_chain(expert, api_key):
             breaker, backend = self.breakers[name], self.backends[name]
+            if not backend.available():  # unregistered at runtime: on to its fallback, no breaker verdict
+                outcomes[name] = "unregistered"
+                failed.append(name)
+                continue
             for attempt in range(retry.attempts + 1):
                 if not breaker.allow():
                     errors.append(f"{name}: circuit open ({breaker.last_error})")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import typing
@@ -23,8 +24,9 @@ import pytest
 import torch
 import yaml
 
-from merge.tiny import TinyZoo
+from merge.tiny import TinyZoo, build_tiny_zoo
 from merge.tiny_lora import build_tiny_adapters
+from serving.auth import hash_key
 from serving.config import ConfigError, load_config, missing_paths, parse_config
 from serving.lora import ALLOWED_RANKS, check_adapter, write_zero_adapter
 
@@ -39,9 +41,19 @@ PROMPTS = {
 
 
 @pytest.fixture(scope="session")
-def adapters(tiny_zoo: TinyZoo, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def zoo(request: pytest.FixtureRequest) -> TinyZoo:
+    """The session's tiny zoo; MOERGE_TEST_ZOO=/path reuses one built earlier (for local iteration)."""
+    if path := os.environ.get("MOERGE_TEST_ZOO"):
+        return build_tiny_zoo(Path(path))
+    built: TinyZoo = request.getfixturevalue("tiny_zoo")
+    return built
+
+
+@pytest.fixture(scope="session")
+def adapters(zoo: TinyZoo, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Three real peft adapters of the tiny base (trained briefly: non-zero lora_B)."""
-    return build_tiny_adapters(tiny_zoo.base, tmp_path_factory.mktemp("adapters"), DOMAINS)
+    out = zoo.root.with_name(zoo.root.name + "-lora") if os.environ.get("MOERGE_TEST_ZOO") else None
+    return build_tiny_adapters(zoo.base, out or tmp_path_factory.mktemp("adapters"), DOMAINS)
 
 
 def family(base: Path | str, adapters: dict[str, Path], **kw: Any) -> dict[str, Any]:
@@ -68,12 +80,12 @@ def test_allowed_ranks_are_vllms() -> None:
     assert typing.get_args(MaxLoRARanks) == ALLOWED_RANKS
 
 
-def test_family_expands_into_experts(adapters: dict[str, Path], tiny_zoo: TinyZoo) -> None:
+def test_family_expands_into_experts(adapters: dict[str, Path], zoo: TinyZoo) -> None:
     from serving.gateway import Gateway
 
     cfg = parse_config(
         {
-            "lora": {"fam": family(tiny_zoo.base, adapters)},
+            "lora": {"fam": family(zoo.base, adapters)},
             "routers": {"r": {"kind": "random", "experts": ["math", "code"]}},
             "experiments": {"ab": {"arms": {"a": {"expert": "text"}, "b": {"router": "r"}}}},
             "routing_models": {"auto": "r", "ab": "ab"},
@@ -137,25 +149,25 @@ def test_remote_family_names(adapters: dict[str, Path]) -> None:
     ],
 )
 def test_bad_adapter_config_refused(
-    adapters: dict[str, Path], tiny_zoo: TinyZoo, tmp_path: Path, change: dict[str, Any], field: str
+    adapters: dict[str, Path], zoo: TinyZoo, tmp_path: Path, change: dict[str, Any], field: str
 ) -> None:
     bad = bad_copy(adapters["math"], tmp_path / "bad", **change)
     with pytest.raises(ConfigError, match=f"lora.fam.{field}"):
-        parse_config({"lora": {"fam": family(tiny_zoo.base, {"bad": bad, "code": adapters["code"]})}})
+        parse_config({"lora": {"fam": family(zoo.base, {"bad": bad, "code": adapters["code"]})}})
 
 
-def test_bad_adapter_files_refused(adapters: dict[str, Path], tiny_zoo: TinyZoo, tmp_path: Path) -> None:
+def test_bad_adapter_files_refused(adapters: dict[str, Path], zoo: TinyZoo, tmp_path: Path) -> None:
     pickled = bad_copy(adapters["math"], tmp_path / "pickled")
     (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
     noconf = bad_copy(adapters["math"], tmp_path / "noconf")
     (noconf / "adapter_config.json").unlink()
     with pytest.raises(ConfigError) as err:
-        parse_config({"lora": {"fam": family(tiny_zoo.base, {"pickled": pickled, "noconf": noconf})}})
+        parse_config({"lora": {"fam": family(zoo.base, {"pickled": pickled, "noconf": noconf})}})
     text = str(err.value)
     assert "lora.fam.adapters.pickled.path: adapter_model.bin is a pickle and is refused" in text
     assert "lora.fam.adapters.pickled.path: adapter_model.safetensors not found" in text
     assert "lora.fam.adapters.noconf.path: adapter_config.json not found" in text
-    cfg = parse_config({"lora": {"fam": family(tiny_zoo.base, {"later": tmp_path / "nope"})}})
+    cfg = parse_config({"lora": {"fam": family(zoo.base, {"later": tmp_path / "nope"})}})
     assert missing_paths(cfg) == [f"lora.fam.adapters.later.path: {tmp_path / 'nope'}"]
 
 
@@ -195,9 +207,7 @@ def test_family_name_clashes_and_remote_zero_adapter() -> None:
         parse_config({"experts": {"x": {"backend": "lora", "family": "f"}}})
 
 
-def test_zero_adapter_reproduces_the_base(
-    adapters: dict[str, Path], tiny_zoo: TinyZoo, tmp_path: Path
-) -> None:
+def test_zero_adapter_reproduces_the_base(adapters: dict[str, Path], zoo: TinyZoo, tmp_path: Path) -> None:
     """transformers + peft: the zero adapter's logits are the base's exactly; the real adapter's are not."""
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -207,12 +217,12 @@ def test_zero_adapter_reproduces_the_base(
     assert check_adapter(zero, 8) == []
     assert all(not t.any() for t in load_file(str(zero / "adapter_model.safetensors")).values())
     ids = torch.tensor([[5, 17, 42, 99, 3]])
-    base = AutoModelForCausalLM.from_pretrained(tiny_zoo.base, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(zoo.base, dtype=torch.float32).eval()
     with torch.inference_mode():
         ref = base(ids).logits
         got = PeftModel.from_pretrained(base, str(zero)).eval()(ids).logits
         other = PeftModel.from_pretrained(
-            AutoModelForCausalLM.from_pretrained(tiny_zoo.base, dtype=torch.float32), str(adapters["math"])
+            AutoModelForCausalLM.from_pretrained(zoo.base, dtype=torch.float32), str(adapters["math"])
         )(ids).logits
     assert torch.equal(got, ref)
     assert not torch.allclose(other, ref, atol=1e-3)
@@ -226,6 +236,7 @@ def test_example_config_validates() -> None:
 
 # -- end to end (real engines) --------------------------------------------------------------------------
 ADAPTER_TOKENS = 6
+USER_KEY, ADMIN_KEY = "sk-user-lora", "sk-admin-lora"
 
 
 def hf_greedy(base: Path, adapter: Path | None, prompt_ids: list[int], n: int) -> list[int]:
@@ -249,7 +260,7 @@ def zero_dir(adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture(scope="session")
 def remote_lora(
-    tiny_zoo: TinyZoo, adapters: dict[str, Path], zero_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    zoo: TinyZoo, adapters: dict[str, Path], zero_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Any]:
     """`vllm serve BASE --enable-lora --lora-modules zero=… math=… code=… text=…` (4 slots: the zero
     adapter takes slot 0, `text` the last slot, so a no-adapter row in a mixed batch gets `text` added)."""
@@ -257,7 +268,7 @@ def remote_lora(
 
     modules = [f"zero={zero_dir}"] + [f"{n}={p}" for n, p in adapters.items()]
     server = VllmServer(
-        tiny_zoo.base,
+        zoo.base,
         ["base"],
         extra_args=[
             "--dtype",
@@ -277,12 +288,12 @@ def remote_lora(
     server.kill(signal.SIGTERM)
 
 
-def e2e_config(tiny_zoo: TinyZoo, adapters: dict[str, Path], remote_url: str) -> dict[str, Any]:
+def e2e_config(zoo: TinyZoo, adapters: dict[str, Path], remote_url: str) -> dict[str, Any]:
     """examples/serve-lora.yaml with its paths pointed at the session's base and adapters, plus two
     families on the remote engine: zero-adapter mode (the default) and plain (the naive behaviour)."""
     data = yaml.safe_load(EXAMPLE.read_text())
     tiny = data["lora"]["tiny"]
-    tiny["base"]["model"] = str(tiny_zoo.base)
+    tiny["base"]["model"] = str(zoo.base)
     tiny["base"]["engine_args"]["max_model_len"] = 256
     for name in list(tiny["adapters"]):
         entry = tiny["adapters"][name]
@@ -297,19 +308,26 @@ def e2e_config(tiny_zoo: TinyZoo, adapters: dict[str, Path], remote_url: str) ->
     }
     data["lora"]["remote-plain"] = {"base": base, "base_mode": "plain"}
     data["circuit_breaker"] = {"health_interval_s": 0.5}
+    data["routers"]["to-text"] = {"kind": "fixed", "params": {"expert": "tiny-text"}}
+    data["routing_models"]["text-model"] = "to-text"
+    data["auth"] = {
+        "keys": {"user": {"sha256": hash_key(USER_KEY)}},
+        "admin_keys": {"ops": {"sha256": hash_key(ADMIN_KEY)}},
+    }
     return data
 
 
 @pytest.fixture(scope="session")
 def lora_gateway(
-    tiny_zoo: TinyZoo, adapters: dict[str, Path], remote_lora: Any, tmp_path_factory: pytest.TempPathFactory
+    zoo: TinyZoo, adapters: dict[str, Path], remote_lora: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Any]:
     from serving.app import create_app
     from serving.testing import ThreadedServer, wait_http_ok
 
-    data = e2e_config(tiny_zoo, adapters, remote_lora.url)
+    data = e2e_config(zoo, adapters, remote_lora.url)
     db = tmp_path_factory.mktemp("lora-db") / "decisions.db"
     data["decision_log"] = {"enabled": True, "url": f"sqlite:///{db}", "flush_interval_s": 0.05}
+    data["lora_state_file"] = str(db.with_name("lora-state.json"))
     with ThreadedServer(create_app(parse_config(data))) as server:
         remote_lora.wait_ready()
         wait_http_ok(server.url + "/ready", 120)
@@ -319,7 +337,7 @@ def lora_gateway(
 
 @pytest.fixture(scope="session")
 def lclient(lora_gateway: Any) -> openai.OpenAI:
-    return openai.OpenAI(base_url=lora_gateway.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=lora_gateway.url + "/v1", api_key=USER_KEY, max_retries=0, timeout=120)
 
 
 def complete(
@@ -354,7 +372,7 @@ MEMBERS = [
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize(("expert", "adapter"), MEMBERS, ids=[m[0] for m in MEMBERS])
 def test_greedy_equals_transformers_peft(
-    lclient: openai.OpenAI, tiny_zoo: TinyZoo, adapters: dict[str, Path], expert: str, adapter: str | None
+    lclient: openai.OpenAI, zoo: TinyZoo, adapters: dict[str, Path], expert: str, adapter: str | None
 ) -> None:
     """Each expert of a family (base and adapters, in-process and remote) answers exactly transformers +
     peft's greedy tokens for the same prompt, fp32."""
@@ -369,13 +387,13 @@ def test_greedy_equals_transformers_peft(
     assert raw.headers["x-moerge-expert"] == expert
     choice: Any = raw.parse().choices[0]
     prompt_ids = list(choice.prompt_token_ids)
-    want = hf_greedy(tiny_zoo.base, adapters[adapter] if adapter else None, prompt_ids, ADAPTER_TOKENS)
+    want = hf_greedy(zoo.base, adapters[adapter] if adapter else None, prompt_ids, ADAPTER_TOKENS)
     assert list(choice.token_ids) == want
 
 
 async def mixed_batch(url: str, base: str, adapters: list[str], prompt: str) -> list[float]:
     """The base's logprobs for `prompt` while long adapter requests run in the same engine batches."""
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=USER_KEY, max_retries=0, timeout=120)
     long = [
         asyncio.create_task(
             client.completions.create(
@@ -426,3 +444,156 @@ def test_plain_base_in_mixed_batch_is_changed(lclient: openai.OpenAI, lora_gatew
         mixed_batch(lora_gateway.url, "remote-plain", ["remote-math", "remote-code"], PROMPTS["math"])
     )
     assert mixed != pytest.approx(alone, abs=1e-4)
+
+
+# -- runtime registration (admin API); last: it unregisters and re-registers adapters ---------------------
+def test_state_file_restores_registered_adapters(
+    adapters: dict[str, Path], zoo: TinyZoo, tmp_path: Path
+) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"lora": {"fam": family(zoo.base, {"math": adapters["math"]})}}))
+    state = tmp_path / "serve.lora-state.json"
+    state.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "families": {
+                    "fam": {
+                        "adapters": {
+                            "math": {"path": str(adapters["math"])},
+                            "late": {"path": str(adapters["code"]), "fallback": "math"},
+                        }
+                    }
+                },
+            }
+        )
+    )
+    cfg = load_config(config)
+    assert set(cfg.lora["fam"].adapters) == {"math", "late"} and cfg.experts["late"].fallback == "math"
+    assert cfg.lora_state_file == str(state)
+    state.write_text(
+        json.dumps({"version": 1, "families": {"fam": {"adapters": {"bad": {"path": str(tmp_path)}}}}})
+    )
+    with pytest.raises(ConfigError, match="lora.fam.adapters.bad.path: adapter_model.safetensors not found"):
+        load_config(config)
+
+
+def admin(gateway: Any, method: str, path: str, key: str | None = ADMIN_KEY, **kw: Any) -> Any:
+    import httpx
+
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    return httpx.request(method, gateway.url + path, headers=headers, timeout=120, **kw)
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(600)
+def test_admin_api_refuses_user_keys(lora_gateway: Any) -> None:
+    body = {"name": "x", "path": "/nope"}
+    assert (
+        admin(lora_gateway, "POST", "/admin/lora/tiny/adapters", USER_KEY, json=body).json()["error"]["code"]
+        == "admin_key_required"
+    )
+    assert admin(lora_gateway, "POST", "/admin/lora/tiny/adapters", None, json=body).status_code == 401
+    assert admin(lora_gateway, "GET", "/admin/lora", "sk-wrong").status_code == 401
+    assert (
+        admin(lora_gateway, "GET", "/v1/models", ADMIN_KEY).status_code == 401
+    )  # admin keys are no user keys
+    listing = admin(lora_gateway, "GET", "/admin/lora").json()["families"]
+    assert listing["tiny"]["adapters"]["tiny-math"] == {"registered": True, "fallback": "tiny"}
+    assert admin(lora_gateway, "POST", "/admin/lora/nope/adapters", json=body).status_code == 404
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(900)
+def test_register_unregister_in_process(
+    lora_gateway: Any, lclient: openai.OpenAI, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    bad = bad_copy(adapters["math"], tmp_path / "dora", use_dora=True)
+    resp = admin(
+        lora_gateway, "POST", "/admin/lora/tiny/adapters", json={"name": "tiny-dora", "path": str(bad)}
+    )
+    assert resp.status_code == 400 and "adapters.tiny-dora.use_dora" in resp.json()["error"]["message"]
+    taken = admin(
+        lora_gateway,
+        "POST",
+        "/admin/lora/tiny/adapters",
+        json={"name": "auto", "path": str(adapters["math"])},
+    )
+    assert taken.status_code == 409
+    # register: the same weights as tiny-math under a new name answer exactly as tiny-math
+    resp = admin(
+        lora_gateway,
+        "POST",
+        "/admin/lora/tiny/adapters",
+        json={"name": "tiny-math2", "path": str(adapters["math"])},
+    )
+    assert resp.status_code == 200, resp.text
+    assert "tiny-math2" in {m.id for m in lclient.models.list()}
+    assert (
+        complete(lclient, "tiny-math2", PROMPTS["math"])[1]
+        == complete(lclient, "tiny-math", PROMPTS["math"])[1]
+    )
+    state = json.loads(Path(lora_gateway.db.with_name("lora-state.json")).read_text())
+    assert state["families"]["tiny"]["adapters"]["tiny-math2"]["path"] == str(adapters["math"])
+    # a restart from the config and its state file serves the registered adapter too
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "lora": {"tiny": {"base": {"backend": "vllm", "model": "/m"}, "max_lora_rank": 8}},
+                "lora_state_file": str(lora_gateway.db.with_name("lora-state.json")),
+            }
+        )
+    )
+    assert {"tiny-math2", "tiny-text"} <= set(load_config(config).experts)
+    # unregister: a router that decides it gets its fallback (the base); a direct request is a 404
+    want_base = complete(lclient, "tiny", PROMPTS["text"])[1]
+    assert admin(lora_gateway, "DELETE", "/admin/lora/tiny/adapters/tiny-text").status_code == 200
+    raw = lclient.completions.with_raw_response.create(
+        model="text-model",
+        prompt=PROMPTS["text"],
+        max_tokens=ADAPTER_TOKENS,
+        temperature=0,
+        extra_body={"return_token_ids": True, "ignore_eos": True},
+    )
+    assert raw.headers["x-moerge-expert"] == "tiny" and raw.headers["x-moerge-routed-expert"] == "tiny-text"
+    assert list(raw.parse().choices[0].token_ids) == want_base  # type: ignore[attr-defined]
+    with pytest.raises(openai.NotFoundError):
+        lclient.completions.create(model="tiny-text", prompt="x", max_tokens=1)
+    assert "tiny-text" not in {m.id for m in lclient.models.list()}
+    assert (
+        "tiny-text"
+        not in json.loads(Path(lora_gateway.db.with_name("lora-state.json")).read_text())["families"]["tiny"][
+            "adapters"
+        ]
+    )
+    assert admin(lora_gateway, "DELETE", "/admin/lora/tiny/adapters/tiny-text").status_code == 404
+    # and back
+    resp = admin(
+        lora_gateway,
+        "POST",
+        "/admin/lora/tiny/adapters",
+        json={"name": "tiny-text", "path": str(adapters["text"]), "fallback": "tiny"},
+    )
+    assert resp.status_code == 200, resp.text
+    raw = lclient.completions.with_raw_response.create(
+        model="text-model", prompt=PROMPTS["text"], max_tokens=2
+    )
+    assert raw.headers["x-moerge-expert"] == "tiny-text"
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(900)
+def test_register_unregister_remote(
+    lora_gateway: Any, lclient: openai.OpenAI, adapters: dict[str, Path]
+) -> None:
+    body = {"name": "remote-math2", "served_name": "math2", "path": str(adapters["math"])}
+    resp = admin(lora_gateway, "POST", "/admin/lora/remote/adapters", json=body)
+    assert resp.status_code == 200, resp.text
+    assert (
+        complete(lclient, "remote-math2", PROMPTS["math"])[1]
+        == complete(lclient, "remote-math", PROMPTS["math"])[1]
+    )
+    assert admin(lora_gateway, "DELETE", "/admin/lora/remote/adapters/remote-math2").status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        lclient.completions.create(model="remote-math2", prompt="x", max_tokens=1)

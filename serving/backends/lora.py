@@ -21,7 +21,7 @@ import httpx
 from starlette.requests import Request
 
 from serving.backends.base import Backend, BackendUnavailable, Endpoint, JSONResult, StreamResult
-from serving.config import LoraFamilyConfig, OpenAIExpert, VllmExpert
+from serving.config import LoraAdapterConfig, LoraFamilyConfig, OpenAIExpert, VllmExpert
 
 log = logging.getLogger("moerge.serving")
 
@@ -112,6 +112,77 @@ class LoraEngine:
     async def health(self) -> bool:
         return bool(await self.inner.health())
 
+    async def load_adapter(self, name: str, adapter: LoraAdapterConfig) -> None:
+        """Load an adapter into the running engine (OpenAIError if the engine refuses it)."""
+        from serving.errors import OpenAIError
+
+        if self.in_process:
+            from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+
+            models = self.inner.state.openai_serving_models
+            result = await models.load_lora_adapter(
+                LoadLoRAAdapterRequest(lora_name=name, lora_path=str(adapter.path))
+            )
+            if not isinstance(result, str):
+                raise OpenAIError(
+                    400 if int(result.error.code) < 500 else 502,
+                    f"The engine refused adapter `{name}`: {result.error.message}",
+                    param="path",
+                    code="adapter_load_failed",
+                )
+            return
+        body = {"lora_name": adapter.served_name or name, "lora_path": str(adapter.path)}
+        await self._remote_call("/v1/load_lora_adapter", body, name, "load")
+
+    async def unload_adapter(self, name: str, adapter: LoraAdapterConfig) -> None:
+        if self.in_process:
+            from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
+
+            models = self.inner.state.openai_serving_models
+            lora = models.lora_requests.get(name)
+            await models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
+            if lora is not None:  # the serving layer forgets the name; the engine frees its weights
+                await self.inner.engine.remove_lora(lora.lora_int_id)
+            return
+        await self._remote_call(
+            "/v1/unload_lora_adapter", {"lora_name": adapter.served_name or name}, name, "unload"
+        )
+
+    async def _remote_call(self, path: str, body: dict[str, Any], name: str, what: str) -> None:
+        from serving.errors import OpenAIError
+
+        root = self.inner.base_url.removesuffix("/v1")
+        try:
+            resp = await self.inner.client.post(
+                root + path, json=body, headers=self.inner.headers, timeout=60
+            )
+        except httpx.HTTPError as err:
+            raise OpenAIError(
+                502,
+                f"The engine of family `{self.family}` did not answer: {type(err).__name__}",
+                type="server_error",
+                code="engine_unreachable",
+            ) from None
+        if resp.status_code != 200:
+            hint = (
+                " (does the engine run with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1?)"
+                if resp.status_code == 404
+                else ""
+            )
+            raise OpenAIError(
+                400 if resp.status_code < 500 else 502,
+                f"The engine could not {what} adapter `{name}`: HTTP {resp.status_code} {resp.text[:300]}{hint}",
+                code=f"adapter_{what}_failed",
+            )
+
+    async def remote_adapters(self) -> dict[str, str]:
+        """A remote engine's adapters from its /v1/models: served name → path (entries with a parent)."""
+        resp = await self.inner.client.get(
+            self.inner.base_url + "/models", headers=self.inner.headers, timeout=10
+        )
+        resp.raise_for_status()
+        return {m["id"]: m.get("root") or "" for m in resp.json().get("data", []) if m.get("parent")}
+
 
 class LoraMemberBackend(Backend):
     """One expert of a family: the base (`adapter` None) or one adapter, served by the family's engine."""
@@ -122,6 +193,10 @@ class LoraMemberBackend(Backend):
         super().__init__(name)
         self.engine = engine
         self.adapter = adapter
+        self.removed = False  # unregistered at runtime: its requests take the fallback chain
+
+    def available(self) -> bool:
+        return not self.removed
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -149,6 +224,8 @@ class LoraMemberBackend(Backend):
         first_token_s: float,
         total_s: float,
     ) -> JSONResult | StreamResult:
+        if self.removed:
+            raise BackendUnavailable(f"{self.name}: adapter unregistered")
         if not self.engine._started:
             raise BackendUnavailable(
                 f"{self.name}: the engine of LoRA family {self.engine.family} is not running"
