@@ -131,6 +131,13 @@ def create_app(config: ServeConfig, metrics: Metrics | None = None) -> FastAPI:
         async with gateway.lora_admin_lock:
             return await lora_admin.register(gateway, family, body)
 
+    @app.post("/admin/lora/{family}/sync", responses=_ERRORS)
+    async def admin_lora_sync(family: str, request: Request) -> dict[str, Any]:
+        """Learn a remote family's adapters from its engine's /v1/models."""
+        _authenticate_admin(gateway, request)
+        async with gateway.lora_admin_lock:
+            return await lora_admin.sync_remote(gateway, family)
+
     @app.delete("/admin/lora/{family}/adapters/{name}", responses=_ERRORS)
     async def admin_lora_unregister(family: str, name: str, request: Request) -> dict[str, Any]:
         """Unregister an adapter: unloaded; requests routed to it take its fallback chain."""

@@ -209,6 +209,11 @@ class LoraFamilyConfig(_Strict):
         description="remote engines in zero-adapter mode: the name the engine serves a zero adapter as "
         "(`python -m serving lora zero-adapter ADAPTER OUT` writes one); in-process moerge writes its own",
     )
+    discover: bool = Field(
+        True,
+        description="remote engines: adapters the engine lists in /v1/models (and no config names) become "
+        "experts too, at start and on POST /admin/lora/FAMILY/sync",
+    )
     max_loras: int | None = Field(
         None, ge=1, description="adapters in one batch (default: every adapter, the zero adapter included)"
     )

@@ -163,6 +163,7 @@ class Gateway:
         for backend in self.backends.values():
             log.info("starting expert %s (%s)", backend.name, backend.kind)
             await backend.start()
+        await self._sync_remote_lora()
         await self.probe()
         self._health_task = asyncio.create_task(self._health_loop())
         if (port := self.config.server.metrics_port) is not None:  # /metrics off the API port
@@ -171,6 +172,18 @@ class Gateway:
             self._metrics_server, _ = start_http_server(port, self.config.server.host, self.metrics.registry)
         if self.decision_log is not None:
             self.decision_log.start()
+
+    async def _sync_remote_lora(self) -> None:
+        """Remote LoRA families learn their engine's adapters at start (best effort: logged)."""
+        from serving.lora_admin import sync_remote
+
+        for family, engine in self.lora_engines.items():
+            if engine.in_process or not engine.cfg.discover:
+                continue
+            try:
+                await sync_remote(self, family)
+            except Exception as err:
+                log.warning("LoRA family %s: could not list the engine's adapters: %s", family, err)
 
     async def close(self) -> None:
         if self._health_task is not None:

@@ -103,7 +103,6 @@ def _family(gateway: Gateway, family: str) -> Any:
 
 async def register(gateway: Gateway, family: str, body: RegisterAdapter) -> dict[str, Any]:
     from serving.backends.lora import LoraMemberBackend
-    from serving.health import CircuitBreaker
     from serving.lora import check_adapter
 
     engine = _family(gateway, family)
@@ -130,28 +129,78 @@ async def register(gateway: Gateway, family: str, body: RegisterAdapter) -> dict
         path=body.path, served_name=body.served_name, fallback=body.fallback, description=body.description
     )
     await engine.load_adapter(name, adapter)
-    fam.adapters[name] = adapter
-    base_name = engine.base_name if fam.serve_base else None
-    member = LoraMember(
-        backend="lora",
-        family=family,
-        adapter=name,
-        fallback=body.fallback or base_name,
-        description=body.description,
-    )
-    gateway.config.experts[name] = member
-    if revived:
-        assert isinstance(existing, LoraMemberBackend)
-        existing.removed = False
-    else:
-        cb = gateway.config.circuit_breaker
-        gateway.backends[name] = LoraMemberBackend(name, engine, name)
-        gateway.breakers[name] = CircuitBreaker(cb.failure_threshold, cb.reset_after_s)
-        gateway.breakers[name].record_probe(True)
-        gateway.accountant.known_models.add(name)
+    _add_member(gateway, engine, name, adapter)
     write_state(gateway)
     log.info("LoRA family %s: registered adapter %s (%s)", family, name, body.path)
     return {"object": "lora_adapter", "family": family, "name": name, "registered": True}
+
+
+def _add_member(gateway: Gateway, engine: Any, name: str, adapter: LoraAdapterConfig) -> None:
+    """Make a loaded adapter an expert of the gateway (or bring an unregistered one back)."""
+    from serving.backends.lora import LoraMemberBackend
+    from serving.health import CircuitBreaker
+
+    fam = engine.cfg
+    fam.adapters[name] = adapter
+    base_name = engine.base_name if fam.serve_base else None
+    gateway.config.experts[name] = LoraMember(
+        backend="lora",
+        family=engine.family,
+        adapter=name,
+        fallback=adapter.fallback or base_name,
+        description=adapter.description,
+    )
+    existing = gateway.backends.get(name)
+    if isinstance(existing, LoraMemberBackend):
+        existing.removed = False
+        return
+    cb = gateway.config.circuit_breaker
+    gateway.backends[name] = LoraMemberBackend(name, engine, name)
+    gateway.breakers[name] = CircuitBreaker(cb.failure_threshold, cb.reset_after_s)
+    gateway.breakers[name].record_probe(True)
+    gateway.accountant.known_models.add(name)
+
+
+async def sync_remote(gateway: Gateway, family: str) -> dict[str, Any]:
+    """Learn a remote family's adapters from its engine's /v1/models: adapters loaded there (e.g. by
+    `vllm serve --lora-modules` or its own runtime API) become experts named as the engine names them;
+    configured adapters the engine no longer serves are unavailable (their requests take the fallback)."""
+    from serving.backends.lora import LoraMemberBackend
+
+    engine = _family(gateway, family)
+    if engine.in_process:
+        raise OpenAIError(400, "Only remote families are synced from their engine.", param="family")
+    try:
+        remote = await engine.remote_adapters()
+    except Exception as err:
+        raise OpenAIError(
+            502,
+            f"The engine of `{family}` did not list its models: {type(err).__name__}",
+            type="server_error",
+        ) from None
+    known = {a.served_name or n: n for n, a in engine.cfg.adapters.items()}
+    added, missing = [], []
+    for served, path in remote.items():
+        if served == engine.cfg.zero_adapter or served in known:
+            continue
+        backend = gateway.backends.get(served)
+        revive = isinstance(backend, LoraMemberBackend) and backend.engine is engine
+        if (backend is not None and not revive) or served in gateway.config.routing_models:
+            log.warning(
+                "LoRA family %s: the engine's adapter %s has another model's name; skipped", family, served
+            )
+            continue
+        _add_member(gateway, engine, served, LoraAdapterConfig(path=path or None))
+        added.append(served)
+    for served, name in known.items():
+        backend = gateway.backends.get(name)
+        if isinstance(backend, LoraMemberBackend):
+            backend.removed = served not in remote
+            if backend.removed:
+                missing.append(name)
+    if added or missing:
+        log.info("LoRA family %s: learned %s; not served by the engine: %s", family, added, missing)
+    return {"object": "lora_sync", "family": family, "added": added, "unavailable": missing}
 
 
 async def unregister(gateway: Gateway, family: str, name: str) -> dict[str, Any]:

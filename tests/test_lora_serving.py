@@ -306,7 +306,7 @@ def e2e_config(zoo: TinyZoo, adapters: dict[str, Path], remote_url: str) -> dict
         "max_lora_rank": 8,
         "adapters": {f"remote-{n}": {"served_name": n, "path": str(p)} for n, p in adapters.items()},
     }
-    data["lora"]["remote-plain"] = {"base": base, "base_mode": "plain"}
+    data["lora"]["remote-plain"] = {"base": base, "base_mode": "plain", "discover": False}
     data["circuit_breaker"] = {"health_interval_s": 0.5}
     data["routers"]["to-text"] = {"kind": "fixed", "params": {"expert": "tiny-text"}}
     data["routing_models"]["text-model"] = "to-text"
@@ -597,3 +597,18 @@ def test_register_unregister_remote(
     assert admin(lora_gateway, "DELETE", "/admin/lora/remote/adapters/remote-math2").status_code == 200
     with pytest.raises(openai.NotFoundError):
         lclient.completions.create(model="remote-math2", prompt="x", max_tokens=1)
+    # an adapter loaded on the engine itself is learned from its /v1/models
+    import httpx
+
+    load = {"lora_name": "learned", "lora_path": str(adapters["code"])}
+    assert httpx.post(remote_lora.url + "/v1/load_lora_adapter", json=load, timeout=60).status_code == 200
+    synced = admin(lora_gateway, "POST", "/admin/lora/remote/sync").json()
+    assert (
+        synced["added"] == ["learned"]
+        and synced["unavailable"] == ["remote-math2"]
+        or synced["unavailable"] == []
+    )
+    assert (
+        complete(lclient, "learned", PROMPTS["code"])[1]
+        == complete(lclient, "remote-code", PROMPTS["code"])[1]
+    )

@@ -1,0 +1,230 @@
+"""LoRA serving benchmark: one engine with N adapters against N separate engines, on the same base.
+
+    vllm-slot .venv/bin/python bench/lora_bench.py                 # N = 3 and 8, tiny base (hidden 128)
+    vllm-slot .venv/bin/python bench/lora_bench.py --n 3 --requests 48
+
+In one run, each a `vllm serve` process (the server moerge's remote backends talk to):
+  plain      the base on an engine without LoRA (the throughput reference)
+  lora-N     one engine with N adapters (`--enable-lora --max-loras N --lora-modules ...`)
+  separate-N N engines, each serving one adapter merged into the base (peft's merge_and_unload), the way
+             a library of N experts is served without multi-LoRA
+Requests are spread evenly over the adapters (round robin), `--concurrency` at once (default 8), greedy,
+`--tokens` tokens each (ignore_eos). Reported: total RSS and PSS of the engines' process trees after the
+load, start-up time (launch → /health OK; the separate engines start together), throughput (generated
+tokens/s) and p50 latency, with the ratios the issue asks for. Results: runs/lora-bench/results.{json,md}.
+Not a test: the numbers depend on the machine (2 shared cores here: engines and load generator compete).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from serving.testing import VllmServer  # noqa: E402
+
+DOMAINS = ["math", "code", "text"]
+PROMPTS = [f"If we compute {a} + {b} we get" for a in range(9) for b in range(9)]
+KV_BYTES = str(256 * 2**20)  # per engine: every engine gets the same small KV cache
+
+
+def build_inputs(work: Path, n_max: int) -> tuple[Path, dict[str, Path], dict[str, Path]]:
+    """The tiny base, n_max peft adapters (domains in turn, different seeds) and each one merged."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from merge.tiny import build_tiny_zoo
+    from merge.tiny_lora import build_tiny_adapters
+
+    zoo = build_tiny_zoo(work / "zoo")
+    names = {f"a{i}": DOMAINS[i % len(DOMAINS)] for i in range(n_max)}
+    adapters = build_tiny_adapters(zoo.base, work / "adapters", names, steps=10)
+    merged = {}
+    tok = AutoTokenizer.from_pretrained(zoo.base)
+    for name, path in adapters.items():
+        out = work / "merged" / name
+        if not (out / "config.json").exists():
+            model = AutoModelForCausalLM.from_pretrained(zoo.base, dtype=torch.float32)
+            PeftModel.from_pretrained(model, str(path)).merge_and_unload().save_pretrained(out)
+            tok.save_pretrained(out)
+        merged[name] = out
+    return zoo.base, adapters, merged
+
+
+def tree_memory(proc: Any) -> tuple[float, float]:
+    """RSS and PSS (MiB) of a process and its children (PSS shares common pages out fairly)."""
+    rss = pss = 0.0
+    root = psutil.Process(proc.pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            full = p.memory_full_info()
+        except psutil.Error:
+            continue
+        rss += full.rss / 2**20
+        pss += getattr(full, "pss", full.rss) / 2**20
+    return rss, pss
+
+
+def start(servers: list[VllmServer]) -> float:
+    t0 = time.monotonic()
+    for s in servers:
+        s.start()
+    for s in servers:
+        s.wait_ready(900)
+    return time.monotonic() - t0
+
+
+async def load(
+    targets: list[tuple[str, str]], requests: int, concurrency: int, tokens: int
+) -> dict[str, float]:
+    """`requests` completions over `targets` (url, model) round robin, `concurrency` at once."""
+    latencies: list[float] = []
+    generated = 0
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(requests):
+        queue.put_nowait(i)
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal generated
+        while not queue.empty():
+            i = queue.get_nowait()
+            url, model = targets[i % len(targets)]
+            body = {
+                "model": model,
+                "prompt": PROMPTS[i % len(PROMPTS)],
+                "max_tokens": tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+            }
+            t0 = time.perf_counter()
+            async with session.post(url + "/v1/completions", json=body) as resp:
+                data = await resp.json()
+                assert resp.status == 200, data
+            latencies.append(time.perf_counter() - t0)
+            generated += data["usage"]["completion_tokens"]
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        # warm-up: one request per target (loads every adapter into its slot)
+        for url, model in targets:
+            async with session.post(
+                url + "/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 2}
+            ) as r:
+                await r.read()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    latencies.sort()
+    return {
+        "tok_per_s": generated / wall,
+        "p50_ms": latencies[len(latencies) // 2] * 1e3,
+        "requests": len(latencies),
+    }
+
+
+def run_config(
+    label: str, servers: list[VllmServer], targets: list[tuple[str, str]] | None, args: argparse.Namespace
+) -> dict[str, Any]:
+    print(f"[{label}] starting {len(servers)} engine(s)", flush=True)
+    try:
+        startup = start(servers)
+        urls = targets or [(s.url, s.argv[s.argv.index("--served-model-name") + 1]) for s in servers]
+        result = asyncio.run(load(urls, args.requests, args.concurrency, args.tokens))
+        rss, pss = map(sum, zip(*(tree_memory(s.proc) for s in servers), strict=True))
+    finally:
+        for s in servers:
+            s.kill(signal.SIGTERM)
+    row = {
+        "config": label,
+        "engines": len(servers),
+        "startup_s": round(startup, 1),
+        "rss_mib": round(rss, 1),
+        "pss_mib": round(pss, 1),
+        **{k: round(v, 2) for k, v in result.items()},
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, nargs="+", default=[3, 8])
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "lora-bench")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "lora-bench")
+    ap.add_argument("--skip-separate", action="store_true", help="no N-separate-engines configs")
+    args = ap.parse_args()
+    base, adapters, merged = build_inputs(args.work, max(args.n))
+    env = {"VLLM_CPU_KVCACHE_SPACE": "", "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
+    common = ["--dtype", "float32", "--kv-cache-memory-bytes", KV_BYTES, "--max-num-seqs", "16"]
+    rows = [run_config("plain", [VllmServer(base, ["base"], extra_args=common, env=env)], None, args)]
+    for n in args.n:
+        names = list(adapters)[:n]
+        lora = VllmServer(
+            base,
+            ["base"],
+            extra_args=[
+                *common,
+                "--enable-lora",
+                "--max-loras",
+                str(n),
+                "--max-lora-rank",
+                "8",
+                "--lora-modules",
+                *(f"{a}={adapters[a]}" for a in names),
+            ],
+            env=env,
+        )
+        rows.append(run_config(f"lora-{n}", [lora], [(lora.url, a) for a in names], args))
+        if not args.skip_separate:
+            engines = [VllmServer(merged[a], [a], extra_args=common, env=env) for a in names]
+            rows.append(run_config(f"separate-{n}", engines, None, args))
+    plain = rows[0]
+    for row in rows:
+        row["rss_x_plain"] = round(row["rss_mib"] / plain["rss_mib"], 3)
+        row["pss_x_plain"] = round(row["pss_mib"] / plain["pss_mib"], 3)
+        row["tput_x_plain"] = round(row["tok_per_s"] / plain["tok_per_s"], 3)
+        sep = next((r for r in rows if r["config"] == row["config"].replace("lora-", "separate-")), None)
+        if row["config"].startswith("lora-") and sep is not None:
+            row["rss_x_separate"] = round(row["rss_mib"] / sep["rss_mib"], 3)
+            row["startup_x_separate"] = round(row["startup_s"] / sep["startup_s"], 3)
+            row["tput_x_separate"] = round(row["tok_per_s"] / sep["tok_per_s"], 3)
+            row["p50_x_separate"] = round(row["p50_ms"] / sep["p50_ms"], 3)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+    cols = [
+        "config",
+        "engines",
+        "startup_s",
+        "rss_mib",
+        "pss_mib",
+        "tok_per_s",
+        "p50_ms",
+        "rss_x_plain",
+        "tput_x_plain",
+        "rss_x_separate",
+        "startup_x_separate",
+        "tput_x_separate",
+        "p50_x_separate",
+    ]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "—")) for c in cols) + " |" for r in rows]
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
