@@ -36,7 +36,8 @@ from serving.testing import VllmServer  # noqa: E402
 
 DOMAINS = ["math", "code", "text"]
 PROMPTS = [f"If we compute {a} + {b} we get" for a in range(9) for b in range(9)]
-KV_BYTES = str(256 * 2**20)  # per engine: every engine gets the same small KV cache
+# per engine: every engine gets the same small KV cache
+COMMON = ["--dtype", "float32", "--kv-cache-memory-bytes", str(256 * 2**20), "--max-num-seqs", "16"]
 
 
 def build_inputs(work: Path, n_max: int) -> tuple[Path, dict[str, Path], dict[str, Path]]:
@@ -61,6 +62,13 @@ def build_inputs(work: Path, n_max: int) -> tuple[Path, dict[str, Path], dict[st
             tok.save_pretrained(out)
         merged[name] = out
     return zoo.base, adapters, merged
+
+
+def server(model: Path, names: list[str], extra: list[str]) -> VllmServer:
+    """`vllm serve` with the bench's own KV budget (--kv-cache-memory-bytes, not VLLM_CPU_KVCACHE_SPACE)."""
+    s = VllmServer(model, names, extra_args=[*COMMON, *extra])
+    s.env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    return s
 
 
 def tree_memory(proc: Any) -> tuple[float, float]:
@@ -168,16 +176,13 @@ def main() -> None:
     ap.add_argument("--skip-separate", action="store_true", help="no N-separate-engines configs")
     args = ap.parse_args()
     base, adapters, merged = build_inputs(args.work, max(args.n))
-    env = {"VLLM_CPU_KVCACHE_SPACE": "", "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
-    common = ["--dtype", "float32", "--kv-cache-memory-bytes", KV_BYTES, "--max-num-seqs", "16"]
-    rows = [run_config("plain", [VllmServer(base, ["base"], extra_args=common, env=env)], None, args)]
+    rows = [run_config("plain", [server(base, ["base"], [])], None, args)]
     for n in args.n:
         names = list(adapters)[:n]
-        lora = VllmServer(
+        lora = server(
             base,
             ["base"],
-            extra_args=[
-                *common,
+            [
                 "--enable-lora",
                 "--max-loras",
                 str(n),
@@ -186,11 +191,10 @@ def main() -> None:
                 "--lora-modules",
                 *(f"{a}={adapters[a]}" for a in names),
             ],
-            env=env,
         )
         rows.append(run_config(f"lora-{n}", [lora], [(lora.url, a) for a in names], args))
         if not args.skip_separate:
-            engines = [VllmServer(merged[a], [a], extra_args=common, env=env) for a in names]
+            engines = [server(merged[a], [a], []) for a in names]
             rows.append(run_config(f"separate-{n}", engines, None, args))
     plain = rows[0]
     for row in rows:

@@ -585,7 +585,7 @@ def test_register_unregister_in_process(
 @pytest.mark.vllm
 @pytest.mark.timeout(900)
 def test_register_unregister_remote(
-    lora_gateway: Any, lclient: openai.OpenAI, adapters: dict[str, Path]
+    lora_gateway: Any, lclient: openai.OpenAI, adapters: dict[str, Path], remote_lora: Any
 ) -> None:
     body = {"name": "remote-math2", "served_name": "math2", "path": str(adapters["math"])}
     resp = admin(lora_gateway, "POST", "/admin/lora/remote/adapters", json=body)
