@@ -446,6 +446,57 @@ def test_plain_base_in_mixed_batch_is_changed(lclient: openai.OpenAI, lora_gatew
     assert mixed != pytest.approx(alone, abs=1e-4)
 
 
+@pytest.mark.vllm
+@pytest.mark.timeout(600)
+def test_adapters_routed_ab_metrics_and_logged(lclient: openai.OpenAI, lora_gateway: Any) -> None:
+    """Adapters are experts everywhere: a router picks them, an experiment arm serves them, the metrics
+    and the decision log name them, /v1/models lists them."""
+    import time
+
+    import httpx
+    from sqlalchemy import select
+
+    from serving.decision_log import decisions, make_engine
+
+    models = {m.id: m for m in lclient.models.list()}
+    assert {"tiny", "tiny-math", "tiny-code", "tiny-text", "remote", "remote-math", "auto", "ab"} <= set(
+        models
+    )
+    ids = []
+    for i in range(6):
+        raw = lclient.chat.completions.with_raw_response.create(
+            model="auto", messages=[{"role": "user", "content": f"hello {i}"}], max_tokens=2
+        )
+        assert raw.headers["x-moerge-expert"] in {"tiny-math", "tiny-code", "tiny-text"}
+        ids.append(raw.headers["x-moerge-request-id"])
+    arms = set()
+    for user in ("u1", "u2", "u3", "u4", "u5", "u6"):
+        raw = lclient.chat.completions.with_raw_response.create(
+            model="ab", messages=[{"role": "user", "content": "hi"}], max_tokens=2, user=user
+        )
+        arms.add((raw.headers["x-moerge-arm"], raw.headers["x-moerge-expert"] == "tiny"))
+        ids.append(raw.headers["x-moerge-request-id"])
+    assert ("base-only", True) in arms and ("routed", False) in arms
+    metrics = httpx.get(lora_gateway.url + "/metrics", timeout=10).text
+    assert 'expert="tiny"' in metrics
+    assert any(
+        f'moerge_requests_total{{endpoint="chat",model="auto",expert="tiny-{d}"' in metrics for d in DOMAINS
+    )
+    engine = make_engine(f"sqlite:///{lora_gateway.db}")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            rows = list(conn.execute(select(decisions).where(decisions.c.request_id.in_(ids))))
+        if len(rows) == len(ids):
+            break
+        time.sleep(0.2)
+    assert len(rows) == len(ids)
+    assert {r.served_expert for r in rows} >= {"tiny", "tiny-math"} or {r.served_expert for r in rows} >= {
+        "tiny"
+    }
+    assert all(r.served_expert in {"tiny", "tiny-math", "tiny-code", "tiny-text"} for r in rows)
+
+
 # -- runtime registration (admin API); last: it unregisters and re-registers adapters ---------------------
 def test_state_file_restores_registered_adapters(
     adapters: dict[str, Path], zoo: TinyZoo, tmp_path: Path
