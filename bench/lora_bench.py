@@ -12,6 +12,8 @@ Requests are spread evenly over the adapters (round robin), `--concurrency` at o
 `--tokens` tokens each (ignore_eos). Reported: total RSS and PSS of the engines' process trees after the
 load, start-up time (launch → /health OK; the separate engines start together), throughput (generated
 tokens/s) and p50 latency, with the ratios the issue asks for. Results: runs/lora-bench/results.{json,md}.
+N separate engines that would not fit (N x a plain engine's PSS > --memory-share of the available memory)
+are skipped and shown as that estimate.
 Not a test: the numbers depend on the machine (2 shared cores here: engines and load generator compete).
 """
 
@@ -174,6 +176,13 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "lora-bench")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "lora-bench")
     ap.add_argument("--skip-separate", action="store_true", help="no N-separate-engines configs")
+    ap.add_argument(
+        "--memory-share",
+        type=float,
+        default=0.5,
+        help="skip N separate engines whose estimated memory (N x the plain engine's PSS) exceeds this share "
+        "of the available memory (the machine is shared); the row then shows the estimate",
+    )
     args = ap.parse_args()
     base, adapters, merged = build_inputs(args.work, max(args.n))
     rows = [run_config("plain", [server(base, ["base"], [])], None, args)]
@@ -193,20 +202,43 @@ def main() -> None:
             ],
         )
         rows.append(run_config(f"lora-{n}", [lora], [(lora.url, a) for a in names], args))
-        if not args.skip_separate:
-            engines = [server(merged[a], [a], []) for a in names]
-            rows.append(run_config(f"separate-{n}", engines, None, args))
+        if args.skip_separate:
+            continue
+        need = n * rows[0]["pss_mib"]  # N plain engines' memory, estimated from the plain one
+        free = psutil.virtual_memory().available / 2**20
+        if need > args.memory_share * free:
+            print(f"[separate-{n}] skipped: ~{need:.0f} MiB needed, {free:.0f} MiB available", flush=True)
+            rows.append(
+                {
+                    "config": f"separate-{n}",
+                    "engines": n,
+                    "skipped": True,
+                    "rss_mib": round(n * rows[0]["rss_mib"], 1),
+                    "pss_mib": round(need, 1),
+                }
+            )
+            continue
+        engines = [server(merged[a], [a], []) for a in names]
+        rows.append(run_config(f"separate-{n}", engines, None, args))
     plain = rows[0]
     for row in rows:
         row["rss_x_plain"] = round(row["rss_mib"] / plain["rss_mib"], 3)
         row["pss_x_plain"] = round(row["pss_mib"] / plain["pss_mib"], 3)
+        if row.get("skipped"):
+            continue
         row["tput_x_plain"] = round(row["tok_per_s"] / plain["tok_per_s"], 3)
         sep = next((r for r in rows if r["config"] == row["config"].replace("lora-", "separate-")), None)
-        if row["config"].startswith("lora-") and sep is not None:
+        if row["config"].startswith("lora-") and sep is not None and sep.get("skipped"):
+            row["rss_x_separate"] = f"≈{round(row['rss_mib'] / sep['rss_mib'], 3)} (est.)"
+        elif row["config"].startswith("lora-") and sep is not None:
             row["rss_x_separate"] = round(row["rss_mib"] / sep["rss_mib"], 3)
             row["startup_x_separate"] = round(row["startup_s"] / sep["startup_s"], 3)
             row["tput_x_separate"] = round(row["tok_per_s"] / sep["tok_per_s"], 3)
             row["p50_x_separate"] = round(row["p50_ms"] / sep["p50_ms"], 3)
+    for row in rows:
+        if row.get("skipped"):
+            for key in ("rss_mib", "pss_mib", "rss_x_plain", "pss_x_plain"):
+                row[key] = f"≈{row[key]} (est.)"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
     cols = [
