@@ -8,7 +8,9 @@ In one run, each a `vllm serve` process (the server moerge's remote backends tal
   lora-N     one engine with N adapters (`--enable-lora --max-loras N --lora-modules ...`)
   separate-N N engines, each serving one adapter merged into the base (peft's merge_and_unload), the way
              a library of N experts is served without multi-LoRA
-Requests are spread evenly over the adapters (round robin), `--concurrency` at once (default 8), greedy,
+Each lora-N engine runs while the plain one is still up, and the two are loaded in alternating rounds
+(`--rounds`, medians kept: `paired_tput_x_plain`), so that ratio is measured under the same background
+load. Requests are spread evenly over the adapters (round robin), `--concurrency` at once (default 8), greedy,
 `--tokens` tokens each (ignore_eos). Reported: total RSS and PSS of the engines' process trees after the
 load, start-up time (launch → /health OK; the separate engines start together), throughput (generated
 tokens/s) and p50 latency, with the ratios the issue asks for. Results: runs/lora-bench/results.{json,md}.
@@ -23,6 +25,7 @@ import argparse
 import asyncio
 import json
 import signal
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -144,7 +147,11 @@ async def load(
 
 
 def run_config(
-    label: str, servers: list[VllmServer], targets: list[tuple[str, str]] | None, args: argparse.Namespace
+    label: str,
+    servers: list[VllmServer],
+    targets: list[tuple[str, str]] | None,
+    args: argparse.Namespace,
+    keep: bool = False,
 ) -> dict[str, Any]:
     print(f"[{label}] starting {len(servers)} engine(s)", flush=True)
     try:
@@ -154,7 +161,8 @@ def run_config(
         rss, pss = map(sum, zip(*(tree_memory(s.proc) for s in servers), strict=True))
     finally:
         for s in servers:
-            s.kill(signal.SIGTERM)
+            if not keep:
+                s.kill(signal.SIGTERM)
     row = {
         "config": label,
         "engines": len(servers),
@@ -162,6 +170,45 @@ def run_config(
         "rss_mib": round(rss, 1),
         "pss_mib": round(pss, 1),
         **{k: round(v, 2) for k, v in result.items()},
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def paired(
+    label: str,
+    lora: VllmServer,
+    targets: list[tuple[str, str]],
+    plain: list[tuple[str, str]],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """The LoRA engine and the plain one (already up) loaded in alternating rounds, medians kept: the
+    throughput ratio is measured under the same background load (this machine's cores are shared)."""
+    print(f"[{label}] starting 1 engine; {args.rounds} rounds alternating with plain", flush=True)
+    try:
+        startup = start([lora])
+        runs: dict[str, list[dict[str, float]]] = {"lora": [], "plain": []}
+        for _ in range(args.rounds):
+            for which, urls in (("plain", plain), ("lora", targets)):
+                runs[which].append(asyncio.run(load(urls, args.requests, args.concurrency, args.tokens)))
+        rss, pss = tree_memory(lora.proc)
+    finally:
+        lora.kill(signal.SIGTERM)
+
+    def med(which: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[which])
+
+    row = {
+        "config": label,
+        "engines": 1,
+        "startup_s": round(startup, 1),
+        "rss_mib": round(rss, 1),
+        "pss_mib": round(pss, 1),
+        "tok_per_s": round(med("lora", "tok_per_s"), 2),
+        "p50_ms": round(med("lora", "p50_ms"), 2),
+        "paired_plain_tok_per_s": round(med("plain", "tok_per_s"), 2),
+        "paired_tput_x_plain": round(med("lora", "tok_per_s") / med("plain", "tok_per_s"), 3),
+        "rounds": {k: [round(r["tok_per_s"], 1) for r in v] for k, v in runs.items()},
     }
     print(json.dumps(row), flush=True)
     return row
@@ -175,6 +222,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "lora-bench")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "lora-bench")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating LoRA/plain load rounds per N")
     ap.add_argument("--skip-separate", action="store_true", help="no N-separate-engines configs")
     ap.add_argument(
         "--memory-share",
@@ -185,7 +233,24 @@ def main() -> None:
     )
     args = ap.parse_args()
     base, adapters, merged = build_inputs(args.work, max(args.n))
-    rows = [run_config("plain", [server(base, ["base"], [])], None, args)]
+    plain_server = server(base, ["base"], [])
+    rows = [run_config("plain", [plain_server], None, args, keep=True)]
+    plain_targets = [(plain_server.url, "base")]
+    try:
+        lora_rows(rows, args, base, adapters, merged, plain_targets)
+    finally:
+        plain_server.kill(signal.SIGTERM)
+    report(rows, args)
+
+
+def lora_rows(
+    rows: list[dict[str, Any]],
+    args: argparse.Namespace,
+    base: Path,
+    adapters: dict[str, Path],
+    merged: dict[str, Path],
+    plain_targets: list[tuple[str, str]],
+) -> None:
     for n in args.n:
         names = list(adapters)[:n]
         lora = server(
@@ -201,7 +266,7 @@ def main() -> None:
                 *(f"{a}={adapters[a]}" for a in names),
             ],
         )
-        rows.append(run_config(f"lora-{n}", [lora], [(lora.url, a) for a in names], args))
+        rows.append(paired(f"lora-{n}", lora, [(lora.url, a) for a in names], plain_targets, args))
         if args.skip_separate:
             continue
         need = n * rows[0]["pss_mib"]  # N plain engines' memory, estimated from the plain one
@@ -220,6 +285,9 @@ def main() -> None:
             continue
         engines = [server(merged[a], [a], []) for a in names]
         rows.append(run_config(f"separate-{n}", engines, None, args))
+
+
+def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     plain = rows[0]
     for row in rows:
         row["rss_x_plain"] = round(row["rss_mib"] / plain["rss_mib"], 3)
@@ -251,6 +319,7 @@ def main() -> None:
         "p50_ms",
         "rss_x_plain",
         "tput_x_plain",
+        "paired_tput_x_plain",
         "rss_x_separate",
         "startup_x_separate",
         "tput_x_separate",
