@@ -480,7 +480,8 @@ def test_adapters_routed_ab_metrics_and_logged(lclient: openai.OpenAI, lora_gate
     metrics = httpx.get(lora_gateway.url + "/metrics", timeout=10).text
     assert 'expert="tiny"' in metrics
     assert any(
-        f'moerge_requests_total{{endpoint="chat",model="auto",expert="tiny-{d}"' in metrics for d in DOMAINS
+        f'moerge_requests_total{{endpoint="chat",expert="tiny-{d}",model="auto",status="200"}}' in metrics
+        for d in DOMAINS
     )
     engine = make_engine(f"sqlite:///{lora_gateway.db}")
     deadline = time.monotonic() + 20
