@@ -25,8 +25,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from router.base import Decision, latest_user_text
+from serving import lora_admin
 from serving.accounting import RequestRecord, Routed
-from serving.auth import bearer_token, hash_key
+from serving.auth import authenticate_admin, bearer_token, hash_key
 from serving.backends.base import BackendStreamError, Endpoint, JSONResult, StreamResult
 from serving.config import ServeConfig
 from serving.errors import OpenAIError, error_body, install_error_handlers, normalize_error
@@ -133,6 +134,34 @@ def create_app(config: ServeConfig, metrics: Metrics | None = None) -> FastAPI:
         key = _authenticate(gateway, request)
         return {"object": "list", "data": [x for x in gateway.models() if gateway.keys.allowed(key, x["id"])]}
 
+    @app.get("/admin/lora")
+    async def admin_lora_list(request: Request) -> dict[str, Any]:
+        """LoRA families and their adapters (admin keys only)."""
+        _authenticate_admin(gateway, request)
+        return lora_admin.listing(gateway)
+
+    @app.post("/admin/lora/{family}/adapters", responses=_ERRORS)
+    async def admin_lora_register(family: str, request: Request) -> dict[str, Any]:
+        """Register an adapter on a family's running engine: checked, loaded, then an expert."""
+        _authenticate_admin(gateway, request)
+        _, body = await parse_body(request, lora_admin.RegisterAdapter)
+        async with gateway.lora_admin_lock:
+            return await lora_admin.register(gateway, family, body)
+
+    @app.post("/admin/lora/{family}/sync", responses=_ERRORS)
+    async def admin_lora_sync(family: str, request: Request) -> dict[str, Any]:
+        """Learn a remote family's adapters from its engine's /v1/models."""
+        _authenticate_admin(gateway, request)
+        async with gateway.lora_admin_lock:
+            return await lora_admin.sync_remote(gateway, family)
+
+    @app.delete("/admin/lora/{family}/adapters/{name}", responses=_ERRORS)
+    async def admin_lora_unregister(family: str, name: str, request: Request) -> dict[str, Any]:
+        """Unregister an adapter: unloaded; requests routed to it take its fallback chain."""
+        _authenticate_admin(gateway, request)
+        async with gateway.lora_admin_lock:
+            return await lora_admin.unregister(gateway, family, name)
+
     @app.get("/health")
     async def health() -> dict[str, str]:
         """Liveness: the gateway process answers."""
@@ -226,6 +255,14 @@ def extension(routed: Routed, served: Served, requested: str, request_id: str) -
         "experiment": routed.experiment,
         "arm": routed.arm,
     }
+
+
+def _authenticate_admin(gateway: Gateway, request: Request) -> str:
+    try:
+        return authenticate_admin(gateway.admin_keys, gateway.keys, request.headers.get("authorization"))
+    except OpenAIError:
+        gateway.metrics.rejected.labels("admin_auth").inc()
+        raise
 
 
 def _authenticate(gateway: Gateway, request: Request) -> str | None:

@@ -13,10 +13,10 @@ import hashlib
 import hmac
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from serving.config import ApiKey
+from serving.config import AdminKey, ApiKey
 from serving.errors import OpenAIError
 
 
@@ -33,7 +33,7 @@ def bearer_token(authorization: str | None) -> str | None:
 
 
 class KeyRing:
-    def __init__(self, keys: dict[str, ApiKey]) -> None:
+    def __init__(self, keys: Mapping[str, ApiKey | AdminKey]) -> None:
         self.keys = keys
         self._hashes = [(name, bytes.fromhex(k.sha256)) for name, k in keys.items()]
 
@@ -70,7 +70,8 @@ class KeyRing:
     def allowed(self, name: str | None, model: str) -> bool:
         if name is None:
             return True
-        models = self.keys[name].models
+        key = self.keys[name]
+        models = key.models if isinstance(key, ApiKey) else None
         return models is None or model in models
 
     def check_model(self, name: str | None, model: str) -> None:
@@ -177,3 +178,33 @@ class RateLimiter:
 
     def charge_tokens(self, name: str | None, n: int) -> None:
         self.settle_tokens(name, 0, max(n, 0))
+
+
+def authenticate_admin(admin: KeyRing, users: KeyRing, authorization: str | None) -> str:
+    """The admin key's name. 403 when the admin API is off (no admin keys) or a user key is presented
+    (user keys never reach the admin API), 401 when the key is missing or unknown."""
+    if not admin.enabled:
+        raise OpenAIError(
+            403,
+            "The admin API is off: configure auth.admin_keys.",
+            type="permission_error",
+            code="admin_disabled",
+        )
+    try:
+        name = admin.authenticate(authorization)
+    except OpenAIError:
+        if users.enabled and bearer_token(authorization) is not None:
+            try:
+                users.authenticate(authorization)
+            except OpenAIError:
+                pass
+            else:
+                raise OpenAIError(
+                    403,
+                    "This is a user key; the admin API takes admin keys only.",
+                    type="permission_error",
+                    code="admin_key_required",
+                ) from None
+        raise
+    assert name is not None
+    return name

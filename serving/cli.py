@@ -33,6 +33,37 @@ def hash_cmd(
     typer.echo(f"sha256: {hash_key(key)}" if generate else hash_key(key))
 
 
+lora_app = typer.Typer(no_args_is_help=True, help="LoRA adapters served as experts (the `lora:` section).")
+
+
+@lora_app.command("check")
+def lora_check(
+    adapter: Path = typer.Argument(..., help="PEFT adapter folder"),
+    max_lora_rank: int = typer.Option(16, help="the engine's max_lora_rank"),
+) -> None:
+    """Check an adapter folder the way vLLM will (format, rank, unsupported features)."""
+    from serving.lora import check_adapter
+
+    problems = check_adapter(adapter, max_lora_rank)
+    for problem in problems:
+        typer.echo(f"{adapter}: {problem}", err=True)
+    if problems:
+        raise typer.Exit(2)
+    typer.echo(f"{adapter}: ok")
+
+
+@lora_app.command("zero-adapter")
+def lora_zero(
+    adapter: Path = typer.Argument(..., exists=True, file_okay=False, help="an adapter of the base"),
+    out: Path = typer.Argument(..., help="folder to write the zero adapter to"),
+) -> None:
+    """Write an adapter shaped like ADAPTER with every weight 0: a remote engine serves its base through
+    it (`--lora-modules zero=OUT`, then `zero_adapter: zero` in the family), exact in mixed batches."""
+    from serving.lora import write_zero_adapter
+
+    typer.echo(str(write_zero_adapter(adapter, out)))
+
+
 def check_runtime(cfg: ServeConfig) -> None:
     """Settings that need more than the schema: the decision-log URL from the environment, tracing."""
     from serving.tracing import Tracer
@@ -47,6 +78,7 @@ def check_runtime(cfg: ServeConfig) -> None:
 
 def register_serve_commands(app: typer.Typer) -> None:
     app.add_typer(keys_app, name="keys")
+    app.add_typer(lora_app, name="lora")
 
     @app.command("serve")
     def serve(

@@ -158,7 +158,145 @@ class OpenAIExpert(_ExpertBase):
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
 
-ExpertConfig = Annotated[VllmExpert | OpenAIExpert, Field(discriminator="backend")]
+class LoraMember(_ExpertBase):
+    """An expert of a LoRA family (`lora:`): one adapter of the family's engine, or its base.
+
+    Written by moerge when it expands the `lora` section into experts, never in `experts:` itself.
+    """
+
+    backend: Literal["lora"]
+    family: Name
+    adapter: Name | None = Field(None, description="the adapter (None: the family's base model)")
+
+
+ExpertConfig = Annotated[VllmExpert | OpenAIExpert | LoraMember, Field(discriminator="backend")]
+BaseEngineConfig = Annotated[VllmExpert | OpenAIExpert, Field(discriminator="backend")]
+
+# vLLM engine args that the `lora` family sets itself (from its own fields and adapters).
+LORA_ENGINE_ARGS = ("enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras", "lora_modules")
+
+
+class LoraAdapterConfig(_Strict):
+    """One PEFT LoRA adapter of a family: an expert of its own, named by its key."""
+
+    path: str | None = Field(
+        None,
+        description="PEFT folder (adapter_config.json + adapter_model.safetensors); required in-process, "
+        "checked when local for a remote engine",
+    )
+    served_name: str | None = Field(
+        None, min_length=1, description="remote engines: the adapter's name there (default: the key)"
+    )
+    fallback: Name | None = Field(None, description="expert tried when this one fails (default: the base)")
+    description: str = ""
+
+
+class LoraFamilyConfig(_Strict):
+    """One engine serving a base model and many LoRA adapters, each adapter an expert of its own.
+
+    `base` is an in-process engine (`backend: vllm`: moerge enables LoRA on it and loads the adapters)
+    or a remote one (`backend: openai`: `vllm serve BASE --enable-lora --lora-modules NAME=PATH ...`;
+    each adapter is the `model` of the upstream request).
+    """
+
+    base: BaseEngineConfig
+    base_expert: Name | None = Field(
+        None, description="the expert name of the base model (default: the family name)"
+    )
+    serve_base: bool = Field(True, description="serve the base model as an expert too")
+    base_mode: Literal["zero-adapter", "plain"] = Field(
+        "zero-adapter",
+        description="zero-adapter: the base is served as an adapter whose weights are 0, so it is never a "
+        "no-adapter row in a batch with adapters (vLLM's CPU LoRA kernels add the last slot's adapter to "
+        "those rows); plain: requests for the base carry no adapter (correct on GPUs)",
+    )
+    zero_adapter: str | None = Field(
+        None,
+        min_length=1,
+        description="remote engines in zero-adapter mode: the name the engine serves a zero adapter as "
+        "(`python -m serving lora zero-adapter ADAPTER OUT` writes one); in-process moerge writes its own",
+    )
+    discover: bool = Field(
+        True,
+        description="remote engines: adapters the engine lists in /v1/models (and no config names) become "
+        "experts too, at start and on POST /admin/lora/FAMILY/sync",
+    )
+    max_loras: int | None = Field(
+        None, ge=1, description="adapters in one batch (default: every adapter, the zero adapter included)"
+    )
+    max_lora_rank: int = Field(16, description="largest adapter rank (one of vLLM's allowed ranks)")
+    max_cpu_loras: int | None = Field(None, ge=1, description="adapters kept in CPU memory (>= max_loras)")
+    adapters: dict[Name, LoraAdapterConfig] = Field(default_factory=dict)
+
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _path_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: {"path": v} if isinstance(v, str) else v for k, v in value.items()}
+        return value
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _allowed_rank(cls, rank: int) -> int:
+        from serving.lora import ALLOWED_RANKS
+
+        if rank not in ALLOWED_RANKS:
+            raise ValueError(f"{rank} is not a rank vLLM allows ({', '.join(map(str, ALLOWED_RANKS))})")
+        return rank
+
+    @model_validator(mode="after")
+    def _engine(self) -> LoraFamilyConfig:
+        in_process = isinstance(self.base, VllmExpert)
+        if in_process:
+            keys = {k.replace("-", "_") for k in self.base.engine_args}  # type: ignore[union-attr]
+            if clash := sorted(keys & set(LORA_ENGINE_ARGS)):
+                raise ValueError(
+                    f"base.engine_args: {', '.join(clash)} are set by the family (max_loras, max_lora_rank, "
+                    "max_cpu_loras, adapters)"
+                )
+            for name, adapter in self.adapters.items():
+                if adapter.path is None:
+                    raise ValueError(f"adapters.{name}.path: required for an in-process engine")
+                if adapter.served_name is not None:
+                    raise ValueError(f"adapters.{name}.served_name: only for remote engines")
+            if self.zero_adapter is not None:
+                raise ValueError("zero_adapter: only for remote engines (in-process, moerge writes it)")
+        elif self.serve_base and self.base_mode == "zero-adapter" and self.zero_adapter is None:
+            raise ValueError(
+                "zero_adapter: a remote engine in base_mode zero-adapter must serve a zero adapter "
+                "(`python -m serving lora zero-adapter ADAPTER OUT`, then --lora-modules NAME=OUT); "
+                "name it here, or set base_mode: plain"
+            )
+        max_loras = self.max_loras
+        if max_loras is None and in_process:  # the default: every adapter, the zero adapter included
+            max_loras = max(1, len(self.adapters) + self.uses_zero_adapter())
+        if max_loras is not None and self.max_cpu_loras is not None and self.max_cpu_loras < max_loras:
+            raise ValueError(
+                f"max_cpu_loras: {self.max_cpu_loras} must be >= max_loras ({max_loras}"
+                + ("" if self.max_loras else ": every adapter and the zero adapter")
+                + "), as vLLM requires"
+            )
+        if self.base.fallback is not None and not self.serve_base:
+            raise ValueError("base.fallback: the base is not served (serve_base: false)")
+        return self
+
+    def uses_zero_adapter(self) -> bool:
+        return self.serve_base and self.base_mode == "zero-adapter"
+
+    def engine_lora_args(self, extra_modules: list[str] | None = None) -> dict[str, Any]:
+        """The vLLM engine args of an in-process family: LoRA on, its adapters (and `extra_modules`,
+        `NAME=PATH`, e.g. the zero adapter) as static LoRA modules; max_loras defaults to all of them."""
+        modules = [f"{name}={a.path}" for name, a in self.adapters.items()] + list(extra_modules or [])
+        args: dict[str, Any] = {
+            "enable_lora": True,
+            "max_loras": self.max_loras or max(1, len(modules)),
+            "max_lora_rank": self.max_lora_rank,
+        }
+        if self.max_cpu_loras is not None:
+            args["max_cpu_loras"] = self.max_cpu_loras
+        if modules:
+            args["lora_modules"] = modules
+        return args
 
 
 class RouterConfig(_Strict):
@@ -203,18 +341,29 @@ class ApiKey(_Strict):
     )
 
 
+class AdminKey(_Strict):
+    """An admin key (register/unregister adapters at runtime), stored as its sha256 like user keys."""
+
+    sha256: str = Field(pattern=SHA256_HEX, description="hex sha256 of the key (`moerge keys hash`)")
+
+
 class AuthConfig(_Strict):
     """Bearer API keys for /v1/*. No keys: the gateway is open (bind it to loopback)."""
 
     keys: dict[Name, ApiKey] = Field(default_factory=dict, description="key name → hashed key and limits")
+    admin_keys: dict[Name, AdminKey] = Field(
+        default_factory=dict,
+        description="keys of the admin API (/admin/*), separate from user keys; none: the admin API is off",
+    )
 
     @model_validator(mode="after")
     def _unique_hashes(self) -> AuthConfig:
         seen: dict[str, str] = {}
-        for name, key in self.keys.items():
-            if key.sha256 in seen:
-                raise ValueError(f"keys.{name}.sha256: the same key as keys.{seen[key.sha256]}")
-            seen[key.sha256] = name
+        for section, keys in (("keys", self.keys), ("admin_keys", self.admin_keys)):
+            for name, key in keys.items():
+                if key.sha256 in seen:
+                    raise ValueError(f"{section}.{name}.sha256: the same key as {seen[key.sha256]}")
+                seen[key.sha256] = f"{section}.{name}"
         return self
 
 
@@ -351,7 +500,16 @@ class TracingConfig(_Strict):
 
 class ServeConfig(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
-    experts: dict[Name, ExpertConfig] = Field(min_length=1)
+    experts: dict[Name, ExpertConfig] = Field(default_factory=dict)
+    lora: dict[Name, LoraFamilyConfig] = Field(
+        default_factory=dict,
+        description="LoRA families: one engine (base) and its adapters, each adapter an expert",
+    )
+    lora_state_file: str | None = Field(
+        None,
+        description="where adapters registered at runtime are saved (default: CONFIG.lora-state.json beside "
+        "the config file; null with a config given as data: not saved)",
+    )
     routers: dict[Name, RouterConfig] = Field(default_factory=dict)
     routing_models: dict[Name, Name] = Field(
         default_factory=dict,
@@ -366,8 +524,50 @@ class ServeConfig(_Strict):
     circuit_breaker: BreakerConfig = Field(default_factory=BreakerConfig)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_hand_written_members(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("experts"), dict):
+            for name, expert in data["experts"].items():
+                if isinstance(expert, dict) and expert.get("backend") == "lora":
+                    raise ValueError(f"experts.{name}.backend: lora experts are declared under `lora:`")
+        return data
+
+    def _expand_lora(self) -> None:
+        """Each family's base and adapters become experts (`LoraMember`), checked for name clashes."""
+        for family, fam in self.lora.items():
+            members: dict[str, LoraMember] = {}
+            base_name = fam.base_expert or family
+            if fam.serve_base:
+                members[base_name] = LoraMember(
+                    backend="lora",
+                    family=family,
+                    adapter=None,
+                    fallback=fam.base.fallback,
+                    description=fam.base.description,
+                )
+            for name, adapter in fam.adapters.items():
+                fallback = adapter.fallback or (base_name if fam.serve_base else None)
+                members[name] = LoraMember(
+                    backend="lora",
+                    family=family,
+                    adapter=name,
+                    fallback=fallback,
+                    description=adapter.description,
+                )
+            if fam.serve_base and base_name in fam.adapters:
+                raise ValueError(f"lora.{family}.adapters.{base_name}: the name is the base expert's")
+            for name, member in members.items():
+                if name in self.experts:
+                    where = "adapters." + name if member.adapter else "base_expert"
+                    raise ValueError(f"lora.{family}.{where}: {name!r} is already an expert's name")
+                self.experts[name] = member
+
     @model_validator(mode="after")
     def _cross_references(self) -> ServeConfig:
+        self._expand_lora()
+        if not self.experts:
+            raise ValueError("experts: at least one expert (or a `lora` family) is needed")
         experts = set(self.experts)
         for name, expert in self.experts.items():
             if expert.fallback is not None and expert.fallback not in experts:
@@ -423,9 +623,17 @@ class ServeConfig(_Strict):
         for expert in self.experts.values():
             if isinstance(expert, VllmExpert):
                 expert.model = fix(expert.model)
+        for fam in self.lora.values():
+            if isinstance(fam.base, VllmExpert):
+                fam.base.model = fix(fam.base.model)
+            for adapter in fam.adapters.values():
+                if adapter.path is not None:
+                    adapter.path = fix(adapter.path)
         for router in self.routers.values():
             if router.artifact is not None:
                 router.artifact = fix(router.artifact)
+        if self.lora_state_file is not None:
+            self.lora_state_file = fix(self.lora_state_file)
         url = self.decision_log.url
         if url is None:
             self.decision_log.url = f"sqlite:///{base / 'moerge-decisions.db'}"
@@ -453,7 +661,25 @@ def parse_config(data: Any, base: Path | None = None) -> ServeConfig:
         config = ServeConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
-    return config.resolve_paths(base) if base is not None else config
+    config = config.resolve_paths(base) if base is not None else config
+    problems = adapter_problems(config)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return config
+
+
+def adapter_problems(config: ServeConfig) -> list[str]:
+    """Why vLLM would refuse each local adapter that exists (missing ones are `missing_paths`' job)."""
+    from serving.lora import check_adapter
+
+    out = []
+    for family, fam in config.lora.items():
+        for name, adapter in fam.adapters.items():
+            if adapter.path is None or not Path(adapter.path).exists():
+                continue
+            for problem in check_adapter(adapter.path, fam.max_lora_rank):
+                out.append(f"lora.{family}.adapters.{name}.{problem}")
+    return out
 
 
 def load_config(path: str | Path) -> ServeConfig:
@@ -462,6 +688,16 @@ def load_config(path: str | Path) -> ServeConfig:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"cannot read {path}: {err}") from None
+    if isinstance(data, dict) and data.get("lora"):
+        from serving.lora_admin import apply_state, state_path
+
+        state = data.get("lora_state_file")
+        state_file = (path.resolve().parent / state) if isinstance(state, str) else state_path(path.resolve())
+        data.setdefault("lora_state_file", str(state_file))
+        try:
+            data = apply_state(data, state_file)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"lora_state_file: cannot read {state_file}: {err}") from None
     return parse_config(data, base=path.resolve().parent)
 
 
@@ -475,6 +711,20 @@ def missing_paths(config: ServeConfig) -> list[str]:
             and not Path(expert.model).exists()
         ):
             out.append(f"experts.{name}.model: {expert.model}")
+    for family, fam in config.lora.items():
+        if (
+            isinstance(fam.base, VllmExpert)
+            and fam.base.model.startswith("/")
+            and not Path(fam.base.model).exists()
+        ):
+            out.append(f"lora.{family}.base.model: {fam.base.model}")
+        for name, adapter in fam.adapters.items():
+            if (
+                adapter.path is not None
+                and isinstance(fam.base, VllmExpert)
+                and not Path(adapter.path).exists()
+            ):
+                out.append(f"lora.{family}.adapters.{name}.path: {adapter.path}")
     for name, router in config.routers.items():
         if router.artifact is not None and not Path(router.artifact).exists():
             out.append(f"routers.{name}.artifact: {router.artifact}")

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from starlette.requests import Request
@@ -21,7 +21,7 @@ from router.base import Decision, RoutingRequest
 from serving.accounting import Accountant, Routed
 from serving.auth import KeyRing, RateLimiter
 from serving.backends.base import Backend, BackendUnavailable, Endpoint, JSONResult, StreamResult
-from serving.config import ConfigError, OpenAIExpert, ServeConfig, VllmExpert
+from serving.config import ConfigError, LoraMember, OpenAIExpert, ServeConfig, VllmExpert
 from serving.decision_log import DecisionLog
 from serving.errors import OpenAIError
 from serving.experiments import Experiment, assignment_key
@@ -29,6 +29,9 @@ from serving.health import CircuitBreaker
 from serving.metrics import Metrics
 from serving.routing import MicroBatcher, decidable_experts, direct_decision, load_router
 from serving.tracing import Tracer
+
+if TYPE_CHECKING:
+    from serving.backends.lora import LoraEngine
 
 log = logging.getLogger("moerge.serving")
 
@@ -41,8 +44,17 @@ class Served:
 
 
 def build_backend(
-    name: str, cfg: VllmExpert | OpenAIExpert, client: httpx.AsyncClient, engines: int = 1
+    name: str,
+    cfg: VllmExpert | OpenAIExpert | LoraMember,
+    client: httpx.AsyncClient,
+    engines: int = 1,
+    lora_engines: dict[str, LoraEngine] | None = None,
 ) -> Backend:
+    if isinstance(cfg, LoraMember):
+        from serving.backends.lora import LoraMemberBackend
+
+        assert lora_engines is not None
+        return LoraMemberBackend(name, lora_engines[cfg.family], cfg.adapter)
     if isinstance(cfg, VllmExpert):
         from serving.backends.inprocess import InProcessBackend
 
@@ -50,6 +62,14 @@ def build_backend(
     from serving.backends.remote import RemoteBackend
 
     return RemoteBackend(name, str(cfg.url), cfg.model or name, client, cfg.key())
+
+
+def _lora_info(backend: Backend) -> dict[str, Any]:
+    """What /v1/models says of a LoRA family's expert: its family, adapter (null: the base), engine kind."""
+    info = backend.describe()
+    if info.get("backend") != "lora":
+        return {}
+    return {"family": info["family"], "adapter": info["adapter"], "engine": info["engine"]}
 
 
 class Gateway:
@@ -60,9 +80,19 @@ class Gateway:
         self.metrics = metrics or Metrics()
         t = config.timeouts
         self.client = make_client(t.connect_s, t.idle_s)
-        embedded = sum(isinstance(cfg, VllmExpert) for cfg in config.experts.values())
+        embedded = sum(isinstance(cfg, VllmExpert) for cfg in config.experts.values()) + sum(
+            isinstance(fam.base, VllmExpert) for fam in config.lora.values()
+        )
+        self.lora_engines: dict[str, LoraEngine] = {}
+        if config.lora:
+            from serving.backends.lora import LoraEngine
+
+            self.lora_engines = {
+                family: LoraEngine(family, fam, self.client, embedded) for family, fam in config.lora.items()
+            }
         self.backends: dict[str, Backend] = {
-            name: build_backend(name, cfg, self.client, embedded) for name, cfg in config.experts.items()
+            name: build_backend(name, cfg, self.client, embedded, self.lora_engines)
+            for name, cfg in config.experts.items()
         }
         cb = config.circuit_breaker
         self.breakers = {
@@ -74,6 +104,8 @@ class Gateway:
         self._health_task: asyncio.Task[None] | None = None
         self.experiments = {name: Experiment(name, cfg) for name, cfg in config.experiments.items()}
         self.keys = KeyRing(config.auth.keys)
+        self.admin_keys = KeyRing(config.auth.admin_keys)
+        self.lora_admin_lock = asyncio.Lock()  # one registration change at a time
         self.limiter = RateLimiter(config.auth.keys)
         self.tracer = Tracer(config.tracing)
         self.decision_log = self._make_decision_log() if config.decision_log.enabled else None
@@ -130,6 +162,7 @@ class Gateway:
         for backend in self.backends.values():
             log.info("starting expert %s (%s)", backend.name, backend.kind)
             await backend.start()
+        await self._sync_remote_lora()
         await self.probe()
         self._health_task = asyncio.create_task(self._health_loop())
         if (port := self.config.server.metrics_port) is not None:  # /metrics off the API port
@@ -138,6 +171,18 @@ class Gateway:
             self._metrics_server, _ = start_http_server(port, self.config.server.host, self.metrics.registry)
         if self.decision_log is not None:
             self.decision_log.start()
+
+    async def _sync_remote_lora(self) -> None:
+        """Remote LoRA families learn their engine's adapters at start (best effort: logged)."""
+        from serving.lora_admin import sync_remote
+
+        for family, engine in self.lora_engines.items():
+            if engine.in_process or not engine.cfg.discover:
+                continue
+            try:
+                await sync_remote(self, family)
+            except Exception as err:
+                log.warning("LoRA family %s: could not list the engine's adapters: %s", family, err)
 
     async def close(self) -> None:
         if self._health_task is not None:
@@ -256,9 +301,10 @@ class Gateway:
                 "object": "model",
                 "created": self.created,
                 "owned_by": "moerge",
-                "moerge": {"type": "expert", "backend": b.kind},
+                "moerge": {"type": "expert", "backend": b.kind, **_lora_info(b)},
             }
             for name, b in self.backends.items()
+            if b.available()
         ]
         for model, target in self.config.routing_models.items():
             info: dict[str, Any] = {"type": "routing"}
@@ -300,6 +346,13 @@ class Gateway:
         api_key: str | None = None,
     ) -> Routed:
         """Direct, a router, or an experiment arm (sticky by its key) plus the experiment's shadow routers."""
+        if model in self.backends and not self.backends[model].available():
+            raise OpenAIError(
+                404,
+                f"The model `{model}` was unregistered.",
+                param="model",
+                code="model_not_found",
+            )
         if model in self.backends:
             routed = Routed(direct_decision(model), "direct")
         else:
@@ -387,6 +440,9 @@ class Gateway:
         attempts = 0
         for name in self.fallback_chain(expert, api_key):
             breaker, backend = self.breakers[name], self.backends[name]
+            if not backend.available():  # unregistered at runtime: on to its fallback, no breaker verdict
+                outcomes[name] = "unregistered"
+                continue
             for attempt in range(retry.attempts + 1):
                 if not breaker.allow():
                     errors.append(f"{name}: circuit open ({breaker.last_error})")

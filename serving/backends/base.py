@@ -54,6 +54,10 @@ class Backend(ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release everything; in-flight requests are aborted."""
 
+    def available(self) -> bool:
+        """False when the expert was withdrawn at runtime (an unregistered adapter): skip it, no failure."""
+        return True
+
     @abstractmethod
     async def health(self) -> bool:
         """True when the backend can take requests now."""
@@ -69,6 +73,10 @@ class Backend(ABC):
         total_s: float,
     ) -> JSONResult | StreamResult:
         """Send one request; raise BackendUnavailable on failures worth retrying elsewhere."""
+
+    def describe(self) -> dict[str, Any]:
+        """What /v1/models says of the expert beyond its name (a LoRA family's expert says more)."""
+        return {"backend": self.kind}
 
 
 _TYPE_STATUS = {

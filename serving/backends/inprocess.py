@@ -97,9 +97,17 @@ def parse_engine_args(model: str, served_name: str, engine_args: dict[str, Any])
 class InProcessBackend(Backend):
     kind = "vllm"
 
-    def __init__(self, name: str, model: str, engine_args: dict[str, Any], engines: int = 1) -> None:
+    def __init__(
+        self,
+        name: str,
+        model: str,
+        engine_args: dict[str, Any],
+        engines: int = 1,
+        served_name: str | None = None,
+    ) -> None:
         super().__init__(name)
         self.model = model
+        self.served_name = served_name or name  # the engine's own model name (`--served-model-name`)
         self.engine_args = engine_args
         self.engines = engines  # embedded engines in this process: they share the CPU KV-cache budget
         self.engine: Any = None
@@ -120,7 +128,7 @@ class InProcessBackend(Backend):
                 engine_args["kv_cache_memory_bytes"] / 2**30,
                 self.engines,
             )
-        args = parse_engine_args(self.model, self.name, engine_args)
+        args = parse_engine_args(self.model, self.served_name, engine_args)
         self.engine = await self._stack.enter_async_context(build_async_engine_client(args))
         tasks = await self.engine.get_supported_tasks()
         await init_app_state(self.engine, self.state, args, tasks)
@@ -160,10 +168,12 @@ class InProcessBackend(Backend):
         *,
         first_token_s: float,
         total_s: float,
+        model: str | None = None,
     ) -> JSONResult | StreamResult:
+        """`model`: the engine's name for what serves it (a LoRA adapter's name; default: the base)."""
         if self.engine is None:
             raise BackendUnavailable(f"{self.name}: engine not running")
-        payload["model"] = self.name
+        payload["model"] = model or self.served_name
         try:
             req = self._protocol[endpoint].model_validate(payload)
         except ValidationError as err:

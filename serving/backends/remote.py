@@ -73,8 +73,10 @@ class RemoteBackend(Backend):
         *,
         first_token_s: float,
         total_s: float,
+        model: str | None = None,
     ) -> JSONResult | StreamResult:
-        payload["model"] = self.model
+        """`model`: the remote's name for what serves it (a LoRA adapter's name; default: `self.model`)."""
+        payload["model"] = model or self.model
         headers = dict(self.headers)
         if raw is not None:
             for h in _FORWARDED_HEADERS:
