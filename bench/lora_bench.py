@@ -1,7 +1,7 @@
 """LoRA serving benchmark: one engine with N adapters against N separate engines, on the same base.
 
-    vllm-slot .venv/bin/python bench/lora_bench.py                 # N = 3 and 8, tiny base (hidden 128)
-    vllm-slot .venv/bin/python bench/lora_bench.py --n 3 --requests 48
+    .venv/bin/python bench/lora_bench.py                 # N = 3 and 8, tiny base (hidden 128)
+    .venv/bin/python bench/lora_bench.py --n 3 --requests 48
 
 In one run, each a `vllm serve` process (the server moerge's remote backends talk to):
   plain      the base on an engine without LoRA (the throughput reference)
