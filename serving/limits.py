@@ -49,21 +49,16 @@ class BodyReader:
             return
         headers = dict(scope["headers"])
         path = scope["path"]
-        if not is_json_type(headers.get(b"content-type", b"").decode("latin-1")):
-            self.on_reject("content_type", path)
-            await _reject(
-                send,
-                415,
-                "The request body must be JSON: send `Content-Type: application/json`.",
-                "unsupported_media_type",
-            )
-            return
+        json_body = is_json_type(headers.get(b"content-type", b"").decode("latin-1"))
         length = None
         if b"content-length" in headers:
             try:
                 length = int(headers[b"content-length"])
             except ValueError:
                 await _reject(send, 400, "Invalid Content-Length header.", "invalid_header")
+                return
+            if length and not json_body:
+                await self._not_json(send, path)
                 return
             if length > self.max_bytes:
                 self.on_reject("body_size", path)
@@ -96,6 +91,9 @@ class BodyReader:
                 "request_timeout",
             )
             return
+        if size and not json_body:  # a body-less POST (an admin action) needs no content type
+            await self._not_json(send, path)
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -106,6 +104,15 @@ class BodyReader:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _not_json(self, send: Send, path: str) -> None:
+        self.on_reject("content_type", path)
+        await _reject(
+            send,
+            415,
+            "The request body must be JSON: send `Content-Type: application/json`.",
+            "unsupported_media_type",
+        )
 
     def _too_large(self) -> str:
         return f"Request body too large: the limit is {self.max_bytes} bytes."

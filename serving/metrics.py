@@ -109,6 +109,7 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+
     def _add_ab_metrics(self, r: CollectorRegistry) -> None:
         """Per experiment and arm: what an A/B dashboard compares."""
         arm = ["experiment", "arm"]
@@ -156,6 +157,7 @@ class Metrics:
             ["router", "expert", "agrees"],
             registry=r,
         )
+
     def _add_decision_log_metrics(self, r: CollectorRegistry) -> None:
         self.log_written = Counter(
             "moerge_decision_log_written", "Rows written to the decision log", registry=r

@@ -519,6 +519,9 @@ def test_non_json_bodies_are_415(gateway: str, content_type: str | None) -> None
         headers={"content-type": "application/json; charset=utf-8"},
     )
     assert resp.status_code == 200, resp.text
+    # no body at all (an admin action such as a sync): no content type needed; here the chat endpoint
+    # then says what is missing
+    assert assert_openai_error(httpx.post(gateway + "/v1/chat/completions"), 400)["code"] == "invalid_json"
 
 
 @pytest.fixture(scope="module")
