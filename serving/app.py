@@ -129,18 +129,22 @@ def create_app(config: ServeConfig, metrics: Metrics | None = None) -> FastAPI:
         _, body = await parse_body(request, FeedbackRequest)
         return await record_feedback(gateway, body)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={401: _ERRORS[401]})
     async def list_models(request: Request) -> dict[str, Any]:
         key = _authenticate(gateway, request)
         return {"object": "list", "data": [x for x in gateway.models() if gateway.keys.allowed(key, x["id"])]}
 
-    @app.get("/admin/lora")
+    @app.get("/admin/lora", responses=_ERRORS)
     async def admin_lora_list(request: Request) -> dict[str, Any]:
         """LoRA families and their adapters (admin keys only)."""
         _authenticate_admin(gateway, request)
         return lora_admin.listing(gateway)
 
-    @app.post("/admin/lora/{family}/adapters", responses=_ERRORS)
+    @app.post(
+        "/admin/lora/{family}/adapters",
+        responses=_ERRORS,
+        openapi_extra=request_body(lora_admin.RegisterAdapter),
+    )
     async def admin_lora_register(family: str, request: Request) -> dict[str, Any]:
         """Register an adapter on a family's running engine: checked, loaded, then an expert."""
         _authenticate_admin(gateway, request)
@@ -187,7 +191,9 @@ def create_app(config: ServeConfig, metrics: Metrics | None = None) -> FastAPI:
             return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
     install_openapi_schemas(
-        app, [ChatCompletionRequest, CompletionRequest, FeedbackRequest], config.server.max_tokens
+        app,
+        [ChatCompletionRequest, CompletionRequest, FeedbackRequest, lora_admin.RegisterAdapter],
+        config.server.max_tokens,
     )
     return app
 
