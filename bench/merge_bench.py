@@ -42,27 +42,48 @@ if __name__ == "__main__":
 """
 
 
+SMOLLM2_SHAPE = {
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "tie_word_embeddings": True,
+}
+# A larger random shape (issue 16): hidden 2048, 16 layers, 4 experts; moerge only (see --shape).
+LARGE_SHAPE = {
+    "vocab_size": 32000,
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "tie_word_embeddings": False,
+}
+LARGE_DOMAINS = [*TINY_DOMAINS, "mixed"]  # a 4th expert; its prompts are the first three's, interleaved
+
+
 def build_smollm2_shaped_zoo(root: Path) -> TinyZoo:
     """Random experts with SmolLM2-135M's shape (30 layers, hidden 576): timing and memory at real size.
 
     Experts are the base plus seeded noise on every tensor; their perplexities mean nothing, their
     merge cost is that of real 135M-parameter fine-tunes.
     """
+    return build_random_zoo(root, SMOLLM2_SHAPE, TINY_DOMAINS)
+
+
+def build_random_zoo(root: Path, shape: dict, domains: list[str]) -> TinyZoo:
+    """Random experts of a given Llama shape: the base plus seeded noise on every tensor (bf16)."""
     if (root / "zoo.json").exists():
-        return TinyZoo(root, root / "base", {d: root / f"expert-{d}" for d in TINY_DOMAINS}, {})
+        return TinyZoo(root, root / "base", {d: root / f"expert-{d}" for d in domains}, {})
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_tokenizer(root / "tokenizer")
     config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
+        **shape,
         head_dim=64,
-        tie_word_embeddings=True,
         max_position_embeddings=2048,
         rope_theta=100000.0,
         bos_token_id=0,
@@ -73,17 +94,18 @@ def build_smollm2_shaped_zoo(root: Path) -> TinyZoo:
     base.save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
     state = {k: v.clone() for k, v in base.state_dict().items()}
-    for i, d in enumerate(TINY_DOMAINS):
+    for i, d in enumerate(domains):
         gen = torch.Generator().manual_seed(i + 1)
         noisy = {
             k: (v.float() + 0.01 * v.float().std() * torch.randn(v.shape, generator=gen)).to(v.dtype)
             for k, v in state.items()
         }
         base.load_state_dict(noisy)
+        del noisy
         base.save_pretrained(root / f"expert-{d}")
         tok.save_pretrained(root / f"expert-{d}")
     (root / "zoo.json").write_text("{}")
-    return TinyZoo(root, root / "base", {d: root / f"expert-{d}" for d in TINY_DOMAINS}, {})
+    return TinyZoo(root, root / "base", {d: root / f"expert-{d}" for d in domains}, {})
 
 
 def ensure_mergekit() -> Path:
@@ -116,6 +138,18 @@ def measure(cmd: list[str]) -> tuple[float, float, int]:
     return wall, peak, proc.returncode
 
 
+def _params(model_dir: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for file in model_dir.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
+                shape = fh.get_slice(key).get_shape()
+                total += int(__import__("math").prod(shape))
+    return total
+
+
 def loads_in_vllm(model_dir: Path) -> bool:
     probe = model_dir.parent / "vllm_probe.py"
     probe.write_text(VLLM_PROBE)
@@ -134,19 +168,28 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="rounds of every merge; the best time is kept")
     parser.add_argument(
         "--shape",
-        choices=["tiny", "smollm2"],
+        choices=["tiny", "smollm2", "large"],
         default="tiny",
-        help="tiny: trained tiny experts (quality); smollm2: random experts of SmolLM2-135M's shape (cost)",
+        help="tiny: trained tiny experts (quality); smollm2: random experts of SmolLM2-135M's shape (cost); "
+        "large: random hidden-2048 experts, 4 of them, moerge only (scaling of time and memory)",
     )
+    parser.add_argument("--layers", type=int, help="--shape large: decoder layers (default 16)")
     args = parser.parse_args()
-    work = WORK / args.shape
-    work.mkdir(parents=True, exist_ok=True)
+    domains = list(TINY_DOMAINS)
     if args.shape == "tiny":
         zoo = build_tiny_zoo(CACHE / "tiny-zoo")
-    else:
+    elif args.shape == "smollm2":
         zoo = build_smollm2_shaped_zoo(CACHE / "smollm2-shaped-zoo")
-    mergekit = ensure_mergekit()
+    else:
+        shape = {**LARGE_SHAPE, "num_hidden_layers": args.layers or LARGE_SHAPE["num_hidden_layers"]}
+        domains = LARGE_DOMAINS
+        zoo = build_random_zoo(CACHE / f"large-zoo-{shape['num_hidden_layers']}l", shape, domains)
+    work = WORK / (args.shape if args.shape != "large" else zoo.root.name)
+    work.mkdir(parents=True, exist_ok=True)
+    with_mergekit = args.shape != "large"  # mergekit-moe at this size would take longer than this bench may
+    mergekit = ensure_mergekit() if with_mergekit else None
     prompts = {d: domain_prompts(d, args.prompts, seed=0) for d in TINY_DOMAINS}
+    prompts["mixed"] = [p for triple in zip(*prompts.values(), strict=True) for p in triple][: args.prompts]
     held_out = {d: domain_prompts(d, 40, seed=4242) for d in TINY_DOMAINS}
     dtype = "float32" if args.shape == "tiny" else "bfloat16"
 
@@ -158,7 +201,7 @@ def main() -> None:
                     "base": str(zoo.base),
                     "experts": [
                         {"name": d, "path": str(zoo.experts[d]), "positive_prompts": prompts[d]}
-                        for d in TINY_DOMAINS
+                        for d in domains
                     ],
                     "shared": {"method": "ties"},
                     "gate": {"init": gate},
@@ -196,12 +239,17 @@ def main() -> None:
             [moerge_exe, "merge", str(moerge_recipe("hidden")), str(work / "moerge-hidden"), "--overwrite"],
             work / "moerge-hidden",
         ),
-        (
-            "mergekit-moe 0.1.5 (hidden gates)",
-            [str(mergekit), str(mk_config), str(work / "mergekit-hidden"), "--device", "cpu"],
-            work / "mergekit-hidden",
-        ),
     ]
+    if mergekit is not None:
+        runs.append(
+            (
+                "mergekit-moe 0.1.5 (hidden gates)",
+                [str(mergekit), str(mk_config), str(work / "mergekit-hidden"), "--device", "cpu"],
+                work / "mergekit-hidden",
+            )
+        )
+    else:
+        runs = runs[:1]
     rows = []
     # The machine is shared and noisy: the tools take turns, `--repeat` rounds, and each keeps its best time.
     timings: dict[str, list[tuple[float, float, int]]] = {name: [] for name, _, _ in runs}
@@ -213,6 +261,11 @@ def main() -> None:
     for name, _, out in runs:
         wall, peak, code = min(timings[name])
         row = {"tool": name, "seconds": round(wall, 2), "peak_rss_mib": round(peak, 1), "ok": code == 0}
+        row["rounds"] = [{"seconds": round(w, 2), "peak_rss_mib": round(m, 1)} for w, m, _ in timings[name]]
+        if code == 0 and name.startswith("moerge"):
+            report = json.loads((out / "merge-report.json").read_text())
+            row["merge_seconds"], row["output_bytes"] = report["seconds"], report["output_bytes"]
+            row["input_params_per_model"] = _params(zoo.base)
         if code == 0 and args.shape == "tiny":
             model, tok = load_causal_lm(out)
             row["perplexity"] = {d: round(perplexity(model, tok, held_out[d]), 3) for d in TINY_DOMAINS}
@@ -228,8 +281,8 @@ def main() -> None:
                 "perplexity": {d: round(perplexity(model, tok, held_out[d]), 3) for d in TINY_DOMAINS},
             }
         )
-    mk = next(r for r in rows if r["tool"].startswith("mergekit"))
-    for row in rows[:2]:
+    mk = next((r for r in rows if r["tool"].startswith("mergekit")), None)
+    for row in rows[:2] if mk is not None else []:
         row["time_ratio_vs_mergekit"] = round(row["seconds"] / mk["seconds"], 3)
         row["rss_ratio_vs_mergekit"] = round(row["peak_rss_mib"] / mk["peak_rss_mib"], 3)
     if args.json:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from merge.checkpoint import TOKENIZER_FILES, CheckpointError, DenseCheckpoint, 
 from merge.completeness import check_checkpoint
 from merge.gates import init_gate
 from merge.layout import in_layer_name, is_ffn, layer_of
-from merge.methods import merge_task_vectors, merge_tensor, trim_threshold
+from merge.methods import kth_smallest_magnitude, merge_task_vectors, merge_tensor, trim_threshold
 from merge.outputs import ModelClass, MoEPlan, moe_class_for
 from merge.recipe import Recipe, RecipeError
 from merge.resources import PeakRSS
@@ -43,6 +43,8 @@ from merge.writer import DTYPES, ShardWriter, atomic_output_dir, check_output_di
 
 FFN_PROJS = ("gate_proj", "up_proj", "down_proj")
 CHUNK_ELEMENTS = 4 * 1024 * 1024  # rows of a big matrix merged at once (16 MiB per float32 copy)
+BLOCK_ELEMENTS = 128 * 1024  # entries merged at once on the block path: every float32 temporary fits in cache
+BLOCKWISE_METHODS = {"ties", "task_arithmetic"}  # deterministic: the block size cannot change the result
 UNUSED_SHARE = 0.01  # an expert getting under 1% of a layer's calibration tokens is flagged as unused
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -82,6 +84,15 @@ class SharedMerger:
 
     def __call__(self, name: str) -> torch.Tensor:
         shape = self.inputs.reference.shape(name)
+        if self._blockwise():
+            # One thread: each block's element-wise ops are too short to split, and on a shared machine
+            # every parallel region waits for the slowest thread (measured 2x slower with two threads).
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return self._merge_blocks(name, shape)
+            finally:
+                torch.set_num_threads(threads)
         if len(shape) != 2 or shape[0] * shape[1] <= CHUNK_ELEMENTS:
             return self._merge(name, None, None)
         # Big matrices (embeddings, lm_head) are merged in row chunks so that N float32 copies of them
@@ -102,6 +113,54 @@ class SharedMerger:
             rows = (start, min(start + step, shape[0]))
             out[rows[0] : rows[1]] = self._merge(name, rows, thresholds)
         return out
+
+    def _blockwise(self) -> bool:
+        """Dense checkpoints merged with a deterministic task-vector method: read every tensor once in its
+        stored dtype and merge it in cache-sized blocks (bit for bit the whole-tensor result)."""
+        base = self.inputs.base
+        return (
+            self.recipe.shared.method in BLOCKWISE_METHODS
+            and base is not None
+            and type(base) is DenseCheckpoint
+            and all(type(e) is DenseCheckpoint for e in self.inputs.experts)
+        )
+
+    def _merge_blocks(self, name: str, shape: list[int]) -> torch.Tensor:
+        spec = self.recipe.shared
+        assert self.inputs.base is not None
+        base = self.inputs.base.raw(name).reshape(-1)
+        experts = [e.raw(name).reshape(-1) for e in self.inputs.experts]
+        n = base.numel()
+        blocks = [(start, min(start + BLOCK_ELEMENTS, n)) for start in range(0, n, BLOCK_ELEMENTS)]
+        thresholds = None
+        if spec.method == "ties" and spec.density < 1.0:
+            # Each expert's whole-tensor trim threshold (|τ|'s kthvalue), found from |τ| block by block.
+            keep = int(round(spec.density * n))
+            thresholds = []
+            for expert in experts:
+
+                def magnitudes(expert: torch.Tensor = expert) -> Iterator[torch.Tensor]:
+                    for a, b in blocks:
+                        yield (expert[a:b].float() - base[a:b].float()).abs_()
+
+                thresholds.append(
+                    kth_smallest_magnitude(magnitudes, n - keep + 1) if keep > 0 else float("inf")
+                )
+        # Same output dtype as the row-chunked path: big matrices come back in the output dtype.
+        big = len(shape) == 2 and shape[0] * shape[1] > CHUNK_ELEMENTS
+        out = torch.empty(n, dtype=DTYPES[self.recipe.dtype] if big else torch.float32)
+        for a, b in blocks:
+            base32 = base[a:b].float()
+            out[a:b] = merge_task_vectors(
+                spec.method,
+                [expert[a:b].float() - base32 for expert in experts],
+                self.weights,
+                base32,
+                scale=spec.scale,
+                density=spec.density,
+                trim_thresholds=thresholds,
+            )
+        return out.view(shape)
 
     def _merge(self, name: str, rows: tuple[int, int] | None, thresholds: list[float] | None) -> torch.Tensor:
         spec = self.recipe.shared
@@ -145,11 +204,17 @@ def output_class(recipe: Recipe, inputs: MergeInputs) -> ModelClass:
 
 
 def _read_ffn(src: DenseCheckpoint, layer: int) -> dict[str, torch.Tensor]:
-    return {p: src.tensor(f"model.layers.{layer}.mlp.{p}.weight") for p in FFN_PROJS}
+    """One layer's FFN: a dense checkpoint's in its stored dtype (copied through as is, no float32 copy),
+    a LoRA expert's as float32 (base + s·B·A)."""
+    read = src.raw if type(src) is DenseCheckpoint else src.tensor
+    return {p: read(f"model.layers.{layer}.mlp.{p}.weight") for p in FFN_PROJS}
 
 
 def _same_ffn(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return all(torch.equal(a[p], b[p]) for p in FFN_PROJS)
+    return all(
+        torch.equal(a[p], b[p]) if a[p].dtype == b[p].dtype else torch.equal(a[p].float(), b[p].float())
+        for p in FFN_PROJS
+    )
 
 
 def merge_experts(
@@ -249,8 +314,8 @@ def merge_experts(
                     # Each token's FFN output = (1-β)·routed experts + β·base FFN at init: the shared expert
                     # gate is 0 (sigmoid = 1/2), so the base's down projection carries 2β, the experts' 1-β.
                     beta = recipe.output.shared_expert_weight
-                    shared_ffn = {**base_ffn, "down_proj": base_ffn["down_proj"] * (2 * beta)}
-                    ffns = [{**f, "down_proj": f["down_proj"] * (1 - beta)} for f in ffns]
+                    shared_ffn = {**base_ffn, "down_proj": base_ffn["down_proj"].float() * (2 * beta)}
+                    ffns = [{**f, "down_proj": f["down_proj"].float() * (1 - beta)} for f in ffns]
                 if cls.shared_gate_always or shared_ffn is not None:
                     shared_gate = torch.zeros(1, hidden)
                 if forward is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from merge.recipe import DataSource, ExpertSpec, RecipeError
 
@@ -144,6 +144,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
 def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     dtype = x.dtype
     return (F.silu(x @ gate.to(dtype).T) * (x @ up.to(dtype).T)) @ down.to(dtype).T
@@ -164,7 +169,9 @@ class LayerwiseForward:
         self.cal = calibration
         positions = torch.arange(calibration.input_ids.shape[1]).unsqueeze(0)
         probe = torch.zeros(1, 1, self.head_dim)
-        self.cos, self.sin = LlamaRotaryEmbedding(self.cfg)(probe, positions)
+        cos, sin = LlamaRotaryEmbedding(self.cfg)(probe, positions)
+        # [1, T, 1, head_dim] in the compute dtype, to broadcast over [B, T, heads, head_dim].
+        self.cos, self.sin = (c.to(compute_dtype).unsqueeze(2) for c in (cos, sin))
         self.hidden: torch.Tensor | None = None
 
     @torch.inference_mode()
@@ -177,7 +184,6 @@ class LayerwiseForward:
         (`self_attn.q_proj.weight`); q/k/v biases (Qwen2) and per-head q/k norms (Qwen3) where present."""
         b, t, _ = x.shape
         x = x.to(self.compute_dtype)
-        w = {k: v.to(self.compute_dtype) for k, v in w.items()}
 
         def proj(name: str, heads: int) -> torch.Tensor:
             y = x @ w[f"self_attn.{name}.weight"].T
@@ -190,8 +196,11 @@ class LayerwiseForward:
         if "self_attn.q_norm.weight" in w:  # Qwen3: RMSNorm over each head, before RoPE
             q = rms_norm(q.float(), w["self_attn.q_norm.weight"].float(), self.eps).to(x.dtype)
             k = rms_norm(k.float(), w["self_attn.k_norm.weight"].float(), self.eps).to(x.dtype)
+        # RoPE as transformers' apply_rotary_pos_emb computes it, on [B, T, heads, head_dim] before the
+        # transpose (element for element the same, on contiguous memory).
+        cos, sin = self.cos[:, :t], self.sin[:, :t]
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, self.cos[:, :t].to(x.dtype), self.sin[:, :t].to(x.dtype))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
         return (out.transpose(1, 2).reshape(b, t, -1) @ w["self_attn.o_proj.weight"].T).float()
 
@@ -199,10 +208,11 @@ class LayerwiseForward:
     def attention(self, shared: dict[str, torch.Tensor]) -> torch.Tensor:
         """Apply one layer's attention block; returns the FFN inputs of real tokens [N, H]."""
         assert self.hidden is not None, "call embed() first"
+        weights = {k: v.to(self.compute_dtype) for k, v in shared.items()}  # once per layer, not per batch
         outs = []
         for start in range(0, len(self.hidden), BATCH):
             h = self.hidden[start : start + BATCH]
-            outs.append(h + self._attention(rms_norm(h, shared["input_layernorm.weight"], self.eps), shared))
+            outs.append(h + self._attention(rms_norm(h, shared["input_layernorm.weight"], self.eps), weights))
         self.hidden = torch.cat(outs)
         self._ffn_in = rms_norm(self.hidden, shared["post_attention_layernorm.weight"], self.eps)
         return self._ffn_in[self.cal.mask]

@@ -133,6 +133,20 @@ class DenseCheckpoint:
             raise CheckpointError(f"{self.name}: tensor {key} contains NaN or Inf values")
         return t
 
+    def raw(self, key: str) -> torch.Tensor:
+        """Read one whole tensor in its stored dtype (no float32 copy); NaN/Inf are refused.
+
+        For tensors copied through unchanged (expert FFNs) and for merging in cache-sized blocks.
+        """
+        file = self.weight_map.get(key)
+        if file is None:
+            raise CheckpointError(f"{self.name}: tensor {key} is missing")
+        with safe_open(str(file), framework="pt") as handle:
+            t = handle.get_tensor(key)
+        if t.is_floating_point() and not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
+            raise CheckpointError(f"{self.name}: tensor {key} contains NaN or Inf values")
+        return t
+
     def task_vector(self, key: str, base: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """τ = θ − θ_base for one tensor (rows of it), float32, given the base's `base` (same rows)."""
         return self.tensor(key, rows) - base

@@ -6,6 +6,8 @@ DARE). All arithmetic runs in float32 whatever the checkpoints' dtype.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
 
 from merge.recipe import MergeMethod
@@ -36,6 +38,21 @@ def trim_threshold(tau: torch.Tensor, density: float) -> float:
     return float(tau.abs().flatten().kthvalue(tau.numel() - k + 1).values)
 
 
+def kth_smallest_magnitude(blocks: Callable[[], Iterable[torch.Tensor]], rank: int) -> float:
+    """The `rank`-th smallest (1-based) of non-negative float32 values given block by block, exactly as
+    `kthvalue` on their concatenation, without holding them all: non-negative floats order as their int32
+    bits, so a histogram of the top 16 bits finds the bucket holding the answer, and only that bucket's
+    values are kept for the final `kthvalue`. `blocks()` is called twice and must yield the same values."""
+    counts = torch.zeros(1 << 15, dtype=torch.int64)
+    for block in blocks():
+        counts += torch.bincount(block.view(torch.int32) >> 16, minlength=1 << 15)
+    cumulative = counts.cumsum(0)
+    bucket = int(torch.searchsorted(cumulative, rank))
+    below = int(cumulative[bucket - 1]) if bucket else 0
+    picked = torch.cat([b[(b.view(torch.int32) >> 16) == bucket] for b in blocks()])
+    return float(picked.kthvalue(rank - below).values)
+
+
 def trim_by_magnitude(tau: torch.Tensor, density: float, threshold: float | None = None) -> torch.Tensor:
     """Keep the `density` share of entries with the largest |τ| (ties at the threshold are kept).
 
@@ -60,8 +77,30 @@ def dare_drop(tau: torch.Tensor, density: float, generator: torch.Generator) -> 
     return tau * keep / density
 
 
+SEQUENTIAL_SUM_ROWS = 4  # up to this many rows torch's dim-0 sum adds them in order (checked in the tests)
+
+
 def sign_consensus_mean(taus: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """TIES' elect-and-disjoint-merge: per entry, the weighted mean of the τ_i agreeing with the sign of Σ τ_i."""
+    if len(taus) > SEQUENTIAL_SUM_ROWS:
+        return _sign_consensus_mean_stacked(taus, weights)
+    # The stacked computation below without the stack: the same products, summed in the same order, so
+    # the same bits, in half the memory traffic (a factor 1 is skipped: x·1.0 is x).
+    # Sums start from +0 as torch's reduction does (it turns a lone −0 into +0).
+    scaled = [t if w == 1.0 else t * w for t, w in zip(taus, weights, strict=True)]
+    total = torch.zeros_like(scaled[0])
+    for t in scaled:
+        total.add_(t)
+    numerator = torch.zeros_like(total)
+    denominator = torch.zeros_like(total)
+    for t, w in zip(scaled, weights, strict=True):
+        agree = (t * total) > 0
+        numerator.add_(t * agree)
+        denominator.add_(agree.float() if w == 1.0 else w * agree)
+    return numerator.div_(denominator.clamp_min_(1e-12))
+
+
+def _sign_consensus_mean_stacked(taus: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     stacked = torch.stack([t * w for t, w in zip(taus, weights, strict=True)])
     total = stacked.sum(dim=0)
     agree = (stacked * total) > 0  # same sign as the elected one, and neither is zero

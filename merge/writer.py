@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,6 +37,7 @@ class ShardWriter:
         self.dtype = DTYPES[dtype]
         self.max_shard_bytes = max_shard_bytes
         self._buffer: dict[str, torch.Tensor] = {}
+        self._storages: set[int] = set()
         self._buffered_bytes = 0
         self.weight_map: dict[str, str] = {}
         self.total_bytes = 0
@@ -46,11 +46,22 @@ class ShardWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self.weight_map or name in self._buffer:
             raise ValueError(f"tensor {name} written twice")
-        t = tensor.detach().to(self.dtype, copy=True).contiguous()  # own storage: safetensors refuses aliases
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        t = tensor.detach()
+        if t.dtype != self.dtype:
+            t = t.to(self.dtype).contiguous()  # a fresh tensor
+        else:
+            # Kept without a copy: the caller hands the tensor over and does not modify it afterwards. A
+            # view into a bigger storage, or a storage already buffered, is copied (safetensors refuses aliases).
+            t = t.contiguous()
+            storage = t.untyped_storage()
+            if storage.data_ptr() in self._storages or storage.nbytes() != t.numel() * t.element_size():
+                t = t.clone()
+        # A sum is finite iff every entry is (barring overflow near the dtype's max, which the full check sees).
+        if t.is_floating_point() and not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
             bad = "NaN" if torch.isnan(t).any() else "Inf"
             raise ValueError(f"merged tensor {name} contains {bad} (in {self.dtype}): nothing was written")
         self._buffer[name] = t
+        self._storages.add(t.untyped_storage().data_ptr())
         self._buffered_bytes += t.numel() * t.element_size()
         if self._buffered_bytes >= self.max_shard_bytes:
             self.flush()
@@ -60,11 +71,11 @@ class ShardWriter:
             return
         self._shards += 1
         file = f"model-{self._shards:05d}.safetensors"
-        save_file(self._buffer, str(self.folder / file), metadata={"format": "pt"})
+        write_safetensors(self.folder / file, self._buffer, {"format": "pt"})
         for name in self._buffer:
             self.weight_map[name] = file
         self.total_bytes += self._buffered_bytes
-        self._buffer, self._buffered_bytes = {}, 0
+        self._buffer, self._buffered_bytes, self._storages = {}, 0, set()
 
     def close(self) -> None:
         self.flush()
@@ -73,6 +84,42 @@ class ShardWriter:
             "weight_map": dict(sorted(self.weight_map.items())),
         }
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file straight from the tensors' memory (safetensors' `save_file` first copies
+    every tensor into a bytes object: a whole shard more of peak memory). Same format: an 8-byte
+    little-endian header length, the JSON header padded with spaces to 8 bytes, then the raw data.
+
+    Writeback of the file is started at once (POSIX_FADV_DONTNEED), so the final fsync has little left to do.
+    """
+    header: dict[str, object] = {"__metadata__": metadata}
+    names = sorted(tensors)
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        for name in names:
+            t = tensors[name]
+            if t.numel():
+                fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        fh.flush()
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 @contextlib.contextmanager

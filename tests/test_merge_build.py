@@ -345,3 +345,31 @@ def test_row_chunked_merge_equals_whole_tensor_merge(
     assert whole.keys() == chunked.keys()
     for name in whole:
         assert torch.equal(whole[name], chunked[name]), name
+
+
+def _all_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_block_merge_equals_the_row_chunked_merge(
+    tiny_zoo: TinyZoo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, dtype: str
+) -> None:
+    """The block path (each tensor read once in its stored dtype, merged in cache-sized blocks, the lean
+    sign consensus) writes the same bits as the whole-tensor / row-chunked path, gates included."""
+    import merge.build
+
+    recipe = make_recipe(tiny_zoo, shared={"method": method, "density": 0.5}, dtype=dtype)
+    monkeypatch.setattr(merge.build, "BLOCKWISE_METHODS", set())
+    merge_experts(recipe, tmp_path / "chunked")
+    monkeypatch.setattr(merge.build, "BLOCKWISE_METHODS", {"ties", "task_arithmetic"})
+    monkeypatch.setattr(merge.build, "BLOCK_ELEMENTS", 3000)  # not a divisor of any tensor's size
+    merge_experts(recipe, tmp_path / "blocks")
+    chunked, blocks = _all_tensors(tmp_path / "chunked"), _all_tensors(tmp_path / "blocks")
+    assert chunked.keys() == blocks.keys()
+    for name in chunked:
+        assert torch.equal(chunked[name].view(torch.uint8), blocks[name].view(torch.uint8)), name

@@ -126,3 +126,39 @@ def test_dare_ties_at_full_density_equals_ties() -> None:
 def test_task_vector_methods_need_a_base() -> None:
     with pytest.raises(ValueError, match="base"):
         merge_tensor("ties", [T1, T2], [1, 1], None, scale=1.0, density=0.5)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 6])
+def test_lean_sign_consensus_is_bit_identical_to_the_stacked_one(n: int) -> None:
+    """The stack-free consensus (used up to SEQUENTIAL_SUM_ROWS experts) gives the stacked one's bits,
+    signed zeros included, for unit and non-unit weights."""
+    from merge.methods import _sign_consensus_mean_stacked
+
+    gen = torch.Generator().manual_seed(n)
+    size = 100_003
+    for weights in ([1.0] * n, [0.5 + 0.37 * i for i in range(n)]):
+        taus = [
+            torch.randn(size, generator=gen)
+            * torch.logspace(-8, 8, size)[torch.randperm(size, generator=gen)]
+            for _ in range(n)
+        ]
+        for i, tau in enumerate(taus):
+            tau[:: i % 4 + 2] = 0.0 if i % 2 else -0.0
+        lean = sign_consensus_mean(taus, weights)
+        stacked = _sign_consensus_mean_stacked(taus, weights)
+        assert torch.equal(lean.view(torch.int32), stacked.view(torch.int32))
+
+
+@pytest.mark.parametrize("rank_share", [0.0, 0.2, 0.5, 1.0])
+def test_block_kth_magnitude_equals_kthvalue(rank_share: float) -> None:
+    """The histogram selection gives kthvalue's exact value, with zeros, ties and a wide range."""
+    from merge.methods import kth_smallest_magnitude
+
+    gen = torch.Generator().manual_seed(7)
+    values = (torch.randn(50_001, generator=gen) * torch.logspace(-10, 10, 50_001)).abs()
+    values[::3] = 0.0
+    values[1::7] = values[5]
+    rank = max(1, int(rank_share * values.numel()))
+    blocks = [values[i : i + 4096] for i in range(0, values.numel(), 4096)]
+    got = kth_smallest_magnitude(lambda: iter(blocks), rank)
+    assert got == float(values.kthvalue(rank).values)
