@@ -392,27 +392,40 @@ def test_greedy_equals_transformers_peft(
 
 
 async def mixed_batch(url: str, base: str, adapters: list[str], prompt: str) -> list[float]:
-    """The base's logprobs for `prompt` while long adapter requests run in the same engine batches."""
+    """The base's logprobs for `prompt` while adapter requests run in the same engine batches.
+
+    Each adapter has two request loops that keep running until the base request is answered, so every
+    step of the base request shares its batch with adapter rows however fast the machine decodes (one
+    round of 96-token requests was over before the base request arrived on a quiet machine).
+    """
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=USER_KEY, max_retries=0, timeout=120)
-    long = [
-        asyncio.create_task(
-            client.completions.create(
-                model=a, prompt=PROMPTS["text"], max_tokens=96, temperature=0, extra_body={"ignore_eos": True}
+    done = asyncio.Event()
+
+    async def keep_busy(adapter: str) -> None:
+        while not done.is_set():
+            await client.completions.create(
+                model=adapter,
+                prompt=PROMPTS["text"],
+                max_tokens=96,
+                temperature=0,
+                extra_body={"ignore_eos": True},
             )
-        )
-        for a in adapters
-    ]
+
+    busy = [asyncio.create_task(keep_busy(a)) for a in adapters for _ in range(2)]
     await asyncio.sleep(0.3)  # the adapter requests are decoding: the base request joins their batches
-    out = await client.completions.create(
-        model=base,
-        prompt=prompt,
-        max_tokens=ADAPTER_TOKENS,
-        temperature=0,
-        logprobs=1,
-        extra_body={"ignore_eos": True},
-    )
-    await asyncio.gather(*long)
-    await client.close()
+    try:
+        out = await client.completions.create(
+            model=base,
+            prompt=prompt,
+            max_tokens=ADAPTER_TOKENS,
+            temperature=0,
+            logprobs=1,
+            extra_body={"ignore_eos": True},
+        )
+    finally:
+        done.set()
+        await asyncio.gather(*busy)
+        await client.close()
     return list(out.choices[0].logprobs.token_logprobs)  # type: ignore[union-attr,arg-type]
 
 
