@@ -176,9 +176,6 @@ class RateLimiter:
         if name is not None and (tok := self.tokens.get(name)) is not None and used != reserved:
             tok.take(used - reserved)
 
-    def charge_tokens(self, name: str | None, n: int) -> None:
-        self.settle_tokens(name, 0, max(n, 0))
-
 
 def authenticate_admin(admin: KeyRing, users: KeyRing, authorization: str | None) -> str:
     """The admin key's name. 403 when the admin API is off (no admin keys) or a user key is presented

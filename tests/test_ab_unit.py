@@ -211,10 +211,10 @@ def test_rate_limits_with_retry_after() -> None:
     assert err.value.status == 429 and err.value.headers == {"retry-after": "30"}
     now[0] = 30.0
     limiter.admit("k")  # one request refilled
-    limiter.charge_tokens("k", 150)  # overdraws the token bucket by 50 (+ the refill since 0)
+    limiter.settle_tokens("k", 0, 150)  # overdraws the token bucket by 50 (+ the refill since 0)
     now[0] = 90.0  # requests are full again; tokens: -50 + 100 = 50 > 0
     limiter.admit("k")
-    limiter.charge_tokens("k", 200)  # now at -150
+    limiter.settle_tokens("k", 0, 200)  # now at -150
     with pytest.raises(OpenAIError) as err:
         limiter.admit("k")
     assert err.value.code == "rate_limit_tokens" and err.value.headers == {"retry-after": "90"}
