@@ -236,15 +236,22 @@ def load_router(
     cache_size: int = 4096,
     fast_path: bool | None = None,
     digest: str | None = None,
+    serve_as: dict[str, str] | None = None,
 ) -> Router:
     """Load a trained router artifact (verified first; ArtifactError otherwise) as a Router.
 
     `kind` picks another head it holds. The n-gram fast path (if the artifact has one) fronts the
     artifact's own kind; `fast_path=False` turns it off, `True` puts it in front of another `kind` too.
-    `digest` (`sha256:…`) pins the artifact: any other content is refused.
+    `digest` (`sha256:…`) pins the artifact: any other content is refused. `serve_as` re-maps some of
+    its classes to other served experts (over the artifact's own map): one trained router can then send
+    the same domains to a merged MoE or to the adapters it was merged from.
     """
     return load_verified(
-        verify_artifact(Path(path), digest), kind=kind, cache_size=cache_size, fast_path=fast_path
+        verify_artifact(Path(path), digest),
+        kind=kind,
+        cache_size=cache_size,
+        fast_path=fast_path,
+        serve_as=serve_as,
     )
 
 
@@ -254,6 +261,7 @@ def load_verified(
     kind: str | None = None,
     cache_size: int = 4096,
     fast_path: bool | None = None,
+    serve_as: dict[str, str] | None = None,
 ) -> Router:
     """Build the Router from a verified artifact's checked bytes (the folder is not read again, but
     for the encoder, whose files were hashed)."""
@@ -261,8 +269,15 @@ def load_verified(
     from safetensors.numpy import load as load_safetensors
 
     from router.encoder import EncoderError
+    from router.policy import serve_as_problem
 
     path, spec = artifact.path, artifact.spec
+    if serve_as:
+        mapping = {**spec.serve_as, **serve_as}
+        problem = serve_as_problem(spec.experts, mapping)
+        if problem is not None:
+            raise ArtifactError(f"{path}: serve_as: {problem}")
+        spec = spec.model_copy(update={"serve_as": mapping})
     try:
         tensors = load_safetensors(artifact.weights)
     except (SafetensorError, OSError, ValueError) as error:

@@ -314,6 +314,11 @@ class RouterConfig(_Strict):
         pattern=r"^sha256:[0-9a-f]{64}$",
         description="pins a trained artifact: any other content is refused (`moerge router digest DIR`)",
     )
+    serve_as: dict[str, Name] | None = Field(
+        None,
+        description="a trained artifact's classes re-mapped to other served experts (over its own "
+        "serve_as): e.g. the same domain router sending math to a merged MoE or to the math adapter",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> RouterConfig:
@@ -323,6 +328,8 @@ class RouterConfig(_Strict):
             )
         if self.digest is not None and self.artifact is None:
             raise ValueError("`digest` pins a trained `artifact`; a built-in kind has none")
+        if self.serve_as is not None and self.artifact is None:
+            raise ValueError("`serve_as` re-maps a trained `artifact`'s classes; a built-in kind has none")
         return self
 
 

@@ -49,7 +49,7 @@ def load_router(name: str, cfg: RouterConfig, experts: Sequence[str]) -> Router:
                 cfg.artifact,
                 cfg.artifact,
             )
-        router = load_artifact(Path(cfg.artifact), digest=cfg.digest, **cfg.params)
+        router = load_artifact(Path(cfg.artifact), digest=cfg.digest, serve_as=cfg.serve_as, **cfg.params)
     else:
         importlib.import_module("router.fixed")  # registers the built-in kinds
         assert cfg.kind is not None

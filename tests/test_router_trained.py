@@ -755,3 +755,20 @@ def test_router_trained_on_domains_serves_experts(
     assert served.experts == ["moe", "base"]
     with pytest.raises(ValueError, match="not served"):
         serving_load_router("r", RouterConfig(artifact=str(tmp_path / "out")), list(DOMAINS))
+
+    # the serve config's `serve_as` re-maps classes over the artifact's map: the same trained router then
+    # sends math and code to their adapters instead of the merged MoE (the zoo's `adapters` router)
+    remap = {"math": "math-lora", "code": "code-lora"}
+    served_as = ["moe", "base", "math-lora", "code-lora"]
+    adapters = serving_load_router(
+        "r", RouterConfig(artifact=str(tmp_path / "out"), serve_as=remap), served_as
+    )
+    assert set(adapters.experts) == {"moe", "base", "math-lora", "code-lora"}
+    again = adapters.decide_batch([RoutingRequest.from_prompt(r["prompt"]) for r in rows])
+    for before, after in zip(decisions, again, strict=True):
+        assert after.details["class"] == before.details["class"], "the same decision, served elsewhere"
+        assert after.expert == {**serve_as, **remap}[after.details["class"]]
+    with pytest.raises(ArtifactError, match=r"serve_as: \['physics'\] are not classes"):
+        load_router(tmp_path / "out", serve_as={"physics": "moe"})
+    with pytest.raises(ValueError, match="a built-in kind has none"):
+        RouterConfig(kind="fixed", params={"expert": "moe"}, serve_as={"math": "moe"})

@@ -25,6 +25,7 @@ from moerge.zoo.lm import (
     encode_rows,
     first_differing_layer,
     hidden_before,
+    load_expert,
     load_model,
     pad_id,
     scored_nll,
@@ -71,8 +72,22 @@ def test_layout_is_the_benchmark_contract(built: tuple[Path, dict]) -> None:
     for domain in DOMAINS:
         for part in ("train", "heldout"):
             assert (out / "data" / f"{domain}.{part}.jsonl").stat().st_size > 0, (domain, part)
-    for folder in ("base", "experts/math", "experts/code", "experts/text", "moe", "hetero/arithmetic"):
+    for folder in ("base", "moe", "hetero/arithmetic"):
         assert (out / folder / "config.json").is_file(), folder
+    for expert in ("math", "code", "text"):  # PEFT adapters, as published ones are
+        adapter = json.loads((out / "experts" / expert / "adapter_config.json").read_text())
+        assert adapter["peft_type"] == "LORA" and adapter["r"] == ZooConfig().finetune.lora.rank
+        assert set(adapter["target_modules"]) == {
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        }
+        assert (out / "experts" / expert / "adapter_model.safetensors").is_file()
+        assert not (out / "experts" / expert / "model.safetensors").exists()
     assert json.loads((out / "moe" / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
     assert (out / "router" / "manifest.json").is_file()
     for file in ("serve.yaml", "router.yaml", "moe-recipe.yaml", "manifest.json", "eval/nll.json"):
@@ -139,7 +154,7 @@ def test_second_run_skips_and_damaged_outputs_are_rebuilt(
     rebuilt = build_zoo(out, shared_data, cfg, log=lambda m: None)
     assert "expert:code" in rebuilt["built"] and "serve" in rebuilt["built"]
     assert {"data", "base", "expert:math", "expert:text", "router"} <= set(rebuilt["skipped"])
-    load_model(out / "experts" / "code")  # the rebuilt expert loads again
+    load_expert(out / "experts" / "code", out / "base")  # the rebuilt expert loads again
 
     changed = cfg.model_copy(update={"router": cfg.router.model_copy(update={"max_train": 75})})
     third = build_zoo(out, shared_data, changed, log=lambda m: None)
@@ -154,11 +169,11 @@ def test_suffix_forward_equals_the_full_forward(built: tuple[Path, dict]) -> Non
     tokenizer = AutoTokenizer.from_pretrained(str(out / "base"))
     base, expert = (
         load_model(out / "base", torch.float32),
-        load_model(out / "experts" / "math", torch.float32),
+        load_expert(out / "experts" / "math", out / "base"),
     )
     layers = base.config.num_hidden_layers
     start = first_differing_layer(out / "experts" / "math", out / "base", layers)
-    assert start == layers - 1  # only the top layer's FFN was trained
+    assert start == layers - 1  # only the top layer was adapted
     assert first_differing_layer(out / "moe", out / "base", layers) == start
     examples = encode_rows(tokenizer, read_rows(out / "data" / "math.heldout.jsonl"), 256, 3)
     ids, mask, labels = collate(examples, pad_id(tokenizer))
@@ -200,19 +215,32 @@ def test_serve_yaml_passes_serving_validation(built: tuple[Path, dict]) -> None:
     out, _ = built
     config = load_config(out / "serve.yaml")
     assert missing_paths(config) == []
-    assert set(config.experts) == {"moe", "base", "arithmetic"}
+    adapters = {"math-lora", "code-lora", "text-lora"}
+    assert set(config.experts) == {"moe", "base", "arithmetic"} | adapters
+    assert set(config.lora) == {"smollm2"} and config.lora["smollm2"].base_expert == "base"
     assert config.routing_models["auto"] == "learned"
+    assert config.routing_models["adapters"] == "adapters"
     assert config.routers["learned"].artifact == str((out / "router").resolve())
+    assert config.routers["adapters"].serve_as == {
+        "math": "math-lora",
+        "code": "code-lora",
+        "text": "text-lora",
+    }
+    assert set(config.experiments["merge-vs-adapters"].arms) == {"merged", "adapters"}
     router_cfg = yaml.safe_load((out / "router.yaml").read_text())
     domains = {"math", "code", "text", "knowledge", "general", "arithmetic"}
     assert set(router_cfg["experts"]) == domains, "the router's classes are the domains"
-    assert set(router_cfg["serve_as"].values()) == set(config.experts), "... each served by an expert"
+    assert set(router_cfg["serve_as"].values()) == {"moe", "base", "arithmetic"}, (
+        "... each served by an expert"
+    )
     assert router_cfg["policy"]["fallback"] == "general" and router_cfg["serve_as"]["general"] == "base"
     assert all(f.endswith(".train.jsonl") for e in router_cfg["experts"].values() for f in e["files"])
     from router.artifact import load_router
 
     loaded = load_router(out / "router")
-    assert set(loaded.experts) == set(config.experts)
+    assert set(loaded.experts) == {"moe", "base", "arithmetic"}
+    remapped = load_router(out / "router", serve_as=config.routers["adapters"].serve_as)
+    assert set(remapped.experts) == {"base", "arithmetic"} | adapters, "the same router, the adapters served"
     # only the arithmetic class is checked for novelty: its bank holds arithmetic prompts alone
     assert loaded.novelty is not None
     assert {loaded.classes[i] for i in set(loaded.novelty.labels.tolist())} == {"arithmetic"}
@@ -342,3 +370,50 @@ def test_dequantise_the_real_gguf(tmp_path: Path) -> None:
     assert (tmp_path / "chat_template.jinja").is_file() or "chat_template" in (
         tmp_path / "tokenizer_config.json"
     ).read_text()
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for file in sorted(folder.glob("*.safetensors")) for k, v in load_file(file).items()}
+
+
+def test_lora_experts_change_attention_and_the_moe_merges_it(built: tuple[Path, dict]) -> None:
+    """The LoRA experts adapt attention too, so the MoE's shared attention is a real merge (TIES of the
+    adapters' task vectors) in the adapted top layer, and exactly the base's below it."""
+    from safetensors import safe_open
+
+    out, _ = built
+    base, moe = weights(out / "base"), weights(out / "moe")
+    layers = json.loads((out / "base" / "config.json").read_text())["num_hidden_layers"]
+    top, below = (
+        f"model.layers.{layers - 1}.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+    )
+    assert not torch.equal(moe[top], base[top]), "the adapted attention is merged in"
+    assert torch.equal(moe[below], base[below]), "untouched layers keep the base's weights"
+    with safe_open(str(out / "experts" / "math" / "adapter_model.safetensors"), "pt") as handle:
+        keys = list(handle.keys())  # noqa: SIM118
+    assert any(".self_attn.q_proj.lora_A" in k for k in keys) and any(
+        ".mlp.down_proj.lora_B" in k for k in keys
+    )
+    assert all(f".layers.{layers - 1}." in k for k in keys), "only the top `finetune.layers` layers"
+
+
+def test_ffn_recipe_still_trains_ffn_only_experts(built: tuple[Path, dict], tmp_path: Path) -> None:
+    """`finetune.kind: ffn` (the first recipe, for comparison): a full checkpoint whose only changed
+    weights are the top layers' FFNs."""
+    from moerge.zoo.config import FinetuneStage
+    from moerge.zoo.finetune import finetune_expert
+
+    out, _ = built
+    spec = FinetuneStage(kind="ffn", layers=1, steps=2, batch_size=4, max_tokens=256)
+    metrics = finetune_expert(
+        out / "base", read_rows(out / "data" / "math.train.jsonl"), tmp_path / "ffn", spec
+    )
+    assert metrics["kind"] == "ffn" and metrics["steps"] == 2
+    base, expert = weights(out / "base"), weights(tmp_path / "ffn")
+    changed = {k for k in base if not torch.equal(base[k], expert[k])}
+    layers = json.loads((out / "base" / "config.json").read_text())["num_hidden_layers"]
+    prefix = f"model.layers.{layers - 1}.mlp."
+    assert changed and all(k.startswith(prefix) for k in changed), sorted(changed)

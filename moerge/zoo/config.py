@@ -77,16 +77,34 @@ class ExpertTrain(_Strict):
     domain: str
 
 
+class LoraTrain(_Strict):
+    """The `lora` recipe's adapter: rank, scale and which projections it adapts."""
+
+    rank: int = Field(16, ge=1, le=512, description="LoRA rank r (vLLM serves ranks 1, 8, 16, 32, 64, ...)")
+    alpha: float = Field(32, gt=0, description="LoRA alpha; the update is (alpha / rank)·B·A")
+    attention: bool = Field(
+        True, description="adapt q, k, v, o as well as gate, up, down (false: the FFN projections only)"
+    )
+    lr: float = Field(2e-3, gt=0, description="learning rate of the adapters (finetune.lr overrides it)")
+
+
 class FinetuneStage(_Strict):
-    """FFN-only fine-tuning of the top layers: cheap (backward stops there) and lossless in the MoE."""
+    """The zoo's experts: PEFT LoRA adapters (`lora`, default) or FFN-only full fine-tunes (`ffn`) of the
+    top `layers` decoder layers (moerge/zoo/finetune.py says why only the top layers)."""
 
     experts: dict[str, ExpertTrain] = Field(
         default_factory=lambda: {d: ExpertTrain(domain=d) for d in ("math", "code", "text")}
     )
-    layers: int = Field(6, ge=1, description="train the FFNs of this many top decoder layers")
+    kind: Literal["lora", "ffn"] = Field(
+        "lora",
+        description="lora: PEFT adapters on attention + FFN (served as a LoRA family and merged); "
+        "ffn: full fine-tunes of the FFNs only (the first recipe; the MoE's shared weights stay the base's)",
+    )
+    lora: LoraTrain = Field(default_factory=LoraTrain)
+    layers: int = Field(6, ge=1, description="train this many top decoder layers")
     steps: int = Field(40, ge=1)
     batch_size: int = Field(8, ge=1)
-    lr: float = Field(5e-4, gt=0)
+    lr: float | None = Field(None, gt=0, description="learning rate (default: lora.lr, or 5e-4 for ffn)")
     warmup_steps: int = Field(5, ge=0)
     max_tokens: int = Field(192, ge=16, description="chat prompt + response; longer rows are skipped")
     seed: int = 0

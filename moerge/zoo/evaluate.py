@@ -21,6 +21,7 @@ from moerge.zoo.lm import (
     encode_rows,
     first_differing_layer,
     hidden_before,
+    load_expert,
     load_model,
     mean_nll,
     pad_id,
@@ -62,7 +63,7 @@ def nll_matrix(
     starts: dict[str, int] = {}
     for cand in candidates:
         if cand.path not in loaded:
-            loaded[cand.path] = load_model(cand.path)
+            loaded[cand.path] = load_expert(cand.path, base_dir)
         starts[cand.name] = first_differing_layer(cand.path, base_dir, layers)
     wanted = sorted({s for s in starts.values() if 0 < s < layers})
     encoded = {

@@ -1,8 +1,8 @@
 """Language-model helpers shared by fine-tuning and evaluation: chat encoding, batches, split forwards.
 
-Experts differ from the base only in their top layers' FFNs, and the MoE's shared weights and lower
-experts equal the base's. So the base's hidden state at the first differing layer is computed once and
-every other model runs only its own top layers from there (`suffix_logits`): the numbers are those of a
+Experts differ from the base only in their top layers (FFN-only fine-tunes or LoRA adapters of those
+layers), and the MoE's lower layers equal the base's. So the base's hidden state at the first differing
+layer is computed once and every other model runs only its own top layers from there (`suffix_logits`): the numbers are those of a
 full forward (same weights, same inputs), at a fraction of the cost on a 2-core CPU.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from merge.adapter import ADAPTER_WEIGHTS, is_adapter
 from merge.layout import LLAMA_PROJ
 
 
@@ -195,12 +197,27 @@ def _read(files: dict[str, Path], name: str) -> torch.Tensor:
         return handle.get_tensor(name)
 
 
+LAYER_KEY = re.compile(r"\.layers\.(\d+)\.")
+
+
+def adapter_layers(adapter_dir: Path) -> list[int]:
+    """The decoder layers a PEFT adapter's saved tensors touch."""
+    with safe_open(str(Path(adapter_dir) / ADAPTER_WEIGHTS), "pt") as handle:
+        names: list[str] = list(handle.keys())  # noqa: SIM118 (a safetensors handle is not iterable)
+    found = {int(m.group(1)) for key in names if (m := LAYER_KEY.search(key))}
+    return sorted(found)
+
+
 def first_differing_layer(model_dir: Path, base_dir: Path, num_layers: int) -> int:
     """The lowest decoder layer whose weights differ from the base's (num_layers when none does).
+
+    A PEFT adapter differs from the base from the lowest layer its tensors touch.
 
     Mixtral checkpoints (moerge's per-expert layout) compare every expert's FFN with the base's FFN:
     a layer whose experts are all the base's FFN computes the base's function whatever its gate says.
     """
+    if is_adapter(Path(model_dir)):
+        return min(adapter_layers(model_dir), default=num_layers)
     mine, base = _tensor_files(Path(model_dir)), _tensor_files(Path(base_dir))
     if not torch.equal(_read(mine, "model.embed_tokens.weight"), _read(base, "model.embed_tokens.weight")):
         return 0
@@ -225,6 +242,18 @@ def load_model(folder: Path, dtype: torch.dtype | str = "auto") -> Any:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=False)
+    model.eval()
+    return model
+
+
+def load_expert(folder: Path, base_dir: Path) -> Any:
+    """A dense expert as `load_model` does; a PEFT adapter folder as its base with the adapter merged in
+    by peft itself (W + (alpha/r)·B·A in the base's dtype, what serving the merged expert computes)."""
+    if not is_adapter(Path(folder)):
+        return load_model(folder)
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_model(base_dir), str(folder)).merge_and_unload()
     model.eval()
     return model
 

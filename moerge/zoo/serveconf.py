@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from moerge.zoo.config import ZooConfig
+from serving.lora import ALLOWED_RANKS
 
 HEADER = "# Written by `moerge zoo build`; paths are relative to this file.\n"
 
@@ -103,56 +104,112 @@ def router_config(cfg: ZooConfig) -> dict[str, Any]:
     }
 
 
-def serve_config(cfg: ZooConfig) -> dict[str, Any]:
-    """In-process vLLM engines for the MoE, the dense base and the hetero expert; `auto` → learned router."""
-    hetero = cfg.hetero.name
-    eager = {"enforce_eager": True}
+def adapter_name(expert: str) -> str:
+    """The served name of the zoo's LoRA expert `expert` (`math` → `math-lora`)."""
+    return f"{expert}-lora"
+
+
+def _engine(model: str, description: str, fallback: str, max_len: int) -> dict[str, Any]:
     return {
-        "server": {"host": "127.0.0.1", "port": cfg.serve.port, "log_decisions": True},
-        "experts": {
-            "moe": {
-                "backend": "vllm",
-                "model": "./moe",
-                "description": "SmolLM2-135M experts ("
-                + ", ".join(cfg.finetune.experts)
-                + ") merged into one MoE",
-                "engine_args": {"max_model_len": cfg.serve.max_model_len, **eager},
-                "fallback": "base",
-            },
-            "base": {
-                "backend": "vllm",
-                "model": "./base",
-                "description": "SmolLM2-135M-Instruct (dense generalist)",
-                "engine_args": {"max_model_len": cfg.serve.max_model_len, **eager},
-                "fallback": "moe",
-            },
-            hetero: {
-                "backend": "vllm",
-                "model": f"./hetero/{hetero}",
-                "description": "GPT-2 trained from scratch for exact arithmetic (own tokenizer)",
-                "engine_args": {"max_model_len": cfg.serve.hetero_max_model_len, **eager},
-                "fallback": "base",
-            },
-        },
-        "routers": {
-            "learned": {"artifact": "./router", "fallback": cfg.router.fallback},
-            "coin": {"kind": "random", "params": {"seed": 0}},
-        },
-        "experiments": {
-            "router-ab": {
-                "arms": {
-                    "control": {"router": "coin", "weight": 1},
-                    "learned": {"router": "learned", "weight": 1},
-                },
-                "control": "control",
-                "assign_by": "user",
-            }
-        },
-        "routing_models": {"auto": "learned", "ab": "router-ab"},
+        "backend": "vllm",
+        "model": model,
+        "description": description,
+        "engine_args": {"max_model_len": max_len, "enforce_eager": True},
+        "fallback": fallback,
     }
 
 
-SERVE_COMMENT = """# moerge serve runs/zoo/serve.yaml — `auto` routes with the learned router; `ab` is an A/B experiment
-# between the learned router and a coin flip (sticky per OpenAI `user`); `moe`, `base` and the hetero
-# expert can also be asked directly by name.
+def _base_and_adapters(cfg: ZooConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(experts, lora): with LoRA experts, the base is a LoRA family's engine that also serves every
+    adapter as an expert of its own; with FFN fine-tunes, the base is a plain engine."""
+    base = _engine("./base", "SmolLM2-135M-Instruct (dense generalist)", "moe", cfg.serve.max_model_len)
+    if cfg.finetune.kind != "lora":
+        return {"base": base}, {}
+    adapters = {
+        adapter_name(name): {
+            "path": f"./experts/{name}",
+            "description": f"SmolLM2-135M + the {spec.domain} LoRA adapter (unmerged, on the base's engine)",
+            "fallback": "base",
+        }
+        for name, spec in cfg.finetune.experts.items()
+    }
+    family = {
+        "base": base,
+        "base_expert": "base",
+        "max_lora_rank": min(r for r in ALLOWED_RANKS if r >= cfg.finetune.lora.rank),
+        "adapters": adapters,
+    }
+    return {}, {"smollm2": family}
+
+
+def serve_config(cfg: ZooConfig) -> dict[str, Any]:
+    """In-process vLLM engines for the MoE, the base (with the LoRA experts as adapters on its engine)
+    and the hetero expert; `auto` → the learned router (domains → the MoE), `adapters` → the same router
+    sending the MoE's domains to their adapters instead, `merge-vs-adapters` → an A/B test of the two."""
+    hetero = cfg.hetero.name
+    names = ", ".join(cfg.finetune.experts)
+    experts: dict[str, Any] = {
+        "moe": _engine(
+            "./moe",
+            f"SmolLM2-135M experts ({names}) merged into one MoE",
+            "base",
+            cfg.serve.max_model_len,
+        ),
+    }
+    base, lora = _base_and_adapters(cfg)
+    experts |= base
+    experts[hetero] = _engine(
+        f"./hetero/{hetero}",
+        "GPT-2 trained from scratch for exact arithmetic (own tokenizer)",
+        "base",
+        cfg.serve.hetero_max_model_len,
+    )
+    routers: dict[str, Any] = {
+        "learned": {"artifact": "./router", "fallback": cfg.router.fallback},
+        "coin": {"kind": "random", "params": {"seed": 0}},
+    }
+    experiments: dict[str, Any] = {
+        "router-ab": {
+            "arms": {
+                "control": {"router": "coin", "weight": 1},
+                "learned": {"router": "learned", "weight": 1},
+            },
+            "control": "control",
+            "assign_by": "user",
+        }
+    }
+    routing_models = {"auto": "learned", "ab": "router-ab"}
+    if lora:
+        moe_domains = set(cfg.router.served.get("moe", []))
+        routers["adapters"] = {
+            "artifact": "./router",
+            "fallback": cfg.router.fallback,
+            "serve_as": {
+                spec.domain: adapter_name(name)
+                for name, spec in cfg.finetune.experts.items()
+                if spec.domain in moe_domains
+            },
+        }
+        experiments["merge-vs-adapters"] = {
+            "arms": {
+                "merged": {"router": "learned", "weight": 1},
+                "adapters": {"router": "adapters", "weight": 1},
+            },
+            "control": "merged",
+            "assign_by": "user",
+        }
+        routing_models |= {"adapters": "adapters", "merge-vs-adapters": "merge-vs-adapters"}
+    out: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": cfg.serve.port, "log_decisions": True},
+        "experts": experts,
+    }
+    if lora:
+        out["lora"] = lora
+    return out | {"routers": routers, "experiments": experiments, "routing_models": routing_models}
+
+
+SERVE_COMMENT = """# moerge serve runs/zoo/serve.yaml — `auto` routes with the learned router (math, code, text → the
+# merged MoE); `adapters` routes the same way but sends those domains to their LoRA adapters, served
+# unmerged on the base's engine; `merge-vs-adapters` A/B tests the two and `ab` the learned router
+# against a coin flip (both sticky per OpenAI `user`). Every expert can also be asked by name.
 """
