@@ -16,6 +16,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from merge.calibration import (
 from merge.card import input_hashes, write_model_card
 from merge.checkpoint import TOKENIZER_FILES, CheckpointError, DenseCheckpoint, check_compatible
 from merge.completeness import check_checkpoint
-from merge.gates import init_gate
+from merge.gates import arrow_gate, arrow_prototype, init_gate
 from merge.layout import in_layer_name, is_ffn, layer_of
 from merge.methods import kth_smallest_magnitude, merge_task_vectors, merge_tensor, trim_threshold
 from merge.outputs import ModelClass, MoEPlan, moe_class_for
@@ -87,12 +88,8 @@ class SharedMerger:
         if self._blockwise():
             # One thread: each block's element-wise ops are too short to split, and on a shared machine
             # every parallel region waits for the slowest thread (measured 2x slower with two threads).
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
+            with one_thread():
                 return self._merge_blocks(name, shape)
-            finally:
-                torch.set_num_threads(threads)
         if len(shape) != 2 or shape[0] * shape[1] <= CHUNK_ELEMENTS:
             return self._merge(name, None, None)
         # Big matrices (embeddings, lm_head) are merged in row chunks so that N float32 copies of them
@@ -184,6 +181,34 @@ class SharedMerger:
         )
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run small tensor ops on one thread: on this shared machine a parallel region waits for its slowest
+    thread (TIES blocks and Arrow's thin matrix products measured 2-5x slower on two threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def layer_arrow_gate(recipe: Recipe, inputs: MergeInputs, layer: int) -> torch.Tensor:
+    """Arrow's data-free gate for one layer: each expert's prototype from its FFN-input task vectors
+    (a LoRA expert's exact s·B·A, a full fine-tune's W − W_base); the base, if it joins, gets a zero row."""
+    assert inputs.base is not None  # the recipe refuses gate.init=arrow without a base
+    names = [f"model.layers.{layer}.mlp.{proj}.weight" for proj in ("gate_proj", "up_proj")]
+    base = [inputs.base.tensor(name) for name in names]
+    prototypes = []
+    with one_thread():
+        for expert in inputs.experts:
+            deltas = [expert.task_vector(name, b) for name, b in zip(names, base, strict=True)]
+            prototypes.append(arrow_prototype(deltas, seed=recipe.gate.seed))
+        if recipe.base_as_expert:
+            prototypes.append(torch.zeros_like(prototypes[0]))
+        return arrow_gate(torch.stack(prototypes), recipe.gate.arrow_temperature, recipe.gate.arrow_mirror)
+
+
 def _layer_names(names: list[str], layer: int) -> list[str]:
     return [n for n in names if layer_of(n) == layer]
 
@@ -243,6 +268,8 @@ def merge_experts(
         hidden = int(ref.value("hidden_size"))
         shared_expert = recipe.output.shared_expert == "base"
         wants_base_ffn = shared_expert or (cls.supports_dense_layers and recipe.output.dense_unchanged_layers)
+        mirrored = not dense and recipe.gate.init == "arrow" and recipe.gate.arrow_mirror
+        routed_experts = num_experts * (2 if mirrored else 1)  # mirrored Arrow: each expert under ±v
         dense_layers: list[int] = []
         forward = None
         has_data = any(e.data or e.positive_prompts for e in recipe.experts)
@@ -255,7 +282,7 @@ def merge_experts(
             compute = torch.float32 if recipe.dtype == "float32" else torch.bfloat16
             forward = LayerwiseForward(ref.config, calibration, compute)
             token_labels = calibration.token_labels
-        elif not dense and recipe.gate.init not in {"random", "uniform"}:
+        elif not dense and recipe.gate.init not in {"random", "uniform", "arrow"}:
             raise ValueError(f"gate.init={recipe.gate.init} needs calibration data")
         gate_rng = torch.Generator().manual_seed(recipe.gate.seed)
         layer_stats: list[dict[str, Any]] = []
@@ -318,9 +345,13 @@ def merge_experts(
                     ffns = [{**f, "down_proj": f["down_proj"].float() * (1 - beta)} for f in ffns]
                 if cls.shared_gate_always or shared_ffn is not None:
                     shared_gate = torch.zeros(1, hidden)
+                if mirrored:
+                    ffns = ffns + ffns  # the same tensors, written twice: expert i and i + N
                 if forward is not None:
                     ffn_inputs = forward.attention(shared)
-                    if cheap_gate is not None:
+                    if recipe.gate.init == "arrow":
+                        gate = layer_arrow_gate(recipe, inputs, layer)
+                    elif cheap_gate is not None:
                         gate = cheap_gate
                     else:
                         gate = init_gate(
@@ -332,7 +363,9 @@ def merge_experts(
                             generator=gate_rng,
                         )
                     top1 = forward.route(gate, ffns, recipe.experts_per_token, shared_ffn, shared_gate)
-                    layer_stats.append(_layer_stat(layer, top1, token_labels, expert_labels))
+                    layer_stats.append(_layer_stat(layer, top1 % num_experts, token_labels, expert_labels))
+                elif recipe.gate.init == "arrow":
+                    gate = layer_arrow_gate(recipe, inputs, layer)
                 else:
                     gate = init_gate(
                         recipe.gate.init,
@@ -364,7 +397,7 @@ def merge_experts(
             writer.close()
             layer_shared = [n for n in names if n.startswith("model.layers.") and not is_ffn(n)]
             plan = MoEPlan(
-                num_experts=num_experts,
+                num_experts=routed_experts,
                 experts_per_token=recipe.experts_per_token,
                 dtype=recipe.dtype,
                 dense_layers=tuple(dense_layers),
@@ -382,6 +415,7 @@ def merge_experts(
                 "experts": expert_labels,
                 "lora_experts": [e.name for e in inputs.experts if isinstance(e, AdapterCheckpoint)],
                 "num_experts": 1 if dense else num_experts,
+                "routed_experts": 1 if dense else routed_experts,
                 "experts_per_token": recipe.experts_per_token,
                 "shared_method": recipe.shared.method,
                 "gate_init": None if dense else recipe.gate.init,

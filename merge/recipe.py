@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MergeMethod = Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
-GateInit = Literal["hidden", "ridge", "cheap_embed", "random", "uniform"]
+GateInit = Literal["hidden", "ridge", "cheap_embed", "arrow", "random", "uniform"]
 DType = Literal["float32", "bfloat16", "float16"]
 TASK_VECTOR_METHODS = {"task_arithmetic", "ties", "dare_linear", "dare_ties"}
 
@@ -77,6 +77,17 @@ class GateSpec(_Strict):
     use_chat_template: bool = Field(
         default=True, description="wrap calibration prompts as the model sees them"
     )
+    arrow_temperature: float = Field(
+        default=1.0,
+        gt=0,
+        description="gate.init=arrow: logits are |<x, v_i>| / temperature (PEFT Arrow's default is 1.0)",
+    )
+    arrow_mirror: bool = Field(
+        default=True,
+        description="gate.init=arrow: write each expert twice, with gate rows +v and -v, so a linear gate's "
+        "top-k is exactly Arrow's top-k of |<x, v>| (twice the routed experts' storage); false: one row per "
+        "expert with the sign fixed (largest entry positive), an approximation",
+    )
     seed: int = 0
 
 
@@ -133,6 +144,10 @@ class Recipe(_Strict):
         if self.experts_per_token > self.num_experts:
             raise ValueError(
                 f"experts_per_token={self.experts_per_token} exceeds the {self.num_experts} experts"
+            )
+        if self.gate.init == "arrow" and self.base is None:
+            raise ValueError(
+                "gate.init=arrow needs `base`: each expert's prototype comes from its FFN's change from the base"
             )
         if self.gate.init in {"hidden", "ridge"}:
             missing = [e.name for e in self.experts if not (e.data or e.positive_prompts)]

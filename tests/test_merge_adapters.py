@@ -412,11 +412,14 @@ def test_other_base_model_name_is_a_warning(
 @pytest.mark.vllm
 @pytest.mark.timeout(600)
 def test_adapter_moe_loads_in_vllm_natively(lora_zoo: LoraZoo, tmp_path: Path) -> None:
+    """Adapters merged with mirrored Arrow gates (2N routed experts, top-2): vLLM's Mixtral loader takes
+    the layout and generates what transformers does."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import LLM, SamplingParams
 
     out = tmp_path / "moe"
-    merge_experts(recipe(lora_zoo, lora_zoo.adapters, gate={"init": "ridge"}, experts_per_token=2), out)
+    merge_experts(recipe(lora_zoo, lora_zoo.adapters, gate={"init": "arrow"}, experts_per_token=2), out)
+    assert json.loads((out / "config.json").read_text())["num_local_experts"] == 2 * len(TINY_DOMAINS)
     prompts = ["If we compute 12 + 5 we get", "def total_fn(x):"]
     llm = LLM(model=str(out), enforce_eager=True, max_model_len=128, dtype="float32", seed=0)
     try:
@@ -430,3 +433,89 @@ def test_adapter_moe_loads_in_vllm_natively(lora_zoo: LoraZoo, tmp_path: Path) -
         ids = tok(prompt, return_tensors="pt").input_ids
         want = model.generate(ids, max_new_tokens=4, do_sample=False)[0, ids.shape[1] :].tolist()
         assert list(result.outputs[0].token_ids)[:2] == want[:2], (prompt, result.outputs[0].token_ids, want)
+
+
+def peft_arrow_prototypes(zoo: LoraZoo, layer: int) -> torch.Tensor:
+    """Each adapter's Arrow prototype from its peft file: the top right singular vector (full SVD) of
+    [s·B·A of gate_proj; s·B·A of up_proj], sign fixed so its largest entry is positive."""
+    rows = []
+    for domain in TINY_DOMAINS:
+        config = json.loads((zoo.adapters[domain] / "adapter_config.json").read_text())
+        deltas = []
+        with safe_open(str(zoo.adapters[domain] / "adapter_model.safetensors"), framework="pt") as fh:
+            for proj in ("gate_proj", "up_proj"):
+                prefix = f"base_model.model.model.layers.{layer}.mlp.{proj}"
+                a, b = fh.get_tensor(f"{prefix}.lora_A.weight"), fh.get_tensor(f"{prefix}.lora_B.weight")
+                r = a.shape[0]
+                alpha = config.get("alpha_pattern", {}).get(proj, config["lora_alpha"])
+                scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+                deltas.append((b @ a) * scale)
+        v = torch.linalg.svd(torch.cat(deltas), full_matrices=False).Vh[0]
+        rows.append(v if v[v.abs().argmax()] >= 0 else -v)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("mirror", [True, False])
+def test_arrow_gates_need_no_data_and_are_each_adapters_top_singular_vector(
+    lora_zoo: LoraZoo, tmp_path: Path, mirror: bool
+) -> None:
+    """gate.init=arrow with no calibration data at all: every layer's gate is the adapters' Arrow
+    prototypes / T (mirrored: [+v; −v] over the experts written twice), from adapters and from their
+    materialised checkpoints alike."""
+    gate = {"init": "arrow", "arrow_temperature": 0.5, "arrow_mirror": mirror}
+    no_data = [{"name": d, "path": str(lora_zoo.adapters[d])} for d in TINY_DOMAINS]
+    report = merge_experts(
+        recipe(lora_zoo, lora_zoo.adapters, experts=no_data, gate=gate, experts_per_token=2), tmp_path / "a"
+    )
+    full = [{"name": d, "path": str(lora_zoo.full[d])} for d in TINY_DOMAINS]
+    merge_experts(
+        recipe(lora_zoo, lora_zoo.full, experts=full, gate=gate, experts_per_token=2), tmp_path / "f"
+    )
+    got, from_full = read_all(tmp_path / "a"), read_all(tmp_path / "f")
+    n = len(TINY_DOMAINS)
+    assert report["gate_stats"] == [] and report["routed_experts"] == (2 * n if mirror else n)
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["num_local_experts"] == report["routed_experts"]
+    for layer in range(int(config["num_hidden_layers"])):
+        want = peft_arrow_prototypes(lora_zoo, layer) / 0.5
+        want = torch.cat([want, -want]) if mirror else want
+        for written in (got, from_full):
+            gate_w = written[f"model.layers.{layer}.block_sparse_moe.gate.weight"]
+            assert gate_w.shape == want.shape
+            assert (gate_w - want).abs().max() <= 1e-3 * want.abs().max(), layer
+        if mirror:
+            for e in range(n):
+                for proj in ("w1", "w2", "w3"):
+                    prefix = f"model.layers.{layer}.block_sparse_moe.experts"
+                    assert torch.equal(
+                        got[f"{prefix}.{e}.{proj}.weight"], got[f"{prefix}.{e + n}.{proj}.weight"]
+                    )
+
+
+def test_mirrored_linear_gate_routes_exactly_as_arrow() -> None:
+    """Mixtral's routing (softmax of x·Wᵀ, top-k, renormalised) over the mirrored rows [+v; −v] picks the
+    same experts with the same weights as PEFT Arrow's softmax over the top-k of |x·v| / T."""
+    from merge.gates import arrow_gate
+
+    generator = torch.Generator().manual_seed(0)
+    prototypes = torch.nn.functional.normalize(torch.randn(4, 64, generator=generator), dim=1)
+    x = torch.randn(256, 64, generator=generator) * 3
+    for k in (1, 2, 3):
+        w = arrow_gate(prototypes, 0.7, mirror=True)
+        probs = torch.softmax(x @ w.T, dim=-1)
+        weights, chosen = probs.topk(k, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        sim = (x @ prototypes.T).abs()
+        top, idx = sim.topk(k, dim=-1)
+        assert torch.equal(chosen % 4, idx), k
+        assert torch.allclose(weights, torch.softmax(top / 0.7, dim=-1), atol=1e-6), k
+
+
+def test_arrow_prototype_sign_is_fixed_and_a_zero_delta_has_none() -> None:
+    from merge.gates import arrow_prototype
+
+    generator = torch.Generator().manual_seed(1)
+    delta = torch.randn(48, 4, generator=generator) @ torch.randn(4, 64, generator=generator)
+    v = arrow_prototype([delta[:24], delta[24:]])
+    assert v[v.abs().argmax()] > 0 and torch.equal(v, arrow_prototype([-delta]))
+    assert not arrow_prototype([torch.zeros(8, 64)]).any()

@@ -13,6 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from merge.recipe import GateInit, MergeMethod
 from router.config import GroupHoldout, Holdout
 from router.heads import DEFAULT_KIND, check_head_kind, head_kinds
 
@@ -122,8 +123,8 @@ class FinetuneStage(_Strict):
 
 class MergeStage(_Strict):
     experts_per_token: int = Field(1, ge=1)
-    gate_init: Literal["ridge", "hidden", "cheap_embed", "random", "uniform"] = "ridge"
-    shared_method: Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"] = "ties"
+    gate_init: GateInit = "ridge"
+    shared_method: MergeMethod = "ties"
     max_prompts: int = Field(
         128,
         ge=1,
