@@ -3,15 +3,19 @@
     .venv/bin/python bench/quality.py [--zoo runs/zoo] [--rows 64] [--tables merge,routing,e2e]
 
 1. Merge: held-out perplexity per domain (reference answers given the chat-formatted prompt; MMLU has no
-   answers, so its prompts are scored) for the base, each dense expert, dense merges (linear, TIES,
-   DARE-TIES), MoE variants by gate initialisation (random, uniform, hidden, ridge, ridge + tuned) and
-   mergekit-moe's MoE of the same experts; with the share of each domain's tokens that the MoE's gates
-   (top-1, mean over layers) send to the domain's own expert, and experts that receive < 1% flagged.
+   answers, so its prompts are scored) for the base, each dense expert (a LoRA expert materialised:
+   peft's merge_and_unload), dense merges by each shared-weight method (linear, task arithmetic, TIES,
+   DARE-TIES), the MoE for every shared-weight method × gate initialisation (ridge, hidden, arrow,
+   random), and mergekit-moe's MoE of the same (materialised) experts; with the share of each domain's
+   tokens that the MoE's gates (top-1, mean over the layers where the experts differ) send to the domain's
+   own expert, and experts that receive < 1% flagged.
 2. Routing: per-domain accuracy, per-expert F1 and macro-F1 of every head of the zoo's router artifact
    and of the random / majority baselines on the zoo's held-out split.
 3. End to end: on each domain's held-out prompts with reference answers, the mean reference NLL per
-   UTF-8 byte (comparable across tokenizers) under each served expert, under the expert the router
-   picks (the real `decide_batch`), and under the per-prompt oracle.
+   UTF-8 byte (comparable across tokenizers) under each served expert (the MoE, each LoRA adapter as its
+   engine applies it, the base, the arithmetic expert), under the expert each of serve.yaml's trained
+   routers picks (the real `decide_batch`: `learned` → the merged MoE, `adapters` → the unmerged
+   adapters), and under the per-prompt oracle.
 
 Writes WORK/quality.json, the markdown tables (stdout and WORK/quality.md) and two PNGs
 (bench/results/quality-merge-heatmap.png, bench/results/quality-routing-confusion.png).
@@ -34,7 +38,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from quality_variants import build, digest, variants  # noqa: E402
+from quality_variants import build, digest, materialised, variants  # noqa: E402
 
 from merge.evaluate import load_causal_lm, routing_load, score_references  # noqa: E402
 
@@ -75,13 +79,15 @@ def release(*objects) -> None:
 def merge_table(
     zoo: Path, work: Path, n: int, with_mergekit: bool, with_tuned: bool, only_domains: list[str]
 ) -> dict:
-    all_variants = variants(zoo, with_mergekit, with_tuned)
+    full_experts = materialised(zoo, work, log)
+    all_variants = variants(zoo, with_mergekit, with_tuned, full_experts)
     expert_names = [e["name"] for e in all_variants[0].recipe["experts"]]
+    routed_layers = differing_layers(zoo, expert_names)
     domains = [d for d in ("math", "code", "text", "knowledge", "general") if d in only_domains]
     domains = [d for d in domains if (zoo / "data" / f"{d}.heldout.jsonl").exists()]
     rows = {d: heldout_rows(zoo, d, n) for d in domains}
     models: list[tuple[str, str, Path, str | None]] = [("base", "dense", zoo / "base", None)]
-    models += [(f"dense expert {e}", "dense", zoo / "experts" / e, None) for e in expert_names]
+    models += [(f"dense expert {e}", "dense", full_experts[e], None) for e in expert_names]
     built: dict[str, Path] = {}
     for variant in all_variants:
         try:
@@ -107,7 +113,8 @@ def merge_table(
             "perplexity": perplexities(model, tokenizer, rows),
         }
         if kind == "moe":
-            entry.update(gate_shares(model, tokenizer, {e: rows[e] for e in expert_names if e in rows}))
+            own_rows = {e: rows[e] for e in expert_names if e in rows}
+            entry.update(gate_shares(model, tokenizer, own_rows, layers=routed_layers))
         results.append(entry)
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(entry))
@@ -131,9 +138,30 @@ def perplexities(model, tokenizer, rows: dict[str, list[dict]]) -> dict[str, flo
     return out
 
 
-def gate_shares(model, tokenizer, rows: dict[str, list[dict]], own: dict[str, int] | None = None) -> dict:
+def differing_layers(zoo: Path, experts: list[str]) -> list[int] | None:
+    """The layers where some expert's FFN differs from the base's (LoRA experts: their adapters' layers);
+    None (every layer) for full-checkpoint experts. Elsewhere every expert computes the same FFN, so
+    which one a gate picks says nothing."""
+    from merge.adapter import is_adapter
+    from moerge.zoo.lm import adapter_layers
+
+    folders = [zoo / "experts" / e for e in experts]
+    if not all(is_adapter(f) for f in folders):
+        return None
+    return sorted({layer for f in folders for layer in adapter_layers(f)})
+
+
+def gate_shares(
+    model,
+    tokenizer,
+    rows: dict[str, list[dict]],
+    own: dict[str, int] | None = None,
+    layers: list[int] | None = None,
+) -> dict:
     """Per domain, the share of tokens sent to its own expert (`own`: domain → expert index; default: the
-    i-th domain's is expert i); each expert's load; experts that get under 1 % of tokens."""
+    i-th domain's is expert i), over `layers` (default all); each expert's load; experts that get under
+    1 % of tokens. An MoE that writes each expert twice (mirrored Arrow gates: experts i and i + N) has
+    its counts folded onto the N experts."""
     prompts = {
         d: [
             tokenizer.apply_chat_template(
@@ -144,6 +172,11 @@ def gate_shares(model, tokenizer, rows: dict[str, list[dict]], own: dict[str, in
         for d, rs in rows.items()
     }
     counts = routing_load(model, tokenizer, prompts)  # [layer, domain, expert]
+    if layers is not None:
+        counts = counts[layers]
+    n = max(own.values()) + 1 if own else len(prompts)
+    if counts.shape[-1] == 2 * n:
+        counts = counts[..., :n] + counts[..., n:]
     share = counts / counts.sum(-1, keepdim=True).clamp_min(1)
     own = own if own is not None else {d: i for i, d in enumerate(prompts)}
     own_share = {d: float(share[:, i, own[d]].mean()) for i, d in enumerate(prompts) if d in own}
@@ -210,14 +243,50 @@ def routing_table(zoo: Path, n: int) -> dict:
 # ---------------------------------------------------------------- table 3: end to end
 
 
-def e2e_table(zoo: Path, n: int) -> dict:
-    from router.artifact import load_router
-    from router.base import RoutingRequest
-    from serving.config import VllmExpert, load_config
+def e2e_candidates(zoo: Path, work: Path) -> dict[str, Path]:
+    """Every expert serve.yaml serves in-process, as a folder transformers loads: vLLM engines as they are,
+    a LoRA family's base as its engine's model, each adapter materialised (its merge_and_unload, what the
+    engine computes with the adapter applied)."""
+    from serving.config import LoraMember, VllmExpert, load_config
 
     config = load_config(zoo / "serve.yaml")
-    candidates = {name: Path(e.model) for name, e in config.experts.items() if isinstance(e, VllmExpert)}
-    router = load_router(zoo / "router", cache_size=0)
+    full = materialised(zoo, work, log)
+    by_adapter_path = {(zoo / "experts" / name).resolve(): folder for name, folder in full.items()}
+    out: dict[str, Path] = {}
+    for name, expert in config.experts.items():
+        if isinstance(expert, VllmExpert):
+            out[name] = Path(expert.model)
+        elif isinstance(expert, LoraMember):
+            family = config.lora[expert.family]
+            if expert.adapter is None:
+                assert isinstance(family.base, VllmExpert)
+                out[name] = Path(family.base.model)
+            else:
+                path = family.adapters[expert.adapter].path
+                assert path is not None
+                out[name] = by_adapter_path[Path(path).resolve()]
+    return out
+
+
+def e2e_routers(zoo: Path) -> dict:
+    """serve.yaml's trained routers, each loaded as serving loads it (its `serve_as` applied): `learned`
+    sends the MoE's domains to the merged MoE, `adapters` the same decisions to the unmerged adapters."""
+    from router.artifact import load_router
+    from serving.config import load_config
+
+    config = load_config(zoo / "serve.yaml")
+    return {
+        name: load_router(Path(spec.artifact), cache_size=0, serve_as=spec.serve_as)
+        for name, spec in config.routers.items()
+        if spec.artifact is not None
+    }
+
+
+def e2e_table(zoo: Path, work: Path, n: int) -> dict:
+    from router.base import RoutingRequest
+
+    candidates = e2e_candidates(zoo, work)
+    routers = e2e_routers(zoo)
     domains = [d for d in domains_of(zoo) if all(r["response"] for r in heldout_rows(zoo, d, 1))]
     rows = {d: heldout_rows(zoo, d, n) for d in domains}
     per_byte: dict[str, dict[str, np.ndarray]] = {d: {} for d in domains}
@@ -231,47 +300,54 @@ def e2e_table(zoo: Path, n: int) -> dict:
             )
             per_byte[d][name] = np.array([s.nll / max(1, s.bytes) for s in scores])
         release(model, tokenizer)
+    names = list(candidates)
     table = {}
     for d in domains:
-        decisions = router.decide_batch([RoutingRequest.from_prompt(r["prompt"]) for r in rows[d]])
-        picked = [dec.expert for dec in decisions]
-        names = list(candidates)
         matrix = np.stack([per_byte[d][e] for e in names])  # [expert, row]
-        routed = np.array([matrix[names.index(p), i] if p in names else np.nan for i, p in enumerate(picked)])
         single = {e: float(matrix[j].mean()) for j, e in enumerate(names)}
         best = min(single, key=single.get)
         oracle = float(matrix.min(0).mean())
-        by_label = router.meta.get("label_map", {}).get(d)
-        low, high = bootstrap_interval(routed - matrix[names.index(best)])
-        table[d] = {
-            "n": len(picked),
+        entry: dict = {
+            "n": len(rows[d]),
             "single": single,
             "best_single": best,
-            # 95 % interval of the mean paired difference routed − best single, over prompts
-            "regret_interval": [low, high],
-            # a perfect sequence-level router: every prompt to the expert its true domain is served by
-            "true_domain": single.get(by_label, float("nan")),
-            "routed": float(np.nanmean(routed)),
             "oracle": oracle,
-            "routed_share": {e: picked.count(e) / len(picked) for e in sorted(set(picked))},
-            "regret_vs_best_single": float(np.nanmean(routed)) - single[best],
-            "gap_to_oracle": float(np.nanmean(routed)) / oracle - 1,
+            "routers": {},
         }
-    # every domain weighted alike: the routed system against each single expert serving everything
+        for router_name, router in routers.items():
+            decisions = router.decide_batch([RoutingRequest.from_prompt(r["prompt"]) for r in rows[d]])
+            picked = [dec.expert for dec in decisions]
+            routed = np.array(
+                [matrix[names.index(p), i] if p in names else np.nan for i, p in enumerate(picked)]
+            )
+            low, high = bootstrap_interval(routed - matrix[names.index(best)])
+            by_label = router.meta.get("label_map", {}).get(d)
+            entry["routers"][router_name] = {
+                "routed": float(np.nanmean(routed)),
+                # 95 % interval of the mean paired difference routed − best single, over prompts
+                "regret_interval": [low, high],
+                # a perfect sequence-level router: every prompt to the expert its true domain is served by
+                "true_domain": single.get(by_label, float("nan")),
+                "routed_share": {e: picked.count(e) / len(picked) for e in sorted(set(picked))},
+            }
+        table[d] = entry
+    # every domain weighted alike: the routed systems against each single expert serving everything
     overall = {e: float(np.mean([table[d]["single"][e] for d in domains])) for e in candidates}
     table["all (mean of domains)"] = {
         "n": sum(table[d]["n"] for d in domains),
         "single": overall,
         "best_single": min(overall, key=overall.get),
-        "regret_interval": [float("nan"), float("nan")],
-        "true_domain": float(np.mean([table[d]["true_domain"] for d in domains])),
-        "routed": float(np.mean([table[d]["routed"] for d in domains])),
         "oracle": float(np.mean([table[d]["oracle"] for d in domains])),
+        "routers": {
+            r: {
+                "routed": float(np.mean([table[d]["routers"][r]["routed"] for d in domains])),
+                "regret_interval": [float("nan"), float("nan")],
+                "true_domain": float(np.mean([table[d]["routers"][r]["true_domain"] for d in domains])),
+            }
+            for r in routers
+        },
     }
-    row = table["all (mean of domains)"]
-    row["regret_vs_best_single"] = row["routed"] - overall[row["best_single"]]
-    row["gap_to_oracle"] = row["routed"] / row["oracle"] - 1
-    return {"domains": domains, "experts": list(candidates), "rows": table, "n_per_domain": n}
+    return {"domains": domains, "experts": names, "routers": list(routers), "rows": table, "n_per_domain": n}
 
 
 def bootstrap_interval(diff: np.ndarray, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -337,26 +413,35 @@ def markdown(results: dict) -> str:
         lines.append("")
     if "e2e" in results:
         e = results["e2e"]
+        routers = e["routers"]
         lines += [
             f"**End to end** — mean reference NLL per byte (up to {e['n_per_domain']} held-out prompts a "
-            "domain; lower is better; the interval is a 95 % bootstrap interval over prompts):",
+            "domain; lower is better). One column per served expert (the MoE, each adapter on the base's "
+            "engine, the base, the arithmetic expert), then each trained router of serve.yaml ("
+            + ", ".join(f"`{r}`" for r in routers)
+            + "), each routed system's change against the best single model [95 % bootstrap interval of "
+            "the paired difference over prompts], and the per-prompt oracle:",
             "",
-            "| domain | n | " + " | ".join(e["experts"]) + " | best single | routed | true-domain routing | "
-            "per-prompt oracle | routed − best [95 % interval] | routed vs best | routed vs oracle | "
-            "true-domain vs oracle |",
-            "|---|---:|" + "---:|" * (len(e["experts"]) + 8),
+            "| domain | n | "
+            + " | ".join(e["experts"])
+            + " | best single | "
+            + " | ".join(f"routed `{r}` | `{r}` − best [95 %]" for r in routers)
+            + " | oracle |",
+            "|---|---:|" + "---:|" * (len(e["experts"]) + 1 + 2 * len(routers) + 1),
         ]
         for d, r in e["rows"].items():
             single = " | ".join(f"{r['single'][x]:.4f}" for x in e["experts"])
-            ideal = r.get("true_domain", float("nan"))
             best = r["single"][r["best_single"]]
-            low, high = r.get("regret_interval", [float("nan")] * 2)
-            interval = f" [{low:+.4f}, {high:+.4f}]" if not math.isnan(low) else ""
+            routed_cells = []
+            for name in routers:
+                got = r["routers"][name]
+                low, high = got.get("regret_interval", [float("nan")] * 2)
+                interval = f" [{low:+.4f}, {high:+.4f}]" if not math.isnan(low) else ""
+                routed_cells.append(f"{got['routed']:.4f} | {got['routed'] - best:+.4f}{interval}")
             lines.append(
-                f"| {d} | {r.get('n', '')} | {single} | {r['best_single']} | {r['routed']:.4f} | {ideal:.4f} | "
-                f"{r['oracle']:.4f} | {r['regret_vs_best_single']:+.4f}{interval} | "
-                f"{100 * (r['routed'] / best - 1):+.1f}% | {100 * r['gap_to_oracle']:+.1f}% | "
-                f"{100 * (ideal / r['oracle'] - 1):+.1f}% |"
+                f"| {d} | {r.get('n', '')} | {single} | {r['best_single']} | "
+                + " | ".join(routed_cells)
+                + f" | {r['oracle']:.4f} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -456,7 +541,7 @@ def main() -> None:
     if "routing" in tables:
         results["routing"] = routing_table(args.zoo, max(args.rows, 200))
     if "e2e" in tables:
-        results["e2e"] = e2e_table(args.zoo, args.e2e_rows)
+        results["e2e"] = e2e_table(args.zoo, args.work, args.e2e_rows)
     results["seconds"] = round(time.perf_counter() - started, 1)
     results_path.write_text(json.dumps(results, indent=2))
     text = markdown(results)

@@ -37,11 +37,6 @@ def base_recipe(zoo: Path) -> dict:
     return recipe.model_dump(mode="json", exclude_none=True)
 
 
-# The gate calibration the zoo used until 2026-11-23: 64 prompts per expert, no answers, ridge λ 0.001.
-OLD_GATE = {"ridge_lambda": 0.001}
-DENSE_METHODS = (("linear", "linear"), ("TIES", "ties"), ("DARE-TIES", "dare_ties"))
-
-
 def varied_recipe(
     recipe: dict,
     *,
@@ -87,50 +82,88 @@ def varied_recipe(
     return out
 
 
-def variants(zoo: Path, with_mergekit: bool, with_tuned: bool = True) -> list[Variant]:
-    """Table 1's merges. "MoE ridge gates" is the zoo's own recipe; each other row changes one thing."""
+SHARED_METHODS = (
+    ("linear", "linear"),  # the BTX baseline: a plain average of the shared weights
+    ("task arithmetic", "task_arithmetic"),
+    ("TIES", "ties"),
+    ("DARE-TIES", "dare_ties"),
+)
+GATES = ("ridge", "hidden", "arrow", "random")
+
+
+def variants(
+    zoo: Path, with_mergekit: bool, with_tuned: bool = True, full_experts: dict[str, Path] | None = None
+) -> list[Variant]:
+    """Table 1's merges: dense merges of the shared and FFN weights by each shared-weight method, and the
+    MoE for every shared-weight method × gate initialisation ("MoE TIES + ridge gates" is the zoo's own
+    recipe); mergekit-moe on the same experts, materialised (it reads no adapters)."""
     recipe = base_recipe(zoo)
-
-    def vary(gate: dict | None = None, prompts: int | None = None) -> dict:
-        return varied_recipe(recipe, gate=gate, prompts=prompts)
-
-    def old(shared: dict | None = None, gate: dict | None = None, prompts: int = 64) -> dict:
-        """The zoo's earlier calibration (prompts only, λ 0.001), with `shared`, `gate`, `prompts` changed."""
-        return varied_recipe(
-            recipe, shared=shared, gate={**OLD_GATE, **(gate or {})}, prompts=prompts, answers=False
-        )
-
     found = [
-        # Dense merges and random or uniform gates read no calibration data, so the calibration they
-        # are built with does not matter: they keep the earlier one, and with it their cached builds.
-        *[Variant(f"dense {label}", "dense", old({"method": m})) for label, m in DENSE_METHODS],
-        *[Variant(f"MoE {g} gates", "moe", old(gate={"init": g})) for g in ("random", "uniform")],
-        Variant("MoE hidden gates", "moe", vary(gate={"init": "hidden"})),
-        Variant("MoE ridge gates", "moe", vary(gate={"init": "ridge"})),
-        Variant("MoE ridge gates, 64 prompts + answers", "moe", vary(gate={"init": "ridge"}, prompts=64)),
         *[
-            Variant(f"MoE ridge gates, {n} prompts, λ 0.001", "moe", old(gate={"init": "ridge"}, prompts=n))
-            for n in (64, 256, 1024)
+            Variant(f"dense {label}", "dense", varied_recipe(recipe, shared={"method": m}))
+            for label, m in SHARED_METHODS
         ],
-        Variant(  # as many prompts, a quarter of the tokens each
-            "MoE ridge gates, 1024 prompts × 32 tokens, λ 0.001",
-            "moe",
-            old(gate={"init": "ridge", "max_tokens": 32}, prompts=1024),
-        ),
+        *[
+            Variant(
+                f"MoE {label} + {gate} gates",
+                "moe",
+                varied_recipe(recipe, shared={"method": method}, gate={"init": gate}),
+            )
+            for label, method in SHARED_METHODS
+            for gate in GATES
+        ],
     ]
     if with_tuned:
+        zoo_moe = "MoE TIES + ridge gates"
         found.append(
-            Variant(
-                "MoE ridge + tuned gates", "moe", vary(gate={"init": "ridge"}), tune_from="MoE ridge gates"
-            )
+            Variant("MoE TIES + ridge + tuned gates", "moe", varied_recipe(recipe), tune_from=zoo_moe)
         )
     if with_mergekit:
-        found.append(Variant("mergekit-moe (hidden gates)", "moe", mergekit_config(recipe), mergekit=True))
+        found.append(
+            Variant(
+                "mergekit-moe (hidden gates)",
+                "moe",
+                mergekit_config(recipe, paths=full_experts),
+                mergekit=True,
+            )
+        )
     return found
 
 
-def mergekit_config(recipe: dict, prompts_per_expert: int = 16) -> dict:
-    """mergekit-moe's config for the same base and experts, with the experts' first calibration prompts."""
+def materialised(zoo: Path, work: Path, log) -> dict[str, Path]:
+    """Each LoRA expert of the zoo as a full checkpoint (peft's merge_and_unload of a float32 base, saved
+    in the base's dtype), for readers of full checkpoints only: mergekit-moe and the dense-expert rows.
+    A full-checkpoint expert is returned as it is."""
+    from merge.adapter import is_adapter
+
+    out = {}
+    for folder in sorted(p for p in (zoo / "experts").iterdir() if p.is_dir()):
+        if not is_adapter(folder):
+            out[folder.name] = folder
+            continue
+        target = work / "materialised" / folder.name
+        stamp = target.parent / f"{folder.name}.sha256"
+        key = hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()
+        if not (target.is_dir() and stamp.exists() and stamp.read_text() == key):
+            import torch
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            log(f"materialising the adapter {folder.name}")
+            shutil.rmtree(target, ignore_errors=True)
+            base = AutoModelForCausalLM.from_pretrained(str(zoo / "base"), dtype=torch.float32)
+            dtype = json.loads((zoo / "base" / "config.json").read_text()).get("dtype", "bfloat16")
+            model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+            model.to(getattr(torch, dtype)).save_pretrained(str(target))
+            AutoTokenizer.from_pretrained(str(zoo / "base")).save_pretrained(str(target))
+            stamp.write_text(key)
+        out[folder.name] = target
+    return out
+
+
+def mergekit_config(recipe: dict, prompts_per_expert: int = 16, paths: dict[str, Path] | None = None) -> dict:
+    """mergekit-moe's config for the same base and experts (`paths`: expert name → a full checkpoint to
+    read instead of the recipe's path), with the experts' first calibration prompts."""
     experts = []
     for expert in recipe["experts"]:
         prompts = list(expert.get("positive_prompts", []))
@@ -142,7 +175,8 @@ def mergekit_config(recipe: dict, prompts_per_expert: int = 16) -> dict:
                         prompts.append(row[source.get("field", "prompt")])
                     if len(prompts) >= prompts_per_expert:
                         break
-        experts.append({"source_model": expert["path"], "positive_prompts": prompts[:prompts_per_expert]})
+        source = str((paths or {}).get(expert["name"], expert["path"]))
+        experts.append({"source_model": source, "positive_prompts": prompts[:prompts_per_expert]})
     return {
         "base_model": recipe["base"],
         "gate_mode": "hidden",
