@@ -25,7 +25,7 @@ from serving.cli import register_serve_commands
 from serving.config import ConfigError, load_config, missing_paths, parse_config
 from serving.health import BreakerState, CircuitBreaker
 from serving.routing import MicroBatcher, RouterOverloaded
-from serving.testing import LOOPBACK, ThreadedServer, free_port
+from tests.helpers import LOOPBACK, ThreadedServer, free_port
 
 pytestmark = pytest.mark.timeout(120)
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("serve*.yaml"))
