@@ -158,6 +158,17 @@ class Recipe(_Strict):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _cheap_embed_has_data(self) -> Recipe:
+        """cheap_embed fits `hidden`'s prototype gate on the prompts' token embeddings: the same prompts."""
+        missing = [e.name for e in self.experts if not (e.data or e.positive_prompts)]
+        if self.gate.init == "cheap_embed" and missing:
+            raise ValueError(
+                "gate.init=cheap_embed needs data or positive_prompts for every expert (the gate is fitted "
+                f"on their token embeddings); missing for: {', '.join(missing)}. random and uniform need none"
+            )
+        return self
+
     @property
     def expert_names(self) -> list[str]:
         return [e.name for e in self.experts]
