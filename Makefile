@@ -29,7 +29,7 @@ test: $(STAMP) $(HELM)
 	$(VENV)/bin/mypy
 	$(PY) -m pytest
 
-# mypy checks the packages [tool.mypy] lists in pyproject.toml (router/ and serving/ so far: those that are clean).
+# mypy checks the packages [tool.mypy] lists in pyproject.toml: merge/, router/, serving/ and moerge/.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

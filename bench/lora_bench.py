@@ -37,7 +37,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving.testing import VllmServer  # noqa: E402
+from tests.helpers import VllmServer  # noqa: E402
 
 DOMAINS = ["math", "code", "text"]
 PROMPTS = [f"If we compute {a} + {b} we get" for a in range(9) for b in range(9)]

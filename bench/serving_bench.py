@@ -34,7 +34,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving.testing import LOOPBACK, VllmServer, free_port, wait_http_ok  # noqa: E402
+from tests.helpers import LOOPBACK, VllmServer, free_port, wait_http_ok  # noqa: E402
 
 KEY = "sk-bench-" + secrets.token_hex(16)  # LiteLLM refuses to start without a master key
 AUTH = {"Authorization": f"Bearer {KEY}"}  # sent to every target alike

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from serving.auth import hash_key  # noqa: E402
-from serving.testing import LOOPBACK, free_port, wait_http_ok  # noqa: E402
+from tests.helpers import LOOPBACK, free_port, wait_http_ok  # noqa: E402
 
 KEY = "sk-moerge-soak"
 PROMPTS = [

@@ -407,7 +407,7 @@ def merge_experts(
             check = check_checkpoint(tmp)
             check.raise_if_incomplete()
             _copy_tokenizer(ref.path, tmp)
-            report = {
+            report: dict[str, Any] = {
                 "mode": "dense" if dense else "moe",
                 "architecture": check.architecture,
                 "dense_layers": [] if dense else dense_layers,
@@ -440,8 +440,8 @@ def merge_experts(
 
 def _layer_stat(layer: int, top1: torch.Tensor, labels: torch.Tensor, experts: list[str]) -> dict[str, Any]:
     shares = routing_shares(top1, labels, len(experts))
-    load = torch.bincount(top1[labels >= 0], minlength=len(experts)).float()
-    load = (load / load.sum().clamp_min(1)).tolist()
+    counts = torch.bincount(top1[labels >= 0], minlength=len(experts)).float()
+    load = (counts / counts.sum().clamp_min(1)).tolist()
     return {
         "layer": layer,
         "own_share": {e: round(shares[i][i], 4) for i, e in enumerate(experts)},

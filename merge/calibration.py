@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig
+from transformers import LlamaConfig, PreTrainedTokenizerBase
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from merge.recipe import DataSource, ExpertSpec, RecipeError
@@ -99,19 +100,19 @@ class CalibrationSet:
 
 
 def _calibration_ids(
-    tokenizer, example: CalibrationText, max_tokens: int, use_chat_template: bool
+    tokenizer: PreTrainedTokenizerBase, example: CalibrationText, max_tokens: int, use_chat_template: bool
 ) -> list[int]:
     """The ids the model sees: the (chat-formatted) prompt, then the answer if there is one.
 
     With an answer, the prompt keeps at most half of `max_tokens`, cut from the left so the assistant
     header stays next to the answer."""
     if use_chat_template and tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template(
+        chat: Any = tokenizer.apply_chat_template(
             [{"role": "user", "content": example.prompt}], add_generation_prompt=True, tokenize=True
         )
-        if not isinstance(ids, list):  # transformers 5 may return a BatchEncoding
-            ids = ids["input_ids"]
-        ids = list(ids)
+        if not isinstance(chat, list):  # transformers 5 may return a BatchEncoding
+            chat = chat["input_ids"]
+        ids: list[int] = list(chat)
     else:
         ids = list(tokenizer(example.prompt, add_special_tokens=True)["input_ids"])
         if example.response:
@@ -124,7 +125,10 @@ def _calibration_ids(
 
 
 def tokenize_calibration(
-    tokenizer, prompts: list[tuple[int, CalibrationText]], max_tokens: int, use_chat_template: bool
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[tuple[int, CalibrationText]],
+    max_tokens: int,
+    use_chat_template: bool,
 ) -> CalibrationSet:
     rows: list[list[int]] = []
     for _, example in prompts:
@@ -283,7 +287,7 @@ def load_calibration_prompts(
     return labelled
 
 
-def tokenizer_for(path: Path):
+def tokenizer_for(path: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)

@@ -5,12 +5,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-def load_causal_lm(model_dir: Path):
+
+def load_causal_lm(model_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=False)
@@ -19,7 +23,13 @@ def load_causal_lm(model_dir: Path):
 
 
 @torch.inference_mode()
-def perplexity(model, tokenizer, texts: list[str], max_tokens: int = 256, batch_size: int = 8) -> float:
+def perplexity(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    max_tokens: int = 256,
+    batch_size: int = 8,
+) -> float:
     """Token-weighted perplexity of `texts` (each truncated to `max_tokens`)."""
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(texts), batch_size):
@@ -41,7 +51,10 @@ def perplexity(model, tokenizer, texts: list[str], max_tokens: int = 256, batch_
 
 @torch.inference_mode()
 def routing_shares(
-    model, tokenizer, prompts: dict[str, list[str]], max_tokens: int = 128
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: dict[str, list[str]],
+    max_tokens: int = 128,
 ) -> list[dict[str, float]]:
     """Per layer: for each domain, the share of its tokens whose top-1 expert is the domain's own expert.
 
@@ -73,7 +86,9 @@ class ReferenceScore:
     bytes: int
 
 
-def _reference_ids(tokenizer, row: dict, max_prompt_tokens: int, max_tokens: int) -> tuple[list[int], int]:
+def _reference_ids(
+    tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], max_prompt_tokens: int, max_tokens: int
+) -> tuple[list[int], int]:
     """Token ids of one scored example and how many leading ids are context (not scored).
 
     A row with a `response` is scored on the response given the chat-formatted prompt (the model sees what
@@ -96,9 +111,9 @@ def _reference_ids(tokenizer, row: dict, max_prompt_tokens: int, max_tokens: int
 
 @torch.inference_mode()
 def score_references(
-    model,
-    tokenizer,
-    rows: list[dict],
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[dict[str, Any]],
     *,
     max_prompt_tokens: int = 192,
     max_tokens: int = 384,
@@ -130,6 +145,7 @@ def score_references(
         for row, i in enumerate(batch):
             seq, context = examples[i]
             text = tokenizer.decode(seq[context:], skip_special_tokens=False)
+            assert isinstance(text, str)  # one sequence decodes to one string
             scores[i] = ReferenceScore(
                 float(nll[row][mask[row]].sum()), int(mask[row].sum()), len(text.encode("utf-8"))
             )
@@ -137,7 +153,12 @@ def score_references(
 
 
 @torch.inference_mode()
-def routing_load(model, tokenizer, prompts: dict[str, list[str]], max_tokens: int = 128) -> torch.Tensor:
+def routing_load(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: dict[str, list[str]],
+    max_tokens: int = 128,
+) -> torch.Tensor:
     """Top-1 routing counts as a tensor [layer, domain, expert] over the prompts of each domain.
 
     Domains are `prompts`' keys in order; a domain's own expert is the one at the same index when the MoE's

@@ -15,6 +15,7 @@ MergeMethod = Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_
 GateInit = Literal["hidden", "ridge", "cheap_embed", "arrow", "random", "uniform"]
 DType = Literal["float32", "bfloat16", "float16"]
 TASK_VECTOR_METHODS = {"task_arithmetic", "ties", "dare_linear", "dare_ties"}
+CALIBRATED_GATES = {"hidden", "ridge", "cheap_embed"}  # fitted on the experts' calibration prompts
 
 
 class RecipeError(ValueError):
@@ -149,12 +150,13 @@ class Recipe(_Strict):
             raise ValueError(
                 "gate.init=arrow needs `base`: each expert's prototype comes from its FFN's change from the base"
             )
-        if self.gate.init in {"hidden", "ridge"}:
+        if self.gate.init in CALIBRATED_GATES:
             missing = [e.name for e in self.experts if not (e.data or e.positive_prompts)]
             if missing:
                 raise ValueError(
-                    f"gate.init={self.gate.init} needs data or positive_prompts for every expert; "
-                    f"missing for: {', '.join(missing)}"
+                    f"gate.init={self.gate.init} needs data or positive_prompts for every expert (the gate "
+                    f"is fitted on their calibration prompts); missing for: {', '.join(missing)}. "
+                    "random, uniform and arrow need none"
                 )
         return self
 

@@ -13,6 +13,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -115,7 +116,7 @@ def tiny_config(vocab_size: int, layers: int = 2) -> LlamaConfig:
         head_dim=64,
         max_position_embeddings=256,
         rms_norm_eps=1e-5,
-        rope_theta=10000.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         tie_word_embeddings=False,
         bos_token_id=0,
         eos_token_id=0,
@@ -220,7 +221,7 @@ def tiny_family_config(family: str, vocab_size: int, layers: int = 2) -> Pretrai
     """A tiny dense Qwen2 (q/k/v biases) or Qwen3 (per-head q/k norms) config, head_dim 64."""
     from transformers import Qwen2Config, Qwen3Config
 
-    shape = {
+    shape: dict[str, Any] = {
         "vocab_size": vocab_size,
         "hidden_size": 128,
         "intermediate_size": 256,

@@ -63,7 +63,7 @@ def build_tiny_adapters(
             opt.zero_grad()
         tmp = path.with_name(path.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        peft_model.save_pretrained(tmp)
+        peft_model.save_pretrained(str(tmp))
         (tmp / "moerge_tiny.json").write_text(json.dumps({"domain": domain, "steps": steps}))
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)

@@ -11,7 +11,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +22,11 @@ from merge.layout import gate_name
 from merge.recipe import Recipe
 from merge.writer import atomic_output_dir, check_output_dir
 
+if TYPE_CHECKING:
+    from transformers import MixtralForCausalLM
 
-def _load_moe(moe_dir: Path):
+
+def _load_moe(moe_dir: Path) -> tuple[MixtralForCausalLM, dict[str, Any]]:
     from transformers import MixtralForCausalLM
 
     config = json.loads((moe_dir / "config.json").read_text())

@@ -20,6 +20,8 @@ import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
+from typing import NoReturn
 
 import torch
 
@@ -116,7 +118,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         for name in names:
             t = tensors[name]
             if t.numel():
-                fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                fh.write(t.reshape(-1).view(torch.uint8).numpy().data)
         fh.flush()
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
@@ -126,7 +128,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
 def _sigterm_as_interrupt() -> Iterator[None]:
     """Turn SIGTERM into KeyboardInterrupt so the cleanup below runs for `kill` as for Ctrl-C."""
 
-    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+    def handler(signum: int, frame: FrameType | None) -> NoReturn:  # noqa: ARG001 - signal handler signature
         raise KeyboardInterrupt("SIGTERM")
 
     try:

@@ -70,9 +70,25 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def create_app(config: ServeConfig, metrics: Metrics | None = None) -> FastAPI:
+    """The app in its steps: the gateway and its slots, the FastAPI object, admission middleware, the
+    OpenAI routes, the admin routes, the probes (health, readiness, metrics), the published schemas."""
     gateway = Gateway(config, metrics)
-    m = gateway.metrics
     slots = Slots(config.server.max_concurrent_requests)
+    app = _new_app(config, gateway, slots)
+    _add_admission(app, config, gateway.metrics, slots)
+    _add_openai_routes(app, gateway)
+    _add_admin_routes(app, gateway)
+    _add_probes(app, config, gateway, slots)
+    install_openapi_schemas(
+        app,
+        [ChatCompletionRequest, CompletionRequest, FeedbackRequest, lora_admin.RegisterAdapter],
+        config.server.max_tokens,
+    )
+    return app
+
+
+def _new_app(config: ServeConfig, gateway: Gateway, slots: Slots) -> FastAPI:
+    """The FastAPI object: its lifespan starts the gateway, then drains open requests and closes it."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -99,6 +115,11 @@ def create_app(config: ServeConfig, metrics: Metrics | None = None) -> FastAPI:
     app.state.gateway = gateway
     app.state.slots = slots
     install_error_handlers(app)
+    return app
+
+
+def _add_admission(app: FastAPI, config: ServeConfig, m: Metrics, slots: Slots) -> None:
+    """What a request passes before any route: allowed hosts, the whole body within its deadline, a slot."""
 
     def rejected(reason: str, path: str) -> None:
         m.rejected.labels(reason).inc()
@@ -113,6 +134,10 @@ def create_app(config: ServeConfig, metrics: Metrics | None = None) -> FastAPI:
     )
     if server.allowed_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=server.allowed_hosts)
+
+
+def _add_openai_routes(app: FastAPI, gateway: Gateway) -> None:
+    """OpenAI's endpoints (chat, completions, models) and moerge's feedback."""
 
     @app.post("/v1/chat/completions", responses=_ERRORS, openapi_extra=request_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
@@ -133,6 +158,10 @@ def create_app(config: ServeConfig, metrics: Metrics | None = None) -> FastAPI:
     async def list_models(request: Request) -> dict[str, Any]:
         key = _authenticate(gateway, request)
         return {"object": "list", "data": [x for x in gateway.models() if gateway.keys.allowed(key, x["id"])]}
+
+
+def _add_admin_routes(app: FastAPI, gateway: Gateway) -> None:
+    """The admin API (admin keys only): LoRA adapters registered, synced and unregistered at runtime."""
 
     @app.get("/admin/lora", responses=_ERRORS)
     async def admin_lora_list(request: Request) -> dict[str, Any]:
@@ -166,6 +195,10 @@ def create_app(config: ServeConfig, metrics: Metrics | None = None) -> FastAPI:
         async with gateway.lora_admin_lock:
             return await lora_admin.unregister(gateway, family, name)
 
+
+def _add_probes(app: FastAPI, config: ServeConfig, gateway: Gateway, slots: Slots) -> None:
+    """Liveness, readiness and (unless they have their own port) Prometheus metrics."""
+
     @app.get("/health")
     async def health() -> dict[str, str]:
         """Liveness: the gateway process answers."""
@@ -188,14 +221,7 @@ def create_app(config: ServeConfig, metrics: Metrics | None = None) -> FastAPI:
             responses={200: {"description": "Prometheus metrics", "content": {CONTENT_TYPE_LATEST: {}}}},
         )
         async def metrics_endpoint() -> Response:
-            return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
-
-    install_openapi_schemas(
-        app,
-        [ChatCompletionRequest, CompletionRequest, FeedbackRequest, lora_admin.RegisterAdapter],
-        config.server.max_tokens,
-    )
-    return app
+            return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def _endpoint_of(path: str) -> str:

@@ -3,7 +3,8 @@
 Paths in the file are resolved relative to the file itself, so an example config can point at a zoo
 built beside it. Whether those paths exist is checked separately (`missing_paths`), so the schema can be
 validated on a machine that has not built the models.
-May import: pydantic, yaml (serving's other modules import it, not the reverse).
+May import: pydantic, yaml, serving.engine_args, and router's kind registry (router.base, router.heads)
+to check router kinds by name (serving's other modules import it, not the reverse).
 """
 
 from __future__ import annotations
@@ -319,6 +320,23 @@ class RouterConfig(_Strict):
         description="a trained artifact's classes re-mapped to other served experts (over its own "
         "serve_as): e.g. the same domain router sending math to a merged MoE or to the math adapter",
     )
+
+    @field_validator("kind")
+    @classmethod
+    def _built_in_kind(cls, kind: str | None) -> str | None:
+        """A kind named by the router registry; a trained kind is served from its `artifact` instead."""
+        if kind is None:
+            return kind
+        from router.base import router_kinds
+        from router.heads import head_kinds
+
+        trained = head_kinds()
+        if kind in trained:
+            raise ValueError(f"router kind {kind!r} is trained: give `artifact: DIR` (its artifact) instead")
+        built_in = [k for k in router_kinds() if k not in trained]
+        if kind not in built_in:
+            raise ValueError(f"unknown router kind {kind!r}; built-in kinds: {', '.join(built_in)}")
+        return kind
 
     @model_validator(mode="after")
     def _one_source(self) -> RouterConfig:

@@ -12,7 +12,7 @@ import pytest
 from merge.tiny import TINY_FAMILIES, TinyFamily, TinyZoo, build_tiny_family, build_tiny_zoo
 
 if TYPE_CHECKING:
-    from serving.testing import PostgresServer
+    from tests.helpers import PostgresServer
 
 # vLLM on CPU: small KV cache so several engines fit beside the tests.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -54,7 +54,7 @@ def postgres_factory() -> Iterator[Callable[[], PostgresServer]]:
 
     Without PostgreSQL the tests that need it fail when CI is set, and are skipped (with the reason) locally.
     """
-    from serving.testing import PostgresServer, PostgresUnavailable
+    from tests.helpers import PostgresServer, PostgresUnavailable
 
     started: list[PostgresServer] = []
 

@@ -29,7 +29,7 @@ from serving.auth import hash_key
 from serving.config import load_config, parse_config
 from serving.decision_log import decisions, feedback
 from serving.logging_json import JsonFormatter
-from serving.testing import LOOPBACK, ThreadedServer, free_port, wait_http_ok
+from tests.helpers import LOOPBACK, ThreadedServer, free_port, wait_http_ok
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from serving.config import check_db_url
 from serving.decision_log import DecisionLog, decisions, feedback, make_engine
 from serving.report import build_report, load_experiment
-from serving.testing import PostgresServer
+from tests.helpers import PostgresServer
 
 pytestmark = pytest.mark.timeout(600)  # the first test may install PostgreSQL (apt-get)
 

@@ -264,7 +264,7 @@ def remote_lora(
 ) -> Iterator[Any]:
     """`vllm serve BASE --enable-lora --lora-modules zero=… math=… code=… text=…` (4 slots: the zero
     adapter takes slot 0, `text` the last slot, so a no-adapter row in a mixed batch gets `text` added)."""
-    from serving.testing import VllmServer
+    from tests.helpers import VllmServer
 
     modules = [f"zero={zero_dir}"] + [f"{n}={p}" for n, p in adapters.items()]
     server = VllmServer(
@@ -322,7 +322,7 @@ def lora_gateway(
     zoo: TinyZoo, adapters: dict[str, Path], remote_lora: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Any]:
     from serving.app import create_app
-    from serving.testing import ThreadedServer, wait_http_ok
+    from tests.helpers import ThreadedServer, wait_http_ok
 
     data = e2e_config(zoo, adapters, remote_lora.url)
     db = tmp_path_factory.mktemp("lora-db") / "decisions.db"

@@ -185,6 +185,56 @@ def test_uniform_gates_flag_unused_experts(tiny_zoo: TinyZoo, tmp_path: Path) ->
     assert report["unused_experts"] == ["code", "text"]
 
 
+def _gates(out: Path) -> list[torch.Tensor]:
+    moe = load_file(str(out / "model-00001.safetensors"))
+    return [moe[f"model.layers.{layer}.block_sparse_moe.gate.weight"] for layer in range(2)]
+
+
+def test_cheap_embed_gates_route_held_out_prompts_from_token_embeddings(
+    tiny_zoo: TinyZoo, tmp_path: Path
+) -> None:
+    report = merge_experts(make_recipe(tiny_zoo, gate={"init": "cheap_embed"}), tmp_path / "c")
+    assert report["gate_init"] == "cheap_embed" and len(report["gate_stats"]) == 2
+    first, second = _gates(tmp_path / "c")
+    assert torch.equal(first, second)  # one gate, fitted once on the token embeddings, at every layer
+    model, tok = load_causal_lm(tmp_path / "c")
+    shares = routing_shares(model, tok, {d: domain_prompts(d, 12, seed=12345) for d in TINY_DOMAINS})
+    mean_share = sum(sum(layer.values()) for layer in shares) / (len(shares) * len(TINY_DOMAINS))
+    assert (
+        mean_share > 0.45
+    )  # uniform gates give 1/3 (test_data_driven_gates_beat_uniform_on_held_out_prompts)
+
+
+def test_random_gates_need_no_data_and_follow_their_seed(tiny_zoo: TinyZoo, tmp_path: Path) -> None:
+    raw = recipe_dict(tiny_zoo, gate={"init": "random", "seed": 3})
+    for expert in raw["experts"]:
+        del expert["data"]
+    report = merge_experts(Recipe.model_validate(raw), tmp_path / "r")
+    assert report["gate_init"] == "random" and report["gate_stats"] == []  # no data: nothing to measure
+    generator = torch.Generator().manual_seed(3)
+    for gate in _gates(tmp_path / "r"):  # one draw per layer, in layer order, from gate.seed
+        assert torch.equal(gate, torch.randn(3, 128, generator=generator) * 0.02)
+    model = MixtralForCausalLM.from_pretrained(str(tmp_path / "r"))
+    with torch.inference_mode():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@pytest.mark.parametrize("init", ["hidden", "ridge", "cheap_embed"])
+def test_gates_fitted_on_prompts_are_refused_without_them(
+    tiny_zoo: TinyZoo, tmp_path: Path, init: str
+) -> None:
+    raw = recipe_dict(tiny_zoo, gate={"init": init})
+    del raw["experts"][2]["data"]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(
+        RecipeError, match=rf"gate\.init={init} needs data or positive_prompts for every expert"
+    ):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match="missing for: text"):
+        load_recipe(path)
+
+
 def test_base_joins_as_expert(tiny_zoo: TinyZoo, tmp_path: Path) -> None:
     report = merge_experts(make_recipe(tiny_zoo, base_as_expert=True, experts_per_token=2), tmp_path / "b")
     assert report["experts"] == ["math", "code", "text", "base"]

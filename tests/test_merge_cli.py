@@ -67,6 +67,17 @@ def test_cli_reports_recipe_errors_by_field(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_refuses_cheap_embed_gates_without_data(tiny_zoo: TinyZoo, tmp_path: Path) -> None:
+    experts = [{"name": d, "path": str(tiny_zoo.experts[d])} for d in TINY_DOMAINS]
+    recipe = _write_recipe(tiny_zoo, tmp_path / "r.yaml", experts=experts, gate={"init": "cheap_embed"})
+    result = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "moe")])
+    assert result.exit_code == 2, result.output
+    output = " ".join(result.output.split())  # the console wraps long lines
+    assert "gate.init=cheap_embed needs data or positive_prompts for every expert" in output
+    assert "missing for: math, code, text" in output and "Traceback" not in output
+    assert not (tmp_path / "moe").exists()
+
+
 def test_tune_gates_improves_routing_of_random_gates(tiny_zoo: TinyZoo, tmp_path: Path) -> None:
     recipe = _write_recipe(tiny_zoo, tmp_path / "r.yaml", gate={"init": "random"})
     assert runner.invoke(app, ["merge", str(recipe), str(tmp_path / "moe")]).exit_code == 0

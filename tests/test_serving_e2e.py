@@ -29,7 +29,7 @@ from merge.tiny import TinyZoo, build_tiny_zoo
 from serving.app import create_app
 from serving.config import parse_config
 from serving.decision_log import decisions, make_engine
-from serving.testing import ThreadedServer, VllmServer, wait_http_ok
+from tests.helpers import ThreadedServer, VllmServer, wait_http_ok
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
 # Long generations that a test can interrupt for sure: the engine core of a tiny model can run

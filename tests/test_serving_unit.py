@@ -25,7 +25,7 @@ from serving.cli import register_serve_commands
 from serving.config import ConfigError, load_config, missing_paths, parse_config
 from serving.health import BreakerState, CircuitBreaker
 from serving.routing import MicroBatcher, RouterOverloaded
-from serving.testing import LOOPBACK, ThreadedServer, free_port
+from tests.helpers import LOOPBACK, ThreadedServer, free_port
 
 pytestmark = pytest.mark.timeout(120)
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("serve*.yaml"))
@@ -69,6 +69,8 @@ def test_example_configs_validate(path: Path) -> None:
         ({"server": {"port": 70000}}, "server.port"),
         ({"server": {"prot": 1}}, "server.prot"),
         ({"routers": {"r": {"kind": "fixed", "artifact": "/x"}}}, "routers.r"),
+        ({"routers": {"r": {"kind": "nope"}}}, "routers.r.kind"),
+        ({"routers": {"r": {"kind": "hybrid"}}}, "routers.r.kind"),
         ({"routers": {"r": {"kind": "fixed"}}, "routing_models": {"auto": "nope"}}, "routing_models.auto"),
         ({"routers": {"r": {"kind": "fixed"}}, "routing_models": {"a": "r"}}, "routing_models.a"),
         ({"experts": {}}, "experts"),
@@ -81,6 +83,20 @@ def test_config_errors_name_the_field(patch: dict[str, Any], field: str) -> None
     with pytest.raises(ConfigError) as err:
         parse_config(data)
     assert field in str(err.value)
+
+
+def test_router_kinds_come_from_the_router_registry() -> None:
+    from router.base import router_kinds
+    from router.heads import head_kinds
+
+    data: dict[str, Any] = {"experts": {"a": {"backend": "vllm", "model": "m"}}}
+    with pytest.raises(ConfigError) as err:
+        parse_config({**data, "routers": {"r": {"kind": "nope"}}})
+    built_in = [k for k in router_kinds() if k not in head_kinds()]
+    assert f"built-in kinds: {', '.join(built_in)}" in str(err.value)
+    assert {"fixed", "random", "rules", "perplexity"} <= set(built_in)
+    with pytest.raises(ConfigError, match=r"router kind 'classifier' is trained: give `artifact: DIR`"):
+        parse_config({**data, "routers": {"r": {"kind": "classifier"}}})
 
 
 def test_config_defaults_and_paths(tmp_path: Path) -> None:

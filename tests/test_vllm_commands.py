@@ -22,8 +22,8 @@ import pytest
 from merge.tiny import TinyZoo
 from serving.app import create_app
 from serving.config import parse_config
-from serving.testing import LOOPBACK, ThreadedServer, free_port, wait_http_ok
 from serving.vllm_boundary import ALLOW_UNTESTED, TESTED_VLLM, VllmVersionError, check_vllm
+from tests.helpers import LOOPBACK, ThreadedServer, free_port, wait_http_ok
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM = Path(sys.executable).parent / "vllm"  # the console script, as a user runs it from the venv

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from merge.recipe import GateInit, MergeMethod
 from router.config import GroupHoldout, Holdout
 from router.heads import DEFAULT_KIND, check_head_kind, head_kinds
+from router.linear import Classifier
 
 DOMAINS = ("math", "code", "knowledge", "text", "general")
 
@@ -197,7 +198,7 @@ class RouterStage(_Strict):
         "all",
         description="MiniLM layers pooled into the sentence vector (as examples/router-shared-data.yaml)",
     )
-    classifier: Literal["linear-svm", "logreg"] = "linear-svm"
+    classifier: Classifier = "linear-svm"
     C: float = Field(0.01, gt=0, description="classifier regularisation (0.01 chosen for the shared data)")
     fast_path: bool = Field(True, description="n-gram stage in front of the encoder (router/ngram.py)")
     balance_domains: bool = Field(

@@ -93,7 +93,7 @@ def attach_lora(model: Any, start: int, spec: FinetuneStage) -> tuple[Any, list[
     layers = model.config.num_hidden_layers
     config = LoraConfig(
         r=spec.lora.rank,
-        lora_alpha=spec.lora.alpha,
+        lora_alpha=spec.lora.alpha,  # type: ignore[arg-type]  # peft annotates int; it only scales by it
         lora_dropout=0.0,
         bias="none",
         target_modules=[*LORA_ATTENTION, *LORA_FFN] if spec.lora.attention else list(LORA_FFN),

@@ -60,7 +60,7 @@ def with_cpu_kv_budget(
     if not current_platform.is_cpu():
         return engine_args
     if total_bytes is None:
-        import psutil  # type: ignore[import-untyped]
+        import psutil
 
         total_bytes = int(psutil.virtual_memory().total)
     budget = int(min(KV_CAP_BYTES, total_bytes * KV_SHARE_OF_RAM / max(1, engines)))

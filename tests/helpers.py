@@ -1,6 +1,9 @@
 """Support for tests and benchmarks: a `vllm serve` subprocess, a gateway on a background thread, and a
 throwaway PostgreSQL server (installed from Debian's `postgresql` package if missing).
 
+It lives under tests/, outside the installed packages (nothing in merge/, router/, serving/ or moerge/ may
+import it); tests and bench/ scripts import it as `tests.helpers` from the repository root.
+
 All bind 127.0.0.1 only. The vLLM server runs in its own process group so that killing it (a fault
 test does) takes its engine-core child with it.
 """
