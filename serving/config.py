@@ -77,7 +77,15 @@ class ServerConfig(_Strict):
     max_tokens: int | None = Field(
         None,
         ge=1,
-        description="most tokens a request may ask for (max_tokens / max_completion_tokens; 400 beyond)",
+        description="most tokens a request may ask for (max_tokens / max_completion_tokens / "
+        "max_output_tokens; 400 beyond)",
+    )
+    max_stored_responses: int = Field(
+        10000,
+        ge=0,
+        le=10_000_000,
+        description="Responses API: ids of answers kept for `previous_response_id` (the oldest are "
+        "forgotten, in-process engines drop them too; 0: nothing is stored)",
     )
 
 

@@ -92,6 +92,74 @@ class CompletionRequest(_Sampling):
     best_of: int | None = Field(None, ge=1, le=MAX_N)
 
 
+class InputText(_Open):
+    type: Literal["input_text"]
+    text: str
+
+
+class ResponseInputMessage(_Open):
+    type: Literal["message"] | None = None
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | Annotated[list[InputText], Field(min_length=1, max_length=MAX_PARTS)]
+
+
+class ResponsesRequest(_Open):
+    """`POST /v1/responses` (OpenAI's Responses API): the fields checked here; the rest goes to the engine."""
+
+    model: str = Field(
+        min_length=1, max_length=256, description="an expert, or a routing model such as `auto`"
+    )
+    input: str | Annotated[list[ResponseInputMessage], Field(min_length=1, max_length=MAX_MESSAGES)] = Field(
+        description="text, or input messages"
+    )
+    instructions: str | None = None
+    previous_response_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="continue a response this gateway answered: served by the expert that holds it",
+    )
+    max_output_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    stream: StrictBool | None = False
+    store: StrictBool | None = None
+    background: Literal[False] | None = Field(None, description="background mode is not supported")
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=16)
+    user: str | None = Field(None, max_length=256)
+
+
+class TextBlock(_Open):
+    type: Literal["text"]
+    text: str
+
+
+class AnthropicMessage(_Open):
+    role: Literal["user", "assistant"]
+    content: str | Annotated[list[TextBlock], Field(min_length=1, max_length=MAX_PARTS)]
+
+
+class AnthropicMetadata(_Open):
+    user_id: str | None = Field(None, max_length=256)
+
+
+class MessagesRequest(_Open):
+    """`POST /v1/messages` (Anthropic's Messages API): the fields checked here; the rest goes to the engine."""
+
+    model: str = Field(
+        min_length=1, max_length=256, description="an expert, or a routing model such as `auto`"
+    )
+    messages: list[AnthropicMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int = Field(ge=1, le=MAX_TOKENS)
+    system: str | Annotated[list[TextBlock], Field(min_length=1, max_length=MAX_PARTS)] | None = None
+    stop_sequences: Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    temperature: float | None = Field(None, ge=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=1, le=1 << 20)
+    stream: StrictBool | None = False
+    metadata: AnthropicMetadata | None = None
+
+
 class FeedbackRequest(BaseModel):
     """`POST /v1/feedback`: a score and/or a label for an answered request."""
 
@@ -118,11 +186,14 @@ class FeedbackRequest(BaseModel):
         return self
 
 
-def check_max_tokens(body: ChatCompletionRequest | CompletionRequest, cap: int | None) -> None:
+TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
+def check_max_tokens(body: BaseModel, cap: int | None) -> None:
     """400 naming the field when a request asks for more tokens than the key or the gateway allows."""
     if cap is None:
         return
-    for field in ("max_tokens", "max_completion_tokens"):
+    for field in TOKEN_FIELDS:
         value = getattr(body, field, None)
         if value is not None and value > cap:
             raise OpenAIError(
@@ -137,15 +208,15 @@ def check_max_tokens(body: ChatCompletionRequest | CompletionRequest, cap: int |
 DEFAULT_COMPLETION_RESERVE = 256
 
 
-def reserved_tokens(body: ChatCompletionRequest | CompletionRequest, raw_bytes: int) -> int:
+def reserved_tokens(body: BaseModel, raw_bytes: int) -> int:
     """Tokens a request may use, for the key's token budget: a prompt estimate plus its completions.
 
     The prompt is estimated from the body's size (about 4 bytes a token for English text and JSON),
     an over-estimate for most requests: the unused part is refunded when the answer's usage is known.
     """
-    asked = [getattr(body, f, None) for f in ("max_tokens", "max_completion_tokens")]
+    asked = [getattr(body, f, None) for f in TOKEN_FIELDS]
     completion = min((a for a in asked if a is not None), default=DEFAULT_COMPLETION_RESERVE)
-    return raw_bytes // 4 + completion * (body.n or 1)
+    return raw_bytes // 4 + completion * (getattr(body, "n", None) or 1)
 
 
 def prompt_messages(prompt: Any) -> list[dict[str, Any]]:
@@ -234,7 +305,7 @@ def install_openapi_schemas(
 
 
 def _cap_token_fields(schema: dict[str, Any], cap: int) -> None:
-    for name in ("max_tokens", "max_completion_tokens"):
+    for name in TOKEN_FIELDS:
         field = schema.get("properties", {}).get(name)
         for option in field.get("anyOf", [field]) if field else []:
             if option.get("type") == "integer":

@@ -239,3 +239,6 @@ class LoraMemberBackend(Backend):
             model=self.engine.upstream_model(self.adapter),
         )
         return result
+
+    def forget_response(self, response_id: str) -> None:
+        self.engine.inner.forget_response(response_id)
