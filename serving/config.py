@@ -141,6 +141,19 @@ class VllmExpert(_ExpertBase):
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="`vllm serve` options, e.g. max_model_len: 256, enforce_eager: true"
     )
+    tool_call_parser: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="vLLM's tool-call parser for this model (`--tool-call-parser`: hermes, llama3_json, "
+        "pythonic...): tool_choice `required` or a named function needs one; checked against the pinned "
+        "vLLM's parsers at start and by --check",
+    )
+    enable_auto_tool_choice: bool = Field(
+        False,
+        description="tool_choice `auto`: the model decides when to call tools (`--enable-auto-tool-choice`; "
+        "needs tool_call_parser)",
+    )
 
     @model_validator(mode="after")
     def _safe_engine_args(self) -> VllmExpert:
@@ -148,7 +161,21 @@ class VllmExpert(_ExpertBase):
             check_engine_args(self.engine_args)
         except ValueError as err:
             raise ValueError(f"engine_args: {err}") from None
+        keys = {k.replace("-", "_") for k in self.engine_args}
+        if both := sorted(keys & {"tool_call_parser", "enable_auto_tool_choice"}):
+            raise ValueError(f"engine_args: {', '.join(both)}: set it on the expert, not in engine_args")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice needs tool_call_parser")
         return self
+
+    def engine_options(self) -> dict[str, Any]:
+        """`engine_args` plus the tool-calling options, as the engine gets them."""
+        out = dict(self.engine_args)
+        if self.tool_call_parser is not None:
+            out["tool_call_parser"] = self.tool_call_parser
+        if self.enable_auto_tool_choice:
+            out["enable_auto_tool_choice"] = True
+        return out
 
 
 class OpenAIExpert(_ExpertBase):

@@ -21,6 +21,7 @@ from serving.protocol import (
     CompletionRequest,
     MessagesRequest,
     ResponsesRequest,
+    declared,
     prompt_messages,
 )
 
@@ -46,14 +47,15 @@ class Protocol:
 
     def user(self, body: Any) -> str | None:
         """The end user, the sticky key of `assign_by: user` experiments."""
-        return getattr(body, "user", None)
+        user = declared(body, "user")
+        return user if isinstance(user, str) else None
 
     def prepare(self, gateway: Gateway, payload: dict[str, Any], body: Any, cap: int | None) -> None:
         """Edit the payload sent to the backend (a capped gateway's default token limit)."""
         field = self.default_token_field
         if cap is not None and field is not None:
             asked = ("max_tokens", "max_completion_tokens", "max_output_tokens")
-            if all(getattr(body, f, None) is None for f in asked):
+            if all(declared(body, f) is None for f in asked):
                 payload[field] = cap  # a capped gateway never lets an answer run to the context's end
 
     def pinned(self, gateway: Gateway, rec: RequestRecord, body: Any) -> str | None:

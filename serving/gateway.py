@@ -97,7 +97,7 @@ def build_backend(
     if isinstance(cfg, VllmExpert):
         from serving.backends.inprocess import InProcessBackend
 
-        return InProcessBackend(name, cfg.model, cfg.engine_args, engines)
+        return InProcessBackend(name, cfg.model, cfg.engine_options(), engines)
     from serving.backends.remote import RemoteBackend
 
     return RemoteBackend(name, str(cfg.url), cfg.model or name, client, cfg.key())

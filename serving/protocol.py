@@ -13,7 +13,15 @@ from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from starlette.requests import ClientDisconnect, Request
 
 from serving.errors import OpenAIError, validation_message
@@ -92,18 +100,30 @@ class CompletionRequest(_Sampling):
     best_of: int | None = Field(None, ge=1, le=MAX_N)
 
 
-class InputText(_Open):
+def _json_number(value: Any) -> Any:
+    """A JSON number only: pydantic would take "5" or true for 5 or 1, which the schema forbids (2.0 is
+    an integer in JSON Schema, and stays one here)."""
+    if isinstance(value, (bool, str)):
+        raise ValueError("Input should be a number")
+    return value
+
+
+class _StrictOpen(_Open):
+    """Responses and Messages bodies: their number fields take JSON numbers only (see `_json_number`)."""
+
+
+class InputText(_StrictOpen):
     type: Literal["input_text"]
     text: str
 
 
-class ResponseInputMessage(_Open):
+class ResponseInputMessage(_StrictOpen):
     type: Literal["message"] | None = None
     role: Literal["user", "assistant", "system", "developer"]
     content: str | Annotated[list[InputText], Field(min_length=1, max_length=MAX_PARTS)]
 
 
-class ResponsesRequest(_Open):
+class ResponsesRequest(_StrictOpen):
     """`POST /v1/responses` (OpenAI's Responses API): the fields checked here; the rest goes to the engine."""
 
     model: str = Field(
@@ -128,22 +148,24 @@ class ResponsesRequest(_Open):
     metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=16)
     user: str | None = Field(None, max_length=256)
 
+    _numbers = field_validator("max_output_tokens", "temperature", "top_p", mode="before")(_json_number)
 
-class TextBlock(_Open):
+
+class TextBlock(_StrictOpen):
     type: Literal["text"]
     text: str
 
 
-class AnthropicMessage(_Open):
+class AnthropicMessage(_StrictOpen):
     role: Literal["user", "assistant"]
     content: str | Annotated[list[TextBlock], Field(min_length=1, max_length=MAX_PARTS)]
 
 
-class AnthropicMetadata(_Open):
+class AnthropicMetadata(_StrictOpen):
     user_id: str | None = Field(None, max_length=256)
 
 
-class MessagesRequest(_Open):
+class MessagesRequest(_StrictOpen):
     """`POST /v1/messages` (Anthropic's Messages API): the fields checked here; the rest goes to the engine."""
 
     model: str = Field(
@@ -158,6 +180,8 @@ class MessagesRequest(_Open):
     top_k: int | None = Field(None, ge=1, le=1 << 20)
     stream: StrictBool | None = False
     metadata: AnthropicMetadata | None = None
+
+    _numbers = field_validator("max_tokens", "temperature", "top_p", "top_k", mode="before")(_json_number)
 
 
 class FeedbackRequest(BaseModel):
@@ -189,12 +213,18 @@ class FeedbackRequest(BaseModel):
 TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
+def declared(body: BaseModel, name: str) -> Any:
+    """A field's checked value, None when the body's model has no such field (an unknown field a client
+    sent by that name is extra, unchecked data: never read it as if it were checked)."""
+    return getattr(body, name) if name in type(body).model_fields else None
+
+
 def check_max_tokens(body: BaseModel, cap: int | None) -> None:
     """400 naming the field when a request asks for more tokens than the key or the gateway allows."""
     if cap is None:
         return
     for field in TOKEN_FIELDS:
-        value = getattr(body, field, None)
+        value = declared(body, field)
         if value is not None and value > cap:
             raise OpenAIError(
                 400,
@@ -214,9 +244,9 @@ def reserved_tokens(body: BaseModel, raw_bytes: int) -> int:
     The prompt is estimated from the body's size (about 4 bytes a token for English text and JSON),
     an over-estimate for most requests: the unused part is refunded when the answer's usage is known.
     """
-    asked = [getattr(body, f, None) for f in TOKEN_FIELDS]
+    asked = [declared(body, f) for f in TOKEN_FIELDS]
     completion = min((a for a in asked if a is not None), default=DEFAULT_COMPLETION_RESERVE)
-    return raw_bytes // 4 + completion * (getattr(body, "n", None) or 1)
+    return raw_bytes // 4 + completion * (declared(body, "n") or 1)
 
 
 def prompt_messages(prompt: Any) -> list[dict[str, Any]]:

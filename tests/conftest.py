@@ -155,7 +155,15 @@ def gateway(zoo: TinyZoo, servers: dict[str, VllmServer], decision_db: Path) -> 
                     "backend": "vllm",
                     "model": str(zoo.experts["math"]),
                     "fallback": "code",
-                    "engine_args": {"max_model_len": LONG_LEN, "enforce_eager": True},
+                    "engine_args": {
+                        "max_model_len": LONG_LEN,
+                        "enforce_eager": True,
+                        # compact JSON under a schema: a random tiny model would otherwise pad tool
+                        # arguments with whitespace until max_tokens cuts them off
+                        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+                    },
+                    "tool_call_parser": "pythonic",  # tool_choice required / named / auto
+                    "enable_auto_tool_choice": True,
                 },
                 "code": {"backend": "openai", "url": servers["code"].url + "/v1"},
             },

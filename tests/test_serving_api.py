@@ -9,6 +9,7 @@ the in-flight gauge back at zero, for each endpoint.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -237,6 +238,60 @@ def test_messages_errors_in_anthropic_shape(claude: anthropic.Anthropic, gateway
     assert bad_json.status_code == 400 and bad_json.json()["type"] == "error"
     not_json = httpx.post(gateway.url + "/v1/messages", content=b"x", headers={"content-type": "text/plain"})
     assert not_json.status_code == 415 and not_json.json()["error"]["type"] == "invalid_request_error"
+
+
+# -- tool calling (the in-process `math` expert has tool_call_parser: pythonic) -------------------------
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "pick",
+            "description": "pick a number",
+            "parameters": {
+                "type": "object",
+                "properties": {"n": {"enum": [1, 2, 3]}},
+                "required": ["n"],
+                "additionalProperties": False,
+            },
+        },
+    }
+]
+NAMED = {"type": "function", "function": {"name": "pick"}}
+
+
+def _stream_tool_calls(stream: Any) -> list[tuple[str, str]]:
+    """(name, arguments) of the tool calls a chat stream sends in pieces."""
+    calls: dict[int, list[str]] = {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            for tc in choice.delta.tool_calls or []:
+                call = calls.setdefault(tc.index, ["", ""])
+                call[0] += (tc.function and tc.function.name) or ""
+                call[1] += (tc.function and tc.function.arguments) or ""
+    return [(name, args) for name, args in calls.values()]
+
+
+@pytest.mark.parametrize("tool_choice", ["required", "named"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_tool_choice_required_and_named(client: openai.OpenAI, tool_choice: str, stream: bool) -> None:
+    """The call is constrained to the tool's schema (vLLM's structured output), so even a tiny random
+    model calls `pick` with valid arguments."""
+    choice: Any = NAMED if tool_choice == "named" else "required"
+    kw: dict[str, Any] = {
+        "model": "math",
+        "messages": [{"role": "user", "content": "pick"}],
+        "max_tokens": 64,
+    }
+    if stream:
+        calls = _stream_tool_calls(
+            client.chat.completions.create(**kw, tools=TOOLS, tool_choice=choice, stream=True)
+        )
+    else:
+        resp = client.chat.completions.create(**kw, tools=TOOLS, tool_choice=choice)
+        message = resp.choices[0].message
+        calls = [(tc.function.name, tc.function.arguments) for tc in message.tool_calls or []]  # type: ignore[union-attr]
+    assert calls and all(name == "pick" for name, _ in calls), calls
+    assert all(json.loads(args)["n"] in (1, 2, 3) for _, args in calls), calls
 
 
 # -- one lifecycle: every ending accounted once ---------------------------------------------------------

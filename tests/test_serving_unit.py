@@ -115,6 +115,31 @@ def test_engine_argv_uses_vllm_flag_conventions() -> None:
     assert json.loads(argv[argv.index("--override-generation-config") + 1]) == {"temperature": 0.5}
 
 
+def test_tool_calling_options_per_expert() -> None:
+    """`tool_call_parser` / `enable_auto_tool_choice` on an in-process expert become vLLM's flags; the
+    parser is checked against the installed vLLM's (by name, in the error)."""
+    from serving.cli import check_runtime
+
+    tools = {"backend": "vllm", "model": "m", "tool_call_parser": "pythonic", "enable_auto_tool_choice": True}
+    cfg = parse_config({"experts": {"a": tools}})
+    options = cfg.experts["a"].engine_options()  # type: ignore[union-attr]
+    argv = engine_argv("/m", "a", options)
+    assert argv[argv.index("--tool-call-parser") + 1] == "pythonic" and "--enable-auto-tool-choice" in argv
+    check_runtime(cfg)
+    with pytest.raises(ConfigError, match=r"experts\.a\.tool_call_parser: unknown tool-call parser 'nope'"):
+        check_runtime(parse_config({"experts": {"a": {**tools, "tool_call_parser": "nope"}}}))
+    with pytest.raises(ConfigError, match="enable_auto_tool_choice needs tool_call_parser"):
+        parse_config({"experts": {"a": {"backend": "vllm", "model": "m", "enable_auto_tool_choice": True}}})
+    with pytest.raises(ConfigError, match="set it on the expert"):
+        parse_config(
+            {
+                "experts": {
+                    "a": {"backend": "vllm", "model": "m", "engine_args": {"tool-call-parser": "hermes"}}
+                }
+            }
+        )
+
+
 def test_embedded_cpu_engines_share_a_kv_cache_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a budget, vLLM's CPU engine reserves 92% of RAM and a second embedded engine cannot start."""
     from serving.backends.inprocess import KV_CAP_BYTES, parse_engine_args, with_cpu_kv_budget
@@ -501,6 +526,20 @@ def requests_by_status(url: str, status: str) -> float:
     text = httpx.get(url + "/metrics").text
     pattern = rf'^moerge_requests_total\{{[^}}]*status="{status}"[^}}]*\}} (\S+)$'
     return sum(float(v) for v in re.findall(pattern, text, re.M))
+
+
+def test_unknown_fields_named_like_checked_ones_are_never_read_as_checked() -> None:
+    """An extra field (`n` on Messages, `max_completion_tokens` on completions) is passed through, but the
+    token cap and reservation read only the fields the body's model declares (a dict there was a 500)."""
+    from serving.protocol import CompletionRequest, MessagesRequest, check_max_tokens, reserved_tokens
+
+    msgs = MessagesRequest.model_validate(
+        {"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": "x"}], "n": {"a": 1}}
+    )
+    assert reserved_tokens(msgs, 400) == 100 + 3
+    comp = CompletionRequest.model_validate({"model": "m", "prompt": "x", "max_completion_tokens": {}})
+    check_max_tokens(comp, 16)
+    assert reserved_tokens(comp, 40) == 10 + 256
 
 
 def test_client_leaving_mid_upload_is_499_not_500(gateway: str) -> None:

@@ -33,7 +33,7 @@ from serving.backends.base import (
 )
 from serving.engine_args import engine_flags
 from serving.errors import error_body, validation_message
-from serving.vllm_boundary import check_vllm
+from serving.vllm_boundary import check_tool_parser, check_vllm
 
 log = logging.getLogger("moerge.serving")
 
@@ -130,6 +130,10 @@ class InProcessBackend(Backend):
                 engine_args["kv_cache_memory_bytes"] / 2**30,
                 self.engines,
             )
+        if (
+            parser := engine_args.get("tool_call_parser")
+        ) is not None and "tool_parser_plugin" not in engine_args:
+            check_tool_parser(parser, f"expert {self.name!r}: tool_call_parser")
         args = parse_engine_args(self.model, self.served_name, engine_args)
         self.engine = await self._stack.enter_async_context(build_async_engine_client(args))
         tasks = await self.engine.get_supported_tasks()
