@@ -58,9 +58,11 @@ class RequestRecord:
     finished: bool = False
 
     def usage(self, usage: Any) -> None:
-        """Take token counts from an OpenAI `usage` object."""
+        """Take token counts from a `usage` object: OpenAI's chat/completions (`prompt_tokens`,
+        `completion_tokens`) or the Responses and Anthropic Messages APIs' (`input_tokens`, `output_tokens`)."""
         if isinstance(usage, dict):
-            pin, pout = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            pin = usage.get("prompt_tokens", usage.get("input_tokens"))
+            pout = usage.get("completion_tokens", usage.get("output_tokens"))
             self.tokens_in = pin if isinstance(pin, int) else self.tokens_in
             self.tokens_out = pout if isinstance(pout, int) else self.tokens_out
 
@@ -80,6 +82,11 @@ class Accountant:
         self.known_models = known_models
         self.store_prompts = store_prompts
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def begin(self, request_id: str, endpoint: str) -> RequestRecord:
+        """A new request's record, counted in flight until `finish` (the one place it is taken off)."""
+        self.metrics.in_flight.labels(endpoint).inc()
+        return RequestRecord(request_id, endpoint)
 
     def finish(self, rec: RequestRecord) -> None:
         """Account for a finished request (idempotent). Never raises: accounting must not fail a request."""

@@ -1,4 +1,6 @@
-"""The HTTP surface: OpenAI's endpoints plus /health, /ready and /metrics, over a Gateway.
+"""The HTTP surface: OpenAI's endpoints (chat, completions, Responses), Anthropic's Messages, feedback,
+admin, /health, /ready and /metrics, over a Gateway. Every model endpoint is a `Protocol`
+(serving/endpoints.py) run through one request lifecycle, `handle`.
 
 Every answer carries the routing decision: in headers (`x-moerge-expert`, `x-moerge-router`,
 `x-moerge-confidence`, `x-moerge-request-id`, and `x-moerge-experiment`/`x-moerge-arm` inside an A/B
@@ -28,8 +30,9 @@ from router.base import Decision, latest_user_text
 from serving import lora_admin
 from serving.accounting import RequestRecord, Routed
 from serving.auth import authenticate_admin, bearer_token, hash_key
-from serving.backends.base import BackendStreamError, Endpoint, JSONResult, StreamResult
+from serving.backends.base import BackendStreamError, JSONResult, StreamResult, make_event, split_event
 from serving.config import ServeConfig
+from serving.endpoints import CHAT, COMPLETIONS, MESSAGES, RESPONSES, Protocol
 from serving.errors import OpenAIError, error_body, install_error_handlers, normalize_error
 from serving.gateway import Gateway, Served
 from serving.limits import BodyReader, ConcurrencyCap, Slots
@@ -39,16 +42,16 @@ from serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     FeedbackRequest,
+    MessagesRequest,
+    ResponsesRequest,
     check_max_tokens,
     install_openapi_schemas,
     parse_body,
-    prompt_messages,
     request_body,
     reserved_tokens,
 )
 
 log = logging.getLogger("moerge.serving")
-_DONE = b"data: [DONE]\n\n"
 _SEP = (",", ":")
 _REJECT_STATUS = {
     "body_size": "413",
@@ -60,12 +63,20 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "Invalid request (bad JSON, missing or invalid field, context overflow)"},
     401: {"description": "Missing or wrong API key"},
     403: {"description": "The API key may not use this model"},
-    404: {"description": "Unknown model (or, for feedback, unknown request id)"},
+    404: {
+        "description": "Unknown model (or, for feedback, unknown request id; for responses, unknown "
+        "previous_response_id)"
+    },
     408: {"description": "The request body did not arrive within server.body_timeout_s"},
     413: {"description": "Request body too large"},
     415: {"description": "The body is not JSON (Content-Type must be application/json)"},
     429: {"description": "Rate limit of the API key reached (see Retry-After)"},
     503: {"description": "No backend could serve the request, or the gateway is at its concurrency cap"},
+}
+# The same statuses; under /v1/messages the bodies are Anthropic's `{"type": "error", "error": {...}}`.
+_ANTHROPIC_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"description": spec["description"] + " (Anthropic's error shape)"}
+    for status, spec in _ERRORS.items()
 }
 
 
@@ -81,7 +92,14 @@ def create_app(config: ServeConfig, metrics: Metrics | None = None) -> FastAPI:
     _add_probes(app, config, gateway, slots)
     install_openapi_schemas(
         app,
-        [ChatCompletionRequest, CompletionRequest, FeedbackRequest, lora_admin.RegisterAdapter],
+        [
+            ChatCompletionRequest,
+            CompletionRequest,
+            ResponsesRequest,
+            MessagesRequest,
+            FeedbackRequest,
+            lora_admin.RegisterAdapter,
+        ],
         config.server.max_tokens,
     )
     return app
@@ -141,11 +159,21 @@ def _add_openai_routes(app: FastAPI, gateway: Gateway) -> None:
 
     @app.post("/v1/chat/completions", responses=_ERRORS, openapi_extra=request_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
-        return await _handle(gateway, request, "chat", ChatCompletionRequest, _chat_messages)
+        return await handle(gateway, request, CHAT)
 
     @app.post("/v1/completions", responses=_ERRORS, openapi_extra=request_body(CompletionRequest))
     async def completions(request: Request) -> Response:
-        return await _handle(gateway, request, "completions", CompletionRequest, _completion_messages)
+        return await handle(gateway, request, COMPLETIONS)
+
+    @app.post("/v1/responses", responses=_ERRORS, openapi_extra=request_body(ResponsesRequest))
+    async def responses(request: Request) -> Response:
+        """OpenAI's Responses API, routed like chat; `previous_response_id` goes to the expert holding it."""
+        return await handle(gateway, request, RESPONSES)
+
+    @app.post("/v1/messages", responses=_ANTHROPIC_ERRORS, openapi_extra=request_body(MessagesRequest))
+    async def messages(request: Request) -> Response:
+        """Anthropic's Messages API, routed like chat; errors in Anthropic's shape."""
+        return await handle(gateway, request, MESSAGES)
 
     @app.post("/v1/feedback", responses=_ERRORS, openapi_extra=request_body(FeedbackRequest))
     async def post_feedback(request: Request) -> dict[str, Any]:
@@ -224,22 +252,16 @@ def _add_probes(app: FastAPI, config: ServeConfig, gateway: Gateway, slots: Slot
             return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+_ENDPOINTS = {
+    "/v1/chat/": "chat",
+    "/v1/completions": "completions",
+    "/v1/responses": "responses",
+    "/v1/messages": "messages",
+}
+
+
 def _endpoint_of(path: str) -> str:
-    return (
-        "chat"
-        if path.startswith("/v1/chat/")
-        else "completions"
-        if path.startswith("/v1/completions")
-        else "other"
-    )
-
-
-def _chat_messages(body: Any) -> list[dict[str, Any]]:
-    return [{"role": m.role, "content": m.content} for m in body.messages]
-
-
-def _completion_messages(body: Any) -> list[dict[str, Any]]:
-    return prompt_messages(body.prompt)
+    return next((name for prefix, name in _ENDPOINTS.items() if path.startswith(prefix)), "other")
 
 
 def new_request_id() -> str:
@@ -298,8 +320,12 @@ def _authenticate_admin(gateway: Gateway, request: Request) -> str:
 
 
 def _authenticate(gateway: Gateway, request: Request) -> str | None:
+    """The key's name; `Authorization: Bearer KEY`, or Anthropic's `x-api-key: KEY` (its SDK's default)."""
+    header = request.headers.get("authorization")
+    if header is None and (api_key := request.headers.get("x-api-key")):
+        header = f"Bearer {api_key}"
     try:
-        return gateway.keys.authenticate(request.headers.get("authorization"))
+        return gateway.keys.authenticate(header)
     except OpenAIError:
         gateway.metrics.rejected.labels("auth").inc()
         raise
@@ -337,60 +363,63 @@ def _assignment_api_key(key: str | None, request: Request) -> str | None:
     return hash_key(token)[:32] if token else None
 
 
-async def _handle(
-    gateway: Gateway,
-    request: Request,
-    endpoint: Endpoint,
-    model_cls: type[ChatCompletionRequest] | type[CompletionRequest],
-    to_messages: Any,
-) -> Response:
-    """Auth, parse, admit, route and serve one request, accounting for it whatever happens."""
-    rec = RequestRecord(new_request_id(), endpoint)
-    gateway.metrics.in_flight.labels(endpoint).inc()  # the accountant's finish() takes it off
+async def handle(gateway: Gateway, request: Request, proto: Protocol) -> Response:
+    """One request's whole life, for every model endpoint: admit, parse, route, dispatch, relay, account.
+
+    However it ends (an answer, a client or backend error, a client that left, a crash) it is finished
+    exactly once, in `_end`: here for every answer but a stream, by the stream's response when its last
+    event is sent (or it is abandoned). Errors take the endpoint's shape (`proto.error`).
+    """
+    rec = gateway.accountant.begin(new_request_id(), proto.endpoint)
     request_id_var.set(rec.request_id)  # this request's task (and its stream relay) only
-    rec.span = gateway.tracer.start("moerge.request", endpoint=endpoint, request_id=rec.request_id)
+    rec.span = gateway.tracer.start("moerge.request", endpoint=proto.endpoint, request_id=rec.request_id)
+    streaming = False
     try:
-        rec.api_key = _authenticate(gateway, request)
-        _admit_request(gateway, rec.api_key)  # before parsing: a limited key costs the gateway nothing
-        payload, body = await parse_body(request, model_cls)
-        rec.model, rec.stream, rec.messages = body.model, bool(body.stream), to_messages(body)
-        cap = gateway.config.max_tokens_for(rec.api_key)
-        check_max_tokens(body, cap)
-        if (
-            cap is not None
-            and body.max_tokens is None
-            and getattr(body, "max_completion_tokens", None) is None
-        ):
-            payload["max_tokens"] = cap  # a capped gateway never lets an answer run to the context's end
-        _admit_model(gateway, rec.api_key, body.model)
-        rec.reserved_tokens = _reserve(gateway, rec.api_key, reserved_tokens(body, len(await request.body())))
-        return await _serve(gateway, request, rec, payload, body.user)
+        response = await _serve(gateway, request, rec, proto)
+        streaming = isinstance(response, ClosingStreamingResponse)
+        return response
     except OpenAIError as err:
         rec.status = err.status
-        gateway.accountant.finish(rec)
-        raise
+        return JSONResponse(proto.error(err.status, err.body()), status_code=err.status, headers=err.headers)
     except asyncio.CancelledError:
         rec.status = 499
-        gateway.accountant.finish(rec)
         raise
     except Exception:
+        log.exception("request %s failed in the gateway", rec.request_id)
         rec.status = 500
-        gateway.accountant.finish(rec)
-        raise
+        body = error_body("internal error in the gateway", "server_error", None, 500)
+        return JSONResponse(proto.error(500, body), status_code=500)
+    finally:
+        if not streaming:
+            _end(gateway, rec)
 
 
-async def _serve(
-    gateway: Gateway, request: Request, rec: RequestRecord, payload: dict[str, Any], user: str | None
-) -> Response:
-    assert rec.model is not None and rec.messages is not None
+def _end(gateway: Gateway, rec: RequestRecord) -> None:
+    """The end of a request: metrics, token settlement, decision-log row, span (idempotent)."""
+    gateway.accountant.finish(rec)
+
+
+async def _serve(gateway: Gateway, request: Request, rec: RequestRecord, proto: Protocol) -> Response:
+    rec.api_key = _authenticate(gateway, request)
+    _admit_request(gateway, rec.api_key)  # before parsing: a limited key costs the gateway nothing
+    payload, body = await parse_body(request, proto.body)
+    rec.model, rec.stream, rec.messages = body.model, bool(body.stream), proto.routing_messages(body)  # type: ignore[attr-defined]
+    cap = gateway.config.max_tokens_for(rec.api_key)
+    check_max_tokens(body, cap)
+    proto.prepare(gateway, payload, body, cap)
+    assert rec.model is not None
+    _admit_model(gateway, rec.api_key, rec.model)
+    rec.reserved_tokens = _reserve(gateway, rec.api_key, reserved_tokens(body, len(await request.body())))
+    pinned = proto.pinned(gateway, rec, body)
     routed = await gateway.route(
         rec.model,
         rec.messages,
         request.headers.get("x-moerge-previous-expert"),
         request_id=rec.request_id,
-        user=user,
+        user=proto.user(body),
         headers=request.headers,  # type: ignore[arg-type]  # case-insensitive mapping
         api_key=_assignment_api_key(rec.api_key, request),
+        pinned=pinned,
     )
     rec.routed = routed
     if gateway.decision_log is not None:
@@ -404,11 +433,12 @@ async def _serve(
     # request; once streaming, Starlette's own disconnect watch cancels the relay, which closes it.
     served = await _cancel_on_disconnect(
         request,
-        gateway.dispatch(rec.endpoint, payload, request, decision.expert, rec.api_key),  # type: ignore[arg-type]
+        gateway.dispatch(
+            proto.endpoint, payload, request, decision.expert, rec.api_key, fallbacks=pinned is None
+        ),
     )
     if served is None:  # the client left; the backend request was cancelled, which aborts it
         rec.status = 499
-        gateway.accountant.finish(rec)
         return Response(status_code=499)
     rec.served_expert = served.expert
     headers = decision_headers(routed, served.expert, rec.request_id)
@@ -418,10 +448,12 @@ async def _serve(
         status = result.status
         if status == 200 and isinstance(result.body, dict):
             result.body["moerge"] = ext
-            body = result.body
-            rec.usage(body.get("usage"))
-        elif status == 200:  # a 200 that is not a JSON object: the backend is not speaking OpenAI
-            status, body = (
+            out = result.body
+            rec.usage(out.get("usage"))
+            proto.answered(gateway, rec, payload, out)
+        elif status == 200:  # a 200 that is not a JSON object: the backend is not speaking the API
+            status = 502
+            out = proto.error(
                 502,
                 error_body(
                     f"The expert `{served.expert}` sent an invalid answer.",
@@ -431,27 +463,26 @@ async def _serve(
                 ),
             )
         else:
-            body = normalize_error(status, result.body)
+            out = proto.error(status, normalize_error(status, result.body))
         rec.status = status
-        gateway.accountant.finish(rec)
         return Response(
-            json.dumps(body, separators=_SEP).encode(),
+            json.dumps(out, separators=_SEP).encode(),
             status_code=status,
             media_type="application/json",
             headers=headers,
         )
 
-    async def cleanup() -> None:  # the relay never started (the client left first): close, account
-        if not rec.finished:
-            await result.close()
-            rec.status = 499
-            gateway.accountant.finish(rec)
+    rec.status = 499  # until the relay says otherwise: a stream never relayed was abandoned
+
+    async def end_stream() -> None:  # however the stream response ends: close the backend, account
+        await result.close()
+        _end(gateway, rec)
 
     return ClosingStreamingResponse(
-        _relay(gateway, rec, result, ext),
+        _relay(gateway, rec, result, ext, proto, payload),
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache"},
-        cleanup=cleanup,
+        cleanup=end_stream,
     )
 
 
@@ -504,8 +535,9 @@ class ClosingStreamingResponse(StreamingResponse):
 
     When a client disconnects, Starlette cancels the sending task; if that lands while the relay is
     parked at a `yield`, the generator is merely dropped and its `finally` (which aborts the backend
-    request) would wait for garbage collection. Closing it here makes the abort immediate. A generator
-    closed before it ever ran skips its `finally`, so `cleanup` runs too (it must be idempotent).
+    request) would wait for garbage collection. Closing it here makes the abort immediate. `cleanup` then
+    runs, however the response ended (a generator closed before it ever ran skips its own `finally`):
+    the lifecycle's end of a stream (the backend closed, the request accounted).
     """
 
     def __init__(self, *args: Any, cleanup: Callable[[], Awaitable[None]] | None = None, **kw: Any) -> None:
@@ -523,11 +555,17 @@ class ClosingStreamingResponse(StreamingResponse):
 
 
 async def _relay(
-    gateway: Gateway, rec: RequestRecord, result: StreamResult, ext: dict[str, Any]
+    gateway: Gateway,
+    rec: RequestRecord,
+    result: StreamResult,
+    ext: dict[str, Any],
+    proto: Protocol,
+    payload: dict[str, Any],
 ) -> AsyncIterator[bytes]:
-    """Relay a backend stream; a failure after the first event ends it with an error event, never a hang.
+    """Relay a backend stream; a failure after the first event ends it with the protocol's error events,
+    never a hang. Sets `rec.status` (200, 502, or 499 when the client left); the response accounts.
 
-    Token counts come from the stream's `usage` (stream_options.include_usage); without it, the
+    Token counts come from the stream's usage (chat: stream_options.include_usage); without it, the
     content events are counted (vLLM sends one per token).
     """
     m, idle_s = gateway.metrics, gateway.config.timeouts.idle_s
@@ -535,7 +573,10 @@ async def _relay(
     done = failed = False
     events = 0
     try:
-        yield _with_extension(result.first, ext)
+        first, obj = _with_extension(result.first, ext)
+        proto.answered(gateway, rec, payload, obj)
+        events += _account_event(proto, rec, split_event(result.first)[0], obj)
+        yield first
         rec.ttft_s = time.perf_counter() - rec.start
         m.ttft.labels(expert).observe(rec.ttft_s)
         while True:
@@ -544,12 +585,14 @@ async def _relay(
                     event = await anext(result.rest)
             except StopAsyncIteration:
                 break
-            if event.startswith(_DONE):
-                done = True
-            elif b'"usage"' in event and b'"usage":null' not in event and b'"usage": null' not in event:
-                _stream_usage(rec, event)
-            else:
+            name, data = split_event(event)
+            done = done or proto.is_last(name, data)
+            if data is None or data == "[DONE]":
+                pass
+            elif not proto.named_events and b'"usage"' not in event:  # chat: no JSON parse per token
                 events += 1
+            else:
+                events += _account_event(proto, rec, name, _json_or_none(data))
             yield event
         if not done:
             raise BackendStreamError("the backend closed the stream before it was complete")
@@ -561,40 +604,43 @@ async def _relay(
         # The client learns what happened, not the backend's own error text (addresses, internals):
         # that is in the log, under this request id.
         what = "went silent" if isinstance(err, TimeoutError) else "broke off"
-        body = error_body(
-            f"The expert `{expert}` {what} mid-stream; the answer is incomplete (request {rec.request_id}).",
-            "server_error",
-            None,
-            "backend_stream_error",
-        )
-        yield b"data: " + json.dumps(body).encode() + b"\n\n"
-        yield _DONE
+        for event in proto.failure(
+            f"The expert `{expert}` {what} mid-stream; the answer is incomplete (request {rec.request_id})."
+        ):
+            yield event
     finally:
-        await result.close()
         if rec.tokens_out is None:
             rec.tokens_out = events
         rec.status = 502 if failed else 200 if done else 499
-        gateway.accountant.finish(rec)
 
 
-def _stream_usage(rec: RequestRecord, event: bytes) -> None:
+def _account_event(proto: Protocol, rec: RequestRecord, name: str | None, obj: Any) -> int:
+    """Take an event's usage into the record; 1 if it is a content event that carries none, else 0."""
+    usage = proto.usage(name, obj)
+    if isinstance(usage, dict):
+        rec.usage(usage)
+        return 0
+    return 1 if proto.is_content(name, obj) else 0
+
+
+def _json_or_none(data: str) -> Any:
     try:
-        chunk = json.loads(event[5:])
+        return json.loads(data)
     except ValueError:
-        return
-    if isinstance(chunk, dict):
-        rec.usage(chunk.get("usage"))
+        return None
 
 
-def _with_extension(event: bytes, ext: dict[str, Any]) -> bytes:
+def _with_extension(event: bytes, ext: dict[str, Any]) -> tuple[bytes, Any]:
+    """The first event with the `moerge` field added to its data object, and that object."""
+    name, data = split_event(event)
     try:
-        chunk = json.loads(event[5:])
+        chunk = json.loads(data or "")
     except ValueError:
-        return event
+        return event, None
     if not isinstance(chunk, dict):
-        return event
+        return event, chunk
     chunk["moerge"] = ext
-    return b"data: " + json.dumps(chunk, separators=_SEP).encode() + b"\n\n"
+    return make_event(json.dumps(chunk, separators=_SEP), name), chunk
 
 
 async def _cancel_on_disconnect(request: Request, work: Any) -> Served | None:

@@ -65,8 +65,22 @@ def lora_zero(
 
 
 def check_runtime(cfg: ServeConfig) -> None:
-    """Settings that need more than the schema: the decision-log URL from the environment, tracing."""
+    """Settings that need more than the schema: the decision-log URL from the environment, tracing, the
+    in-process experts' tool-call parsers (against the installed vLLM's)."""
+    from serving.config import VllmExpert
     from serving.tracing import Tracer
+    from serving.vllm_boundary import check_tool_parser
+
+    engines = {f"experts.{n}": e for n, e in cfg.experts.items()}
+    engines |= {f"lora.{n}.base": fam.base for n, fam in cfg.lora.items()}
+    for where, expert in engines.items():
+        if isinstance(expert, VllmExpert) and expert.tool_call_parser is not None:
+            if "tool_parser_plugin" in {k.replace("-", "_") for k in expert.engine_args}:
+                continue  # a plugin registers its own names
+            try:
+                check_tool_parser(expert.tool_call_parser, f"{where}.tool_call_parser")
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
 
     if cfg.decision_log.enabled:
         try:

@@ -78,7 +78,15 @@ class ServerConfig(_Strict):
     max_tokens: int | None = Field(
         None,
         ge=1,
-        description="most tokens a request may ask for (max_tokens / max_completion_tokens; 400 beyond)",
+        description="most tokens a request may ask for (max_tokens / max_completion_tokens / "
+        "max_output_tokens; 400 beyond)",
+    )
+    max_stored_responses: int = Field(
+        10000,
+        ge=0,
+        le=10_000_000,
+        description="Responses API: ids of answers kept for `previous_response_id` (the oldest are "
+        "forgotten, in-process engines drop them too; 0: nothing is stored)",
     )
 
 
@@ -134,6 +142,19 @@ class VllmExpert(_ExpertBase):
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="`vllm serve` options, e.g. max_model_len: 256, enforce_eager: true"
     )
+    tool_call_parser: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="vLLM's tool-call parser for this model (`--tool-call-parser`: hermes, llama3_json, "
+        "pythonic...): tool_choice `required` or a named function needs one; checked against the pinned "
+        "vLLM's parsers at start and by --check",
+    )
+    enable_auto_tool_choice: bool = Field(
+        False,
+        description="tool_choice `auto`: the model decides when to call tools (`--enable-auto-tool-choice`; "
+        "needs tool_call_parser)",
+    )
 
     @model_validator(mode="after")
     def _safe_engine_args(self) -> VllmExpert:
@@ -141,7 +162,21 @@ class VllmExpert(_ExpertBase):
             check_engine_args(self.engine_args)
         except ValueError as err:
             raise ValueError(f"engine_args: {err}") from None
+        keys = {k.replace("-", "_") for k in self.engine_args}
+        if both := sorted(keys & {"tool_call_parser", "enable_auto_tool_choice"}):
+            raise ValueError(f"engine_args: {', '.join(both)}: set it on the expert, not in engine_args")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice needs tool_call_parser")
         return self
+
+    def engine_options(self) -> dict[str, Any]:
+        """`engine_args` plus the tool-calling options, as the engine gets them."""
+        out = dict(self.engine_args)
+        if self.tool_call_parser is not None:
+            out["tool_call_parser"] = self.tool_call_parser
+        if self.enable_auto_tool_choice:
+            out["enable_auto_tool_choice"] = True
+        return out
 
 
 class OpenAIExpert(_ExpertBase):

@@ -1,6 +1,8 @@
 """Errors in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the matching status.
 
 Every failure a client can cause or see goes through here, so clients written for OpenAI parse them.
+Under `/v1/messages` (Anthropic's Messages API) the same errors take Anthropic's shape,
+`{"type": "error", "error": {"type", "message"}}` (`anthropic_body`), so Anthropic's clients parse them.
 """
 
 from __future__ import annotations
@@ -62,6 +64,32 @@ def error_body(
     message: str, type: str, param: str | None = None, code: str | int | None = None
 ) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+ANTHROPIC_PREFIX = "/v1/messages"
+
+
+def anthropic_body(status: int, body: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI-shaped error body (see `normalize_error`) in Anthropic's shape, with its type for `status`."""
+    err = body.get("error") if isinstance(body, dict) else None
+    message = str(err.get("message") or "") if isinstance(err, dict) else ""
+    kind = _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message or f"HTTP {status}"}}
+
+
+def shaped(path: str, status: int, body: dict[str, Any]) -> dict[str, Any]:
+    """The error body as the API under `path` writes errors (Anthropic's under /v1/messages)."""
+    return anthropic_body(status, body) if path.startswith(ANTHROPIC_PREFIX) else body
 
 
 _OPENAI_TYPES = {
@@ -140,26 +168,28 @@ def install_error_handlers(app: FastAPI) -> None:
     """OpenAI-shaped answers for framework errors: bad JSON, wrong fields, unknown routes, crashes."""
 
     @app.exception_handler(OpenAIError)
-    async def _openai(_: Request, exc: OpenAIError) -> JSONResponse:
-        return exc.response()
+    async def _openai(request: Request, exc: OpenAIError) -> JSONResponse:
+        return JSONResponse(
+            shaped(request.url.path, exc.status, exc.body()), status_code=exc.status, headers=exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param, code = validation_message(list(exc.errors()))
-        return JSONResponse(error_body(message, "invalid_request_error", param, code), status_code=400)
+        body = error_body(message, "invalid_request_error", param, code)
+        return JSONResponse(shaped(request.url.path, 400, body), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status = exc.status_code
+        body = error_body(str(exc.detail), _TYPES.get(status, "invalid_request_error"), None, status)
         return JSONResponse(
-            error_body(
-                str(exc.detail), _TYPES.get(exc.status_code, "invalid_request_error"), None, exc.status_code
-            ),
-            status_code=exc.status_code,
+            shaped(request.url.path, status, body),
+            status_code=status,
             headers=getattr(exc, "headers", None),
         )
 
     @app.exception_handler(Exception)
-    async def _crash(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(
-            error_body("internal error in the gateway", "server_error", None, 500), status_code=500
-        )
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        body = error_body("internal error in the gateway", "server_error", None, 500)
+        return JSONResponse(shaped(request.url.path, 500, body), status_code=500)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,44 @@ class Served:
     attempts: int
 
 
+class ResponseIds:
+    """The Responses API answers this gateway gave: id → (expert, API key), the most recent `capacity`.
+
+    A Responses request with `previous_response_id` continues a conversation whose state lives on the
+    backend that answered it, so it must go there (never routed, never to a fallback) and only for the
+    key that created it. Beyond `capacity` the least recently used id is forgotten (`on_evict` lets an
+    in-process engine drop the stored answer too: vLLM itself never evicts them).
+    """
+
+    def __init__(self, capacity: int, on_evict: Callable[[str, str], None]) -> None:
+        self.capacity = capacity
+        self.on_evict = on_evict
+        self._ids: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
+
+    def add(self, response_id: str, expert: str, api_key: str | None) -> None:
+        if self.capacity <= 0:
+            return
+        self._ids[response_id] = (expert, api_key)
+        self._ids.move_to_end(response_id)
+        while len(self._ids) > self.capacity:
+            old, (old_expert, _) = self._ids.popitem(last=False)
+            try:
+                self.on_evict(old, old_expert)
+            except Exception:
+                log.exception("forgetting response %s on expert %s", old, old_expert)
+
+    def holder(self, response_id: str, api_key: str | None) -> str | None:
+        """The expert that holds `response_id`, if this key created it and it is still kept."""
+        entry = self._ids.get(response_id)
+        if entry is None or entry[1] != api_key:
+            return None
+        self._ids.move_to_end(response_id)
+        return entry[0]
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
 def build_backend(
     name: str,
     cfg: VllmExpert | OpenAIExpert | LoraMember,
@@ -58,7 +97,7 @@ def build_backend(
     if isinstance(cfg, VllmExpert):
         from serving.backends.inprocess import InProcessBackend
 
-        return InProcessBackend(name, cfg.model, cfg.engine_args, engines)
+        return InProcessBackend(name, cfg.model, cfg.engine_options(), engines)
     from serving.backends.remote import RemoteBackend
 
     return RemoteBackend(name, str(cfg.url), cfg.model or name, client, cfg.key())
@@ -111,6 +150,7 @@ class Gateway:
         self.decision_log = self._make_decision_log() if config.decision_log.enabled else None
         self.metrics.before_collect(self._refresh_gauges)
         self._metrics_server: Any = None
+        self.responses = ResponseIds(config.server.max_stored_responses, self._forget_response)
         self.accountant = Accountant(
             self.metrics,
             self.limiter,
@@ -118,6 +158,10 @@ class Gateway:
             {*self.backends, *config.routing_models},
             config.decision_log.store_prompts,
         )
+
+    def _forget_response(self, response_id: str, expert: str) -> None:
+        if (backend := self.backends.get(expert)) is not None:
+            backend.forget_response(response_id)
 
     def _make_decision_log(self) -> DecisionLog:
         cfg, m = self.config.decision_log, self.metrics
@@ -344,8 +388,16 @@ class Gateway:
         user: str | None = None,
         headers: dict[str, str] | None = None,
         api_key: str | None = None,
+        pinned: str | None = None,
     ) -> Routed:
-        """Direct, a router, or an experiment arm (sticky by its key) plus the experiment's shadow routers."""
+        """Direct, a router, or an experiment arm (sticky by its key) plus the experiment's shadow routers.
+
+        `pinned`: the expert that must serve the request whatever the model (it holds the conversation's
+        state: a Responses `previous_response_id`); the model must exist all the same."""
+        if pinned is not None and (model in self.backends or model in self.config.routing_models):
+            d = Decision(pinned, {pinned: 1.0}, 1.0, "previous-response", "1", "previous_response_id")
+            self.metrics.decisions.labels(d.router, d.expert, d.reason).inc()
+            return Routed(d, "previous-response")
         if model in self.backends and not self.backends[model].available():
             raise OpenAIError(
                 404,
@@ -433,12 +485,17 @@ class Gateway:
         raw: Request | None,
         expert: str,
         api_key: str | None = None,
+        fallbacks: bool = True,
     ) -> Served:
+        """`fallbacks=False`: only `expert` (retried), never its fallback chain (it alone holds the state)."""
         t, retry = self.config.timeouts, self.config.retry
         errors: list[str] = []  # for the log only: backend errors may name internal addresses
         outcomes: dict[str, str] = {}  # for the client: expert → what happened
         attempts = 0
-        for name in self.fallback_chain(expert, api_key):
+        chain = self.fallback_chain(expert, api_key)
+        if not fallbacks:
+            chain = [name for name in chain[:1] if name == expert]
+        for name in chain:
             breaker, backend = self.breakers[name], self.backends[name]
             if not backend.available():  # unregistered at runtime: on to its fallback, no breaker verdict
                 outcomes[name] = "unregistered"

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.errors import error_body
+from serving.errors import error_body, shaped
 
 # Request bodies the API parses are JSON. Refusing every other type (415) keeps browsers' "simple"
 # cross-site POSTs (text/plain, form encodings: no CORS preflight) from ever reaching a backend.
@@ -55,14 +55,14 @@ class BodyReader:
             try:
                 length = int(headers[b"content-length"])
             except ValueError:
-                await _reject(send, 400, "Invalid Content-Length header.", "invalid_header")
+                await _reject(send, 400, "Invalid Content-Length header.", "invalid_header", path=path)
                 return
             if length and not json_body:
                 await self._not_json(send, path)
                 return
             if length > self.max_bytes:
                 self.on_reject("body_size", path)
-                await _reject(send, 413, self._too_large(), "request_too_large")
+                await _reject(send, 413, self._too_large(), "request_too_large", path=path)
                 return
         chunks: list[bytes] = []
         size = 0
@@ -77,7 +77,7 @@ class BodyReader:
                     size += len(chunk)
                     if size > self.max_bytes:
                         self.on_reject("body_size", path)
-                        await _reject(send, 413, self._too_large(), "request_too_large")
+                        await _reject(send, 413, self._too_large(), "request_too_large", path=path)
                         return
                     chunks.append(chunk)
                     if not message.get("more_body", False):
@@ -89,6 +89,7 @@ class BodyReader:
                 408,
                 f"The request body did not arrive within {self.timeout_s:g} s.",
                 "request_timeout",
+                path=path,
             )
             return
         if size and not json_body:  # a body-less POST (an admin action) needs no content type
@@ -112,6 +113,7 @@ class BodyReader:
             415,
             "The request body must be JSON: send `Content-Type: application/json`.",
             "unsupported_media_type",
+            path=path,
         )
 
     def _too_large(self) -> str:
@@ -125,8 +127,9 @@ async def _reject(
     code: str,
     kind: str = "invalid_request_error",
     retry_after: int | None = None,
+    path: str = "",
 ) -> None:
-    body = json.dumps(error_body(message, kind, None, code)).encode()
+    body = json.dumps(shaped(path, status, error_body(message, kind, None, code))).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if retry_after is not None:
         headers.append((b"retry-after", str(retry_after).encode()))
@@ -175,7 +178,13 @@ class ConcurrencyCap:
         self,
         app: ASGIApp,
         slots: Slots,
-        prefixes: tuple[str, ...] = ("/v1/chat/", "/v1/completions", "/v1/feedback"),
+        prefixes: tuple[str, ...] = (
+            "/v1/chat/",
+            "/v1/completions",
+            "/v1/responses",
+            "/v1/messages",
+            "/v1/feedback",
+        ),
         on_reject: Callable[[str, str], None] | None = None,
     ) -> None:
         self.app = app
@@ -190,7 +199,9 @@ class ConcurrencyCap:
         slots = self.slots
         if slots.draining:
             self.on_reject("draining", scope["path"])
-            await _reject(send, 503, "The gateway is shutting down.", "shutting_down", "server_error", 1)
+            await _reject(
+                send, 503, "The gateway is shutting down.", "shutting_down", "server_error", 1, scope["path"]
+            )
             return
         if slots.max_in_flight is not None and slots.in_flight >= slots.max_in_flight:
             self.on_reject("concurrency", scope["path"])
@@ -201,6 +212,7 @@ class ConcurrencyCap:
                 "overloaded",
                 "server_error",
                 retry_after=1,
+                path=scope["path"],
             )
             return
         slots.acquire()

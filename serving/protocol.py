@@ -13,7 +13,15 @@ from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from starlette.requests import ClientDisconnect, Request
 
 from serving.errors import OpenAIError, validation_message
@@ -92,6 +100,90 @@ class CompletionRequest(_Sampling):
     best_of: int | None = Field(None, ge=1, le=MAX_N)
 
 
+def _json_number(value: Any) -> Any:
+    """A JSON number only: pydantic would take "5" or true for 5 or 1, which the schema forbids (2.0 is
+    an integer in JSON Schema, and stays one here)."""
+    if isinstance(value, (bool, str)):
+        raise ValueError("Input should be a number")
+    return value
+
+
+class _StrictOpen(_Open):
+    """Responses and Messages bodies: their number fields take JSON numbers only (see `_json_number`)."""
+
+
+class InputText(_StrictOpen):
+    type: Literal["input_text"]
+    text: str
+
+
+class ResponseInputMessage(_StrictOpen):
+    type: Literal["message"] | None = None
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | Annotated[list[InputText], Field(min_length=1, max_length=MAX_PARTS)]
+
+
+class ResponsesRequest(_StrictOpen):
+    """`POST /v1/responses` (OpenAI's Responses API): the fields checked here; the rest goes to the engine."""
+
+    model: str = Field(
+        min_length=1, max_length=256, description="an expert, or a routing model such as `auto`"
+    )
+    input: str | Annotated[list[ResponseInputMessage], Field(min_length=1, max_length=MAX_MESSAGES)] = Field(
+        description="text, or input messages"
+    )
+    instructions: str | None = None
+    previous_response_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="continue a response this gateway answered: served by the expert that holds it",
+    )
+    max_output_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    stream: StrictBool | None = False
+    store: StrictBool | None = None
+    background: Literal[False] | None = Field(None, description="background mode is not supported")
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=16)
+    user: str | None = Field(None, max_length=256)
+
+    _numbers = field_validator("max_output_tokens", "temperature", "top_p", mode="before")(_json_number)
+
+
+class TextBlock(_StrictOpen):
+    type: Literal["text"]
+    text: str
+
+
+class AnthropicMessage(_StrictOpen):
+    role: Literal["user", "assistant"]
+    content: str | Annotated[list[TextBlock], Field(min_length=1, max_length=MAX_PARTS)]
+
+
+class AnthropicMetadata(_StrictOpen):
+    user_id: str | None = Field(None, max_length=256)
+
+
+class MessagesRequest(_StrictOpen):
+    """`POST /v1/messages` (Anthropic's Messages API): the fields checked here; the rest goes to the engine."""
+
+    model: str = Field(
+        min_length=1, max_length=256, description="an expert, or a routing model such as `auto`"
+    )
+    messages: list[AnthropicMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int = Field(ge=1, le=MAX_TOKENS)
+    system: str | Annotated[list[TextBlock], Field(min_length=1, max_length=MAX_PARTS)] | None = None
+    stop_sequences: Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    temperature: float | None = Field(None, ge=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=1, le=1 << 20)
+    stream: StrictBool | None = False
+    metadata: AnthropicMetadata | None = None
+
+    _numbers = field_validator("max_tokens", "temperature", "top_p", "top_k", mode="before")(_json_number)
+
+
 class FeedbackRequest(BaseModel):
     """`POST /v1/feedback`: a score and/or a label for an answered request."""
 
@@ -118,12 +210,21 @@ class FeedbackRequest(BaseModel):
         return self
 
 
-def check_max_tokens(body: ChatCompletionRequest | CompletionRequest, cap: int | None) -> None:
+TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
+def declared(body: BaseModel, name: str) -> Any:
+    """A field's checked value, None when the body's model has no such field (an unknown field a client
+    sent by that name is extra, unchecked data: never read it as if it were checked)."""
+    return getattr(body, name) if name in type(body).model_fields else None
+
+
+def check_max_tokens(body: BaseModel, cap: int | None) -> None:
     """400 naming the field when a request asks for more tokens than the key or the gateway allows."""
     if cap is None:
         return
-    for field in ("max_tokens", "max_completion_tokens"):
-        value = getattr(body, field, None)
+    for field in TOKEN_FIELDS:
+        value = declared(body, field)
         if value is not None and value > cap:
             raise OpenAIError(
                 400,
@@ -137,15 +238,15 @@ def check_max_tokens(body: ChatCompletionRequest | CompletionRequest, cap: int |
 DEFAULT_COMPLETION_RESERVE = 256
 
 
-def reserved_tokens(body: ChatCompletionRequest | CompletionRequest, raw_bytes: int) -> int:
+def reserved_tokens(body: BaseModel, raw_bytes: int) -> int:
     """Tokens a request may use, for the key's token budget: a prompt estimate plus its completions.
 
     The prompt is estimated from the body's size (about 4 bytes a token for English text and JSON),
     an over-estimate for most requests: the unused part is refunded when the answer's usage is known.
     """
-    asked = [getattr(body, f, None) for f in ("max_tokens", "max_completion_tokens")]
+    asked = [declared(body, f) for f in TOKEN_FIELDS]
     completion = min((a for a in asked if a is not None), default=DEFAULT_COMPLETION_RESERVE)
-    return raw_bytes // 4 + completion * (body.n or 1)
+    return raw_bytes // 4 + completion * (declared(body, "n") or 1)
 
 
 def prompt_messages(prompt: Any) -> list[dict[str, Any]]:
@@ -234,7 +335,7 @@ def install_openapi_schemas(
 
 
 def _cap_token_fields(schema: dict[str, Any], cap: int) -> None:
-    for name in ("max_tokens", "max_completion_tokens"):
+    for name in TOKEN_FIELDS:
         field = schema.get("properties", {}).get(name)
         for option in field.get("anyOf", [field]) if field else []:
             if option.get("type") == "integer":

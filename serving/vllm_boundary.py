@@ -9,7 +9,8 @@ does not start on another unless MOERGE_ALLOW_UNTESTED_VLLM=1 says to try (then 
 
 The in-process backend's other uses of vLLM internals are to move behind this module.
 May import: the standard library only at import time (reading the version must not import vllm, i.e.
-torch); `negatable_flags` imports vLLM's argument parser when first called.
+torch); `negatable_flags` imports vLLM's argument parser, `tool_parsers` its parser registry, when first
+called.
 """
 
 from __future__ import annotations
@@ -80,6 +81,27 @@ def negatable_flags() -> frozenset[str]:
     parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve", exit_on_error=False))
     options = {s for action in parser._actions for s in action.option_strings}
     return frozenset(s for s in options if s.startswith("--") and "--no-" + s[2:] in options)
+
+
+@functools.cache
+def tool_parsers() -> frozenset[str] | None:
+    """The tool-call parsers the installed vLLM registers (`--tool-call-parser` names); None without vLLM.
+
+    Imports vLLM's parser registry (seconds, once per process)."""
+    try:
+        from vllm.tool_parsers import ToolParserManager
+    except ImportError:
+        return None
+    return frozenset(ToolParserManager.list_registered())
+
+
+def check_tool_parser(name: str, where: str) -> None:
+    """ValueError naming `where` when `name` is no tool-call parser of the installed vLLM."""
+    known = tool_parsers()
+    if known is not None and name not in known:
+        raise ValueError(
+            f"{where}: unknown tool-call parser {name!r}; this vLLM has: {', '.join(sorted(known))}"
+        )
 
 
 class _AnyFlag(frozenset[str]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,7 +13,9 @@ import pytest
 from merge.tiny import TINY_FAMILIES, TinyFamily, TinyZoo, build_tiny_family, build_tiny_zoo
 
 if TYPE_CHECKING:
-    from tests.helpers import PostgresServer
+    import openai
+
+    from tests.helpers import PostgresServer, ThreadedServer, VllmServer
 
 # vLLM on CPU: small KV cache so several engines fit beside the tests.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -77,3 +80,124 @@ def postgres_factory() -> Iterator[Callable[[], PostgresServer]]:
 def postgres(postgres_factory: Callable[[], PostgresServer]) -> PostgresServer:
     """One PostgreSQL server shared by the session's decision-log tests."""
     return postgres_factory()
+
+
+# -- the serving tests' engines (tests/test_serving_e2e.py, tests/test_serving_api.py), started once -----
+# Three engines: the `math` expert inside the gateway, the `code` expert as a `vllm serve` subprocess (a
+# remote backend, storing Responses answers for `previous_response_id`), and a second `vllm serve` of the
+# math checkpoint that is the reference for pass-through fidelity and the victim the fault tests kill
+# (they run last: test_serving_e2e.py sorts after test_serving_api.py).
+# Long generations that a test can interrupt for sure: the engine core of a tiny model can run
+# thousands of tokens per second ahead of the HTTP frontend, so "long" must be very long.
+LONG = {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
+LONG_LEN = 8192
+LONG_TOKENS = 8000
+# The victim of the kill test streams far longer than any socket buffer and any frontend lag can hold:
+# it cannot have sent its whole answer before it is killed (≈1 KB of KV cache per token: 60 MB).
+VICTIM_LEN = 65536
+VICTIM_TOKENS = 60000
+
+
+@pytest.fixture(scope="session")
+def zoo(request: pytest.FixtureRequest) -> TinyZoo:
+    """The session's tiny zoo; MOERGE_TEST_ZOO=/path reuses one built earlier (for local iteration)."""
+    if path := os.environ.get("MOERGE_TEST_ZOO"):
+        return build_tiny_zoo(Path(path))
+    return request.getfixturevalue("tiny_zoo")
+
+
+@pytest.fixture(scope="session")
+def servers(zoo: TinyZoo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, VllmServer]]:
+    """Both `vllm serve` processes, launched together so their start-ups overlap."""
+    from tests.helpers import VllmServer
+
+    logs = tmp_path_factory.mktemp("vllm-logs")
+    store = {**LONG, "VLLM_ENABLE_RESPONSES_API_STORE": "1"}  # `previous_response_id` needs the store
+    started = {
+        "code": VllmServer(
+            zoo.experts["code"], ["code"], max_model_len=VICTIM_LEN, env=store, log_path=logs / "code.log"
+        ).start(),
+        "victim": VllmServer(
+            zoo.experts["math"], ["victim"], max_model_len=VICTIM_LEN, env=LONG, log_path=logs / "victim.log"
+        ).start(),
+    }
+    yield started
+    for server in started.values():
+        server.kill(signal.SIGTERM)
+
+
+@pytest.fixture(scope="session")
+def code_server(servers: dict[str, VllmServer]) -> VllmServer:
+    return servers["code"].wait_ready()
+
+
+@pytest.fixture(scope="session")
+def victim(servers: dict[str, VllmServer]) -> VllmServer:
+    return servers["victim"].wait_ready()
+
+
+@pytest.fixture(scope="session")
+def decision_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("decisions") / "decisions.db"
+
+
+@pytest.fixture(scope="session")
+def gateway(zoo: TinyZoo, servers: dict[str, VllmServer], decision_db: Path) -> Iterator[ThreadedServer]:
+    from serving.app import create_app
+    from serving.config import parse_config
+    from tests.helpers import ThreadedServer, wait_http_ok
+
+    os.environ.update(LONG)
+    config = parse_config(
+        {
+            "experts": {
+                "math": {
+                    "backend": "vllm",
+                    "model": str(zoo.experts["math"]),
+                    "fallback": "code",
+                    "engine_args": {
+                        "max_model_len": LONG_LEN,
+                        "enforce_eager": True,
+                        # compact JSON under a schema: a random tiny model would otherwise pad tool
+                        # arguments with whitespace until max_tokens cuts them off
+                        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+                    },
+                    "tool_call_parser": "pythonic",  # tool_choice required / named / auto
+                    "enable_auto_tool_choice": True,
+                },
+                "code": {"backend": "openai", "url": servers["code"].url + "/v1"},
+            },
+            "routers": {
+                "rand": {"kind": "random", "params": {"seed": 0}},
+                "to-code": {"kind": "fixed", "params": {"expert": "code"}},
+                "to-math": {"kind": "fixed", "params": {"expert": "math"}},
+            },
+            "experiments": {
+                "ab": {
+                    "arms": {"control": {"router": "to-math"}, "treatment": {"expert": "code"}},
+                    "shadow": ["to-code", "rand"],
+                }
+            },
+            "routing_models": {"auto": "rand", "coder": "to-code", "ab-test": "ab"},
+            "decision_log": {"enabled": True, "url": f"sqlite:///{decision_db}", "flush_interval_s": 0.05},
+            "circuit_breaker": {"health_interval_s": 0.5},
+        }
+    )
+    with ThreadedServer(create_app(config)) as server:
+        servers["code"].wait_ready()
+        wait_http_ok(server.url + "/ready", 60)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def client(gateway: ThreadedServer) -> openai.OpenAI:
+    import openai
+
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture()
+def aclient(gateway: ThreadedServer) -> openai.AsyncOpenAI:
+    import openai
+
+    return openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=120)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
 import time
@@ -25,108 +24,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
-from merge.tiny import TinyZoo, build_tiny_zoo
 from serving.app import create_app
 from serving.config import parse_config
 from serving.decision_log import decisions, make_engine
 from tests.helpers import ThreadedServer, VllmServer, wait_http_ok
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
-# Long generations that a test can interrupt for sure: the engine core of a tiny model can run
-# thousands of tokens per second ahead of the HTTP frontend, so "long" must be very long.
-LONG = {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
-LONG_LEN = 8192
-LONG_TOKENS = 8000
-# The victim of the kill test streams far longer than any socket buffer and any frontend lag can hold:
-# it cannot have sent its whole answer before it is killed (≈1 KB of KV cache per token: 60 MB).
-VICTIM_LEN = 65536
-VICTIM_TOKENS = 60000
-
-
-@pytest.fixture(scope="session")
-def zoo(request: pytest.FixtureRequest) -> TinyZoo:
-    """The session's tiny zoo; MOERGE_TEST_ZOO=/path reuses one built earlier (for local iteration)."""
-    if path := os.environ.get("MOERGE_TEST_ZOO"):
-        return build_tiny_zoo(Path(path))
-    return request.getfixturevalue("tiny_zoo")
-
-
-@pytest.fixture(scope="session")
-def servers(zoo: TinyZoo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, VllmServer]]:
-    """Both `vllm serve` processes, launched together so their start-ups overlap."""
-    logs = tmp_path_factory.mktemp("vllm-logs")
-    started = {
-        "code": VllmServer(
-            zoo.experts["code"], ["code"], max_model_len=VICTIM_LEN, env=LONG, log_path=logs / "code.log"
-        ).start(),
-        "victim": VllmServer(
-            zoo.experts["math"], ["victim"], max_model_len=VICTIM_LEN, env=LONG, log_path=logs / "victim.log"
-        ).start(),
-    }
-    yield started
-    for server in started.values():
-        server.kill(signal.SIGTERM)
-
-
-@pytest.fixture(scope="session")
-def code_server(servers: dict[str, VllmServer]) -> VllmServer:
-    return servers["code"].wait_ready()
-
-
-@pytest.fixture(scope="session")
-def victim(servers: dict[str, VllmServer]) -> VllmServer:
-    return servers["victim"].wait_ready()
-
-
-@pytest.fixture(scope="session")
-def decision_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("decisions") / "decisions.db"
-
-
-@pytest.fixture(scope="session")
-def gateway(zoo: TinyZoo, servers: dict[str, VllmServer], decision_db: Path) -> Iterator[ThreadedServer]:
-    os.environ.update(LONG)
-    config = parse_config(
-        {
-            "experts": {
-                "math": {
-                    "backend": "vllm",
-                    "model": str(zoo.experts["math"]),
-                    "fallback": "code",
-                    "engine_args": {"max_model_len": LONG_LEN, "enforce_eager": True},
-                },
-                "code": {"backend": "openai", "url": servers["code"].url + "/v1"},
-            },
-            "routers": {
-                "rand": {"kind": "random", "params": {"seed": 0}},
-                "to-code": {"kind": "fixed", "params": {"expert": "code"}},
-                "to-math": {"kind": "fixed", "params": {"expert": "math"}},
-            },
-            "experiments": {
-                "ab": {
-                    "arms": {"control": {"router": "to-math"}, "treatment": {"expert": "code"}},
-                    "shadow": ["to-code", "rand"],
-                }
-            },
-            "routing_models": {"auto": "rand", "coder": "to-code", "ab-test": "ab"},
-            "decision_log": {"enabled": True, "url": f"sqlite:///{decision_db}", "flush_interval_s": 0.05},
-            "circuit_breaker": {"health_interval_s": 0.5},
-        }
-    )
-    with ThreadedServer(create_app(config)) as server:
-        servers["code"].wait_ready()
-        wait_http_ok(server.url + "/ready", 60)
-        yield server
-
-
-@pytest.fixture(scope="session")
-def client(gateway: ThreadedServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture()
-def aclient(gateway: ThreadedServer) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+# The session's engines (tests/conftest.py): `math` in-process, `code` and `victim` as `vllm serve`.
+from conftest import LONG_LEN, LONG_TOKENS, VICTIM_LEN, VICTIM_TOKENS  # noqa: E402
 
 
 def user(text: str) -> list[dict[str, Any]]:
@@ -219,8 +124,11 @@ def test_sampling_fields_pass_through(client: openai.OpenAI, expert: str) -> Non
         {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}
     ]
     assert ask(max_tokens=3, tools=tools, tool_choice="none").choices[0].message.content is not None
-    with pytest.raises(openai.BadRequestError, match="tool"):  # vLLM's own answer, passed through
-        ask(max_tokens=3, tools=tools, tool_choice="auto")
+    if expert == "code":  # `vllm serve` without --tool-call-parser: vLLM's own refusal, passed through
+        with pytest.raises(openai.BadRequestError, match="tool"):
+            ask(max_tokens=3, tools=tools, tool_choice="auto")
+    else:  # `math` has tool_call_parser and enable_auto_tool_choice (tests/conftest.py)
+        assert ask(max_tokens=3, tools=tools, tool_choice="auto").choices[0].finish_reason is not None
 
 
 def test_in_process_matches_vllm_serve(client: openai.OpenAI, victim: VllmServer) -> None:
@@ -727,7 +635,8 @@ CASES = _document_cases()
 @pytest.mark.parametrize(("label", "mode"), CASES)
 def test_api_matches_its_openapi_document(api_schema: Any, label: str, mode: str) -> None:
     """Every operation, with schemathesis' checks: no 5xx, documented status codes and content types,
-    what the document allows is accepted and what it forbids is refused, every error OpenAI-shaped."""
+    what the document allows is accepted and what it forbids is refused, every error OpenAI-shaped
+    (Anthropic-shaped under /v1/messages)."""
     operations = {op.label: op for op in (r.ok() for r in api_schema.get_all_operations())}
     assert set(operations) == {c[0] for c in CASES}, "the served document differs from the app's own"
     strategy = operations[label].as_strategy(generation_mode=schemathesis.GenerationMode(mode))
@@ -738,7 +647,12 @@ def test_api_matches_its_openapi_document(api_schema: Any, label: str, mode: str
         resp = case.call_and_validate(timeout=60)
         content_type = (resp.headers.get("content-type") or [""])[0]  # schemathesis: lists of values
         if resp.status_code >= 400 and content_type.startswith("application/json"):
-            err = resp.json()["error"]
-            assert set(err) == {"message", "type", "param", "code"} and err["message"], resp.text
+            if label.endswith(" /v1/messages"):  # Anthropic's error shape
+                body = resp.json()
+                assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, resp.text
+                assert body["error"]["message"], resp.text
+            else:
+                err = resp.json()["error"]
+                assert set(err) == {"message", "type", "param", "code"} and err["message"], resp.text
 
     check()

@@ -131,6 +131,31 @@ def test_engine_argv_uses_vllm_flag_conventions() -> None:
     assert json.loads(argv[argv.index("--override-generation-config") + 1]) == {"temperature": 0.5}
 
 
+def test_tool_calling_options_per_expert() -> None:
+    """`tool_call_parser` / `enable_auto_tool_choice` on an in-process expert become vLLM's flags; the
+    parser is checked against the installed vLLM's (by name, in the error)."""
+    from serving.cli import check_runtime
+
+    tools = {"backend": "vllm", "model": "m", "tool_call_parser": "pythonic", "enable_auto_tool_choice": True}
+    cfg = parse_config({"experts": {"a": tools}})
+    options = cfg.experts["a"].engine_options()  # type: ignore[union-attr]
+    argv = engine_argv("/m", "a", options)
+    assert argv[argv.index("--tool-call-parser") + 1] == "pythonic" and "--enable-auto-tool-choice" in argv
+    check_runtime(cfg)
+    with pytest.raises(ConfigError, match=r"experts\.a\.tool_call_parser: unknown tool-call parser 'nope'"):
+        check_runtime(parse_config({"experts": {"a": {**tools, "tool_call_parser": "nope"}}}))
+    with pytest.raises(ConfigError, match="enable_auto_tool_choice needs tool_call_parser"):
+        parse_config({"experts": {"a": {"backend": "vllm", "model": "m", "enable_auto_tool_choice": True}}})
+    with pytest.raises(ConfigError, match="set it on the expert"):
+        parse_config(
+            {
+                "experts": {
+                    "a": {"backend": "vllm", "model": "m", "engine_args": {"tool-call-parser": "hermes"}}
+                }
+            }
+        )
+
+
 def test_embedded_cpu_engines_share_a_kv_cache_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a budget, vLLM's CPU engine reserves 92% of RAM and a second embedded engine cannot start."""
     from serving.backends.inprocess import KV_CAP_BYTES, parse_engine_args, with_cpu_kv_budget
@@ -363,6 +388,34 @@ def fake_backend(mode: str) -> FastAPI:
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
         }
 
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Any:  # `cut` only: a Responses stream that breaks off
+        body = await request.json()
+
+        async def cut() -> Any:
+            created = {"type": "response.created", "sequence_number": 0, "response": {"id": "resp_1"}}
+            yield f"event: response.created\ndata: {json.dumps(created)}\n\n"
+            delta = {"type": "response.output_text.delta", "delta": "ok", "sequence_number": 1}
+            yield f"event: response.output_text.delta\ndata: {json.dumps(delta)}\n\n"
+            await asyncio.sleep(0.05)
+            raise RuntimeError("backend died")
+
+        assert mode == "cut" and body.get("stream")
+        return StreamingResponse(cut(), media_type="text/event-stream")
+
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> Any:  # `cut` only: a Messages stream that breaks off
+        body = await request.json()
+
+        async def cut() -> Any:
+            start = {"type": "message_start", "message": {"id": "m1", "usage": {"input_tokens": 3}}}
+            yield f"event: message_start\ndata: {json.dumps(start)}\n\n"
+            await asyncio.sleep(0.05)
+            raise RuntimeError("backend died")
+
+        assert mode == "cut" and body.get("stream")
+        return StreamingResponse(cut(), media_type="text/event-stream")
+
     return app
 
 
@@ -489,6 +542,20 @@ def requests_by_status(url: str, status: str) -> float:
     text = httpx.get(url + "/metrics").text
     pattern = rf'^moerge_requests_total\{{[^}}]*status="{status}"[^}}]*\}} (\S+)$'
     return sum(float(v) for v in re.findall(pattern, text, re.M))
+
+
+def test_unknown_fields_named_like_checked_ones_are_never_read_as_checked() -> None:
+    """An extra field (`n` on Messages, `max_completion_tokens` on completions) is passed through, but the
+    token cap and reservation read only the fields the body's model declares (a dict there was a 500)."""
+    from serving.protocol import CompletionRequest, MessagesRequest, check_max_tokens, reserved_tokens
+
+    msgs = MessagesRequest.model_validate(
+        {"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": "x"}], "n": {"a": 1}}
+    )
+    assert reserved_tokens(msgs, 400) == 100 + 3
+    comp = CompletionRequest.model_validate({"model": "m", "prompt": "x", "max_completion_tokens": {}})
+    check_max_tokens(comp, 16)
+    assert reserved_tokens(comp, 40) == 10 + 256
 
 
 def test_client_leaving_mid_upload_is_499_not_500(gateway: str) -> None:
@@ -763,6 +830,62 @@ def test_failure_after_first_token_ends_stream_with_error_event(gateway: str) ->
     assert error["code"] == "backend_stream_error" and "mid-stream" in error["message"]
     assert "127.0.0.1" not in error["message"] and "http" not in error["message"], "no backend internals"
     assert events[-1] == "data: [DONE]"
+
+
+def _sse(text: str) -> list[tuple[str | None, Any]]:
+    """(event name, data) of each event of an SSE body."""
+    out = []
+    for block in (b for b in text.split("\n\n") if b):
+        name = data = None
+        for line in block.splitlines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+        out.append((name, data))
+    return out
+
+
+def test_responses_and_messages_streams_that_break_off_end_with_their_error_event(gateway: str) -> None:
+    """Mid-stream, Responses ends with `event: error` (its top-level fields), Messages with Anthropic's
+    `event: error`; the relayed events keep their names and the first one carries the `moerge` field."""
+    resp = httpx.post(
+        gateway + "/v1/responses", json={"model": "flaky", "input": "hi", "stream": True}, timeout=30
+    )
+    assert resp.status_code == 200 and resp.headers["x-moerge-expert"] == "flaky"
+    events = _sse(resp.text)
+    assert [n for n, _ in events] == ["response.created", "response.output_text.delta", "error"]
+    assert events[0][1]["moerge"]["expert"] == "flaky" and events[1][1]["delta"] == "ok"
+    assert events[-1][1]["code"] == "backend_stream_error" and "mid-stream" in events[-1][1]["message"]
+    body = {"model": "flaky", "max_tokens": 3, "messages": [{"role": "user", "content": "x"}], "stream": True}
+    resp = httpx.post(gateway + "/v1/messages", json=body, timeout=30)
+    assert resp.status_code == 200
+    events = _sse(resp.text)
+    assert [n for n, _ in events] == ["message_start", "error"]
+    assert events[-1][1]["type"] == "error" and events[-1][1]["error"]["type"] == "api_error"
+    for endpoint in ("responses", "messages"):  # accounted when the stream response closes, just after
+        settled = rf'moerge_requests_total\{{endpoint="{endpoint}",[^}}]*status="502"\}} 1\.0'
+        deadline = time.monotonic() + 10
+        while not re.search(settled, metrics := httpx.get(gateway + "/metrics").text):
+            assert time.monotonic() < deadline, metrics
+            time.sleep(0.05)
+        assert f'moerge_requests_in_flight{{endpoint="{endpoint}"}} 0.0' in metrics
+
+
+def test_response_ids_are_bounded_and_forgotten_least_recently_used() -> None:
+    from serving.gateway import ResponseIds
+
+    forgotten: list[tuple[str, str]] = []
+    ids = ResponseIds(2, lambda rid, expert: forgotten.append((rid, expert)))
+    ids.add("r1", "math", None)
+    ids.add("r2", "code", "k")
+    assert ids.holder("r1", None) == "math"  # used: r2 is now the oldest
+    ids.add("r3", "math", None)
+    assert forgotten == [("r2", "code")] and len(ids) == 2
+    assert ids.holder("r2", "k") is None and ids.holder("r1", "other-key") is None
+    off = ResponseIds(0, lambda rid, expert: forgotten.append((rid, expert)))
+    off.add("r4", "math", None)
+    assert off.holder("r4", None) is None
 
 
 def test_no_backend_left_is_503(gateway: str) -> None:

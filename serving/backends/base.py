@@ -1,8 +1,8 @@
 """The one interface every backend implements, and the two shapes a backend answer can take.
 
-Backends speak OpenAI's wire format both ways: a request is the client's JSON body (with `model` set to
-the backend's own name), an answer is a JSON body with its status, or an SSE stream whose first event
-has already arrived. Waiting for that first event before answering the client is what lets the gateway
+Backends speak the endpoint's wire format both ways (OpenAI's chat, completions and Responses, Anthropic's
+Messages): a request is the client's JSON body (with `model` set to the backend's own name), an answer is
+a JSON body with its status, or an SSE stream whose first event has already arrived. Waiting for that first event before answering the client is what lets the gateway
 retry or fall back on a backend that fails before the first token, without the client ever noticing.
 """
 
@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from starlette.requests import Request
 
-Endpoint = Literal["chat", "completions"]
+Endpoint = Literal["chat", "completions", "responses", "messages"]
 
 
 class BackendUnavailable(Exception):
@@ -35,7 +35,7 @@ class JSONResult:
 
 @dataclass
 class StreamResult:
-    first: bytes  # one complete SSE event, `data: {...}\n\n`
+    first: bytes  # one complete SSE event, `data: {...}\n\n` (with an `event:` line for Responses/Messages)
     rest: AsyncIterator[bytes]
     close: Callable[[], Awaitable[None]]  # aborts the backend request if it is still running
 
@@ -74,6 +74,9 @@ class Backend(ABC):
     ) -> JSONResult | StreamResult:
         """Send one request; raise BackendUnavailable on failures worth retrying elsewhere."""
 
+    def forget_response(self, response_id: str) -> None:  # noqa: B027 - optional hook
+        """Drop a stored Responses answer the gateway no longer maps (in-process engines keep them)."""
+
     def describe(self) -> dict[str, Any]:
         """What /v1/models says of the expert beyond its name (a LoRA family's expert says more)."""
         return {"backend": self.kind}
@@ -100,12 +103,37 @@ def error_status(err: dict[str, Any]) -> int:
 
 
 def is_error_event(event: bytes) -> dict[str, Any] | None:
-    """The error object of an SSE `data: {"error": ...}` event, else None."""
-    if not event.startswith(b'data: {"error"'):
+    """The error object of an error event (`data: {"error": ...}`, or Anthropic's `event: error`), else None.
+
+    A Responses `event: error` carries its fields at the top level (`{"type": "error", "code", "message"}`).
+    """
+    if not event.startswith((b'data: {"error"', b"event: error\n")):
         return None
+    _, data = split_event(event)
     try:
-        body = json.loads(event[6:])
+        body = json.loads(data or "")
     except ValueError:
         return None
-    err = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(body, dict):
+        return None
+    err = body.get("error", body if body.get("type") == "error" else None)
     return err if isinstance(err, dict) else {"message": str(err)}
+
+
+def split_event(event: bytes) -> tuple[str | None, str | None]:
+    """(event name, data) of one SSE event; None for a part it lacks. Multi-line data is joined."""
+    if event.startswith(b"data:") and b"\n" not in event.rstrip(b"\n"):  # the common chat event
+        return None, event[5:].strip().decode(errors="replace")
+    name, data = None, []
+    for line in event.decode(errors="replace").splitlines():
+        if line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[6:] if line.startswith("data: ") else line[5:])
+    return name, "\n".join(data) if data else None
+
+
+def make_event(data: str, name: str | None = None) -> bytes:
+    """One SSE event: `event: NAME` (when named) and `data: DATA`."""
+    head = f"event: {name}\n" if name else ""
+    return f"{head}data: {data}\n\n".encode()

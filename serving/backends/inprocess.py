@@ -2,6 +2,7 @@
 
 Rather than re-implement chat templating, sampling-parameter mapping, tool calls, structured output and
 logprobs, this reuses vLLM's own OpenAI serving classes (`OpenAIServingChat`, `OpenAIServingCompletion`)
+(and its Responses and Anthropic Messages serving, `OpenAIServingResponses`, `AnthropicServingMessages`)
 over an `AsyncLLM`, set up exactly as `vllm serve` sets them up: the request is validated by vLLM's
 protocol models and every field reaches the engine as it would through `vllm serve`. The engine core
 runs in its own process (vLLM spawns it), so generation does not compete with the event loop.
@@ -28,10 +29,11 @@ from serving.backends.base import (
     StreamResult,
     error_status,
     is_error_event,
+    make_event,
 )
 from serving.engine_args import engine_flags
 from serving.errors import error_body, validation_message
-from serving.vllm_boundary import check_vllm
+from serving.vllm_boundary import check_tool_parser, check_vllm
 
 log = logging.getLogger("moerge.serving")
 
@@ -128,18 +130,42 @@ class InProcessBackend(Backend):
                 engine_args["kv_cache_memory_bytes"] / 2**30,
                 self.engines,
             )
+        if (
+            parser := engine_args.get("tool_call_parser")
+        ) is not None and "tool_parser_plugin" not in engine_args:
+            check_tool_parser(parser, f"expert {self.name!r}: tool_call_parser")
         args = parse_engine_args(self.model, self.served_name, engine_args)
         self.engine = await self._stack.enter_async_context(build_async_engine_client(args))
         tasks = await self.engine.get_supported_tasks()
         await init_app_state(self.engine, self.state, args, tasks)
         if getattr(self.state, "openai_serving_chat", None) is None:
             raise ValueError(f"expert {self.name!r}: the model does not support text generation")
+        from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
-        self._protocol: dict[str, Any] = {"chat": ChatCompletionRequest, "completions": CompletionRequest}
+        self._protocol: dict[str, Any] = {
+            "chat": ChatCompletionRequest,
+            "completions": CompletionRequest,
+            "responses": ResponsesRequest,
+            "messages": AnthropicMessagesRequest,
+        }
+        s = self.state
+        self._calls: dict[str, Any] = {
+            "chat": s.openai_serving_chat.create_chat_completion,
+            "completions": s.openai_serving_completion.create_completion,
+        }
+        if s.openai_serving_responses is not None:
+            # Stored responses are what `previous_response_id` continues (vllm serve needs
+            # VLLM_ENABLE_RESPONSES_API_STORE=1). vLLM never evicts them: the gateway keeps a bounded
+            # map of the ids it answered and calls `forget_response` for those it drops.
+            s.openai_serving_responses.enable_store = True
+            self._calls["responses"] = s.openai_serving_responses.create_responses
+        if getattr(s, "anthropic_serving_messages", None) is not None:
+            self._calls["messages"] = s.anthropic_serving_messages.create_messages
         self._error_type = ErrorResponse
         self._create_error = create_error_response
 
@@ -182,16 +208,21 @@ class InProcessBackend(Backend):
         except Exception as err:  # vLLM's validators also raise its own errors (VLLMValidationError...)
             error = self._create_error(err)
             return JSONResult(int(error.error.code), error.model_dump())
-        serving = (
-            self.state.openai_serving_chat if endpoint == "chat" else self.state.openai_serving_completion
-        )
-        call = serving.create_chat_completion if endpoint == "chat" else serving.create_completion
+        if (call := self._calls.get(endpoint)) is None:
+            return JSONResult(
+                404,
+                error_body(
+                    f"The expert `{self.name}` does not serve /v1/{endpoint}.", "invalid_request_error"
+                ),
+            )
         stream = bool(payload.get("stream"))
         result: Any = None
         try:
             async with asyncio.timeout(first_token_s if stream else total_s):
                 result = await call(req, raw)
                 if stream and not isinstance(result, self._error_type):
+                    if endpoint == "responses":  # event objects: SSE as vLLM's router writes them
+                        result = _responses_sse(result)
                     first = await _first_event(result)
         except TimeoutError:
             if hasattr(result, "aclose"):
@@ -207,6 +238,10 @@ class InProcessBackend(Backend):
                 raise BackendUnavailable(f"{self.name}: {result.error.message}")
             return JSONResult(status, result.model_dump())
         if not stream:
+            if endpoint == "responses":
+                return JSONResult(200, result.model_dump(mode="json", by_alias=True))
+            if endpoint == "messages":
+                return JSONResult(200, result.model_dump(exclude_none=True))
             return JSONResult(200, result.model_dump(exclude_none=False))
         if (event_error := is_error_event(first)) is not None and error_status(event_error) >= 500:
             await result.aclose()
@@ -214,6 +249,23 @@ class InProcessBackend(Backend):
                 f"{self.name}: error before the first token: {event_error.get('message')}"
             )
         return StreamResult(first=first, rest=_events(result), close=result.aclose)
+
+    def forget_response(self, response_id: str) -> None:
+        """Drop a stored Responses answer (and its input messages) from the engine's memory."""
+        serving = getattr(self.state, "openai_serving_responses", None)
+        if serving is not None:
+            serving.response_store.pop(response_id, None)
+            serving.msg_store.pop(response_id, None)
+
+
+async def _responses_sse(gen: Any) -> Any:
+    """vLLM's Responses stream events as SSE (`event: TYPE`, `data: JSON`), as its own router sends them."""
+    try:
+        async for event in gen:
+            data = event.model_dump_json(indent=None, by_alias=True)
+            yield make_event(data, getattr(event, "type", "unknown"))
+    finally:
+        await gen.aclose()
 
 
 async def _first_event(gen: Any) -> bytes:

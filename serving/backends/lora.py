@@ -46,7 +46,7 @@ class LoraEngine:
             # zero-adapter mode: the zero adapter takes the base expert's name, so answers name the
             # expert; the engine's own (plain) name is then another one, never sent by moerge.
             served = f"{self.base_name}@plain" if cfg.uses_zero_adapter() else self.base_name
-            self.inner = InProcessBackend(family, cfg.base.model, cfg.base.engine_args, engines, served)
+            self.inner = InProcessBackend(family, cfg.base.model, cfg.base.engine_options(), engines, served)
         else:
             assert isinstance(cfg.base, OpenAIExpert)
             from serving.backends.remote import RemoteBackend
@@ -239,3 +239,6 @@ class LoraMemberBackend(Backend):
             model=self.engine.upstream_model(self.adapter),
         )
         return result
+
+    def forget_response(self, response_id: str) -> None:
+        self.engine.inner.forget_response(response_id)

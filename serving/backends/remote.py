@@ -26,7 +26,12 @@ from serving.backends.base import (
 )
 from serving.backends.transport import AiohttpTransport
 
-_PATHS = {"chat": "/chat/completions", "completions": "/completions"}
+_PATHS = {
+    "chat": "/chat/completions",
+    "completions": "/completions",
+    "responses": "/responses",
+    "messages": "/messages",
+}
 _FORWARDED_HEADERS = ("x-request-id", "traceparent", "tracestate")
 
 
@@ -123,11 +128,20 @@ class RemoteBackend(Backend):
 
 
 async def _sse_events(resp: httpx.Response) -> AsyncIterator[bytes]:
-    """Complete `data:` events of an SSE body, as bytes ready to relay."""
+    """Complete events of an SSE body (their `event:` and `data:` lines; comments and ids dropped), as
+    bytes ready to relay. Chat and completions events are `data:` only; Responses and Anthropic Messages
+    events are named."""
+    lines: list[str] = []
     try:
         async for line in resp.aiter_lines():
-            if line.startswith("data:"):
-                yield (line + "\n\n").encode()
+            if line.startswith(("data:", "event:")):
+                lines.append(line)
+            elif not line and lines:
+                if any(x.startswith("data:") for x in lines):
+                    yield ("\n".join(lines) + "\n\n").encode()
+                lines = []
+        if any(x.startswith("data:") for x in lines):  # a last event without its blank line
+            yield ("\n".join(lines) + "\n\n").encode()
     except httpx.HTTPError as err:
         raise BackendStreamError(f"{type(err).__name__}: {err}") from None
 
