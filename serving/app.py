@@ -155,7 +155,7 @@ def _add_admission(app: FastAPI, config: ServeConfig, m: Metrics, slots: Slots) 
 
 
 def _add_openai_routes(app: FastAPI, gateway: Gateway) -> None:
-    """OpenAI's endpoints (chat, completions, models) and moerge's feedback."""
+    """OpenAI's endpoints (chat, completions, responses, models), Anthropic's messages, moerge's feedback."""
 
     @app.post("/v1/chat/completions", responses=_ERRORS, openapi_extra=request_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
@@ -400,6 +400,47 @@ def _end(gateway: Gateway, rec: RequestRecord) -> None:
 
 
 async def _serve(gateway: Gateway, request: Request, rec: RequestRecord, proto: Protocol) -> Response:
+    """Admit and parse, route, dispatch, then answer as JSON or as a relayed stream."""
+    payload, body = await _admit(gateway, request, rec, proto)
+    routed, pinned = await _route(gateway, request, rec, proto, body)
+    assert rec.model is not None
+    decision = routed.decision
+    # Until the first event (streaming) or the full answer, a client that leaves cancels the backend
+    # request; once streaming, Starlette's own disconnect watch cancels the relay, which closes it.
+    served = await _cancel_on_disconnect(
+        request,
+        gateway.dispatch(
+            proto.endpoint, payload, request, decision.expert, rec.api_key, fallbacks=pinned is None
+        ),
+    )
+    if served is None:  # the client left; the backend request was cancelled, which aborts it
+        rec.status = 499
+        return Response(status_code=499)
+    rec.served_expert = served.expert
+    headers = decision_headers(routed, served.expert, rec.request_id)
+    ext = extension(routed, served, rec.model, rec.request_id)
+    result = served.result
+    if isinstance(result, JSONResult):
+        return _json_answer(gateway, rec, proto, payload, served.expert, result, headers, ext)
+
+    rec.status = 499  # until the relay says otherwise: a stream never relayed was abandoned
+
+    async def end_stream() -> None:  # however the stream response ends: close the backend, account
+        await result.close()
+        _end(gateway, rec)
+
+    return ClosingStreamingResponse(
+        _relay(gateway, rec, result, ext, proto, payload),
+        media_type="text/event-stream",
+        headers={**headers, "cache-control": "no-cache"},
+        cleanup=end_stream,
+    )
+
+
+async def _admit(
+    gateway: Gateway, request: Request, rec: RequestRecord, proto: Protocol
+) -> tuple[dict[str, Any], Any]:
+    """Authenticate, check the key's limits, parse the body, cap and reserve its tokens."""
     rec.api_key = _authenticate(gateway, request)
     _admit_request(gateway, rec.api_key)  # before parsing: a limited key costs the gateway nothing
     payload, body = await parse_body(request, proto.body)
@@ -410,6 +451,15 @@ async def _serve(gateway: Gateway, request: Request, rec: RequestRecord, proto: 
     assert rec.model is not None
     _admit_model(gateway, rec.api_key, rec.model)
     rec.reserved_tokens = _reserve(gateway, rec.api_key, reserved_tokens(body, len(await request.body())))
+    return payload, body
+
+
+async def _route(
+    gateway: Gateway, request: Request, rec: RequestRecord, proto: Protocol, body: Any
+) -> tuple[Routed, Any]:
+    """The routing decision (an experiment arm, the router, or the expert a follow-up is pinned to),
+    remembered for feedback and logged."""
+    assert rec.model is not None and rec.messages is not None  # set by _admit
     pinned = proto.pinned(gateway, rec, body)
     routed = await gateway.route(
         rec.model,
@@ -429,60 +479,42 @@ async def _serve(gateway: Gateway, request: Request, rec: RequestRecord, proto: 
         router=routed.router, routed_expert=decision.expert, experiment=routed.experiment, arm=routed.arm
     )
     _log_decision(gateway, rec, decision)
-    # Until the first event (streaming) or the full answer, a client that leaves cancels the backend
-    # request; once streaming, Starlette's own disconnect watch cancels the relay, which closes it.
-    served = await _cancel_on_disconnect(
-        request,
-        gateway.dispatch(
-            proto.endpoint, payload, request, decision.expert, rec.api_key, fallbacks=pinned is None
-        ),
-    )
-    if served is None:  # the client left; the backend request was cancelled, which aborts it
-        rec.status = 499
-        return Response(status_code=499)
-    rec.served_expert = served.expert
-    headers = decision_headers(routed, served.expert, rec.request_id)
-    ext = extension(routed, served, rec.model, rec.request_id)
-    result = served.result
-    if isinstance(result, JSONResult):
-        status = result.status
-        if status == 200 and isinstance(result.body, dict):
-            result.body["moerge"] = ext
-            out = result.body
-            rec.usage(out.get("usage"))
-            proto.answered(gateway, rec, payload, out)
-        elif status == 200:  # a 200 that is not a JSON object: the backend is not speaking the API
-            status = 502
-            out = proto.error(
-                502,
-                error_body(
-                    f"The expert `{served.expert}` sent an invalid answer.",
-                    "server_error",
-                    None,
-                    "bad_backend_response",
-                ),
-            )
-        else:
-            out = proto.error(status, normalize_error(status, result.body))
-        rec.status = status
-        return Response(
-            json.dumps(out, separators=_SEP).encode(),
-            status_code=status,
-            media_type="application/json",
-            headers=headers,
+    return routed, pinned
+
+
+def _json_answer(
+    gateway: Gateway,
+    rec: RequestRecord,
+    proto: Protocol,
+    payload: dict[str, Any],
+    expert: str,
+    result: JSONResult,
+    headers: dict[str, str],
+    ext: dict[str, Any],
+) -> Response:
+    """A whole answer: the `moerge` field and usage on success, the protocol's error shape otherwise."""
+    status = result.status
+    if status == 200 and isinstance(result.body, dict):
+        result.body["moerge"] = ext
+        out = result.body
+        rec.usage(out.get("usage"))
+        proto.answered(gateway, rec, payload, out)
+    elif status == 200:  # a 200 that is not a JSON object: the backend is not speaking the API
+        status = 502
+        out = proto.error(
+            502,
+            error_body(
+                f"The expert `{expert}` sent an invalid answer.", "server_error", None, "bad_backend_response"
+            ),
         )
-
-    rec.status = 499  # until the relay says otherwise: a stream never relayed was abandoned
-
-    async def end_stream() -> None:  # however the stream response ends: close the backend, account
-        await result.close()
-        _end(gateway, rec)
-
-    return ClosingStreamingResponse(
-        _relay(gateway, rec, result, ext, proto, payload),
-        media_type="text/event-stream",
-        headers={**headers, "cache-control": "no-cache"},
-        cleanup=end_stream,
+    else:
+        out = proto.error(status, normalize_error(status, result.body))
+    rec.status = status
+    return Response(
+        json.dumps(out, separators=_SEP).encode(),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
     )
 
 
