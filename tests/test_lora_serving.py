@@ -394,26 +394,33 @@ def test_greedy_equals_transformers_peft(
 async def mixed_batch(url: str, base: str, adapters: list[str], prompt: str) -> list[float]:
     """The base's logprobs for `prompt` while adapter requests run in the same engine batches.
 
-    Each adapter has two request loops that keep running until the base request is answered, so every
-    step of the base request shares its batch with adapter rows however fast the machine decodes (one
-    round of 96-token requests was over before the base request arrived on a quiet machine).
+    Each adapter has two streaming request loops that keep running until the base request is answered, and
+    the base request is sent once every loop is decoding, so every step of the base request shares its
+    batch with adapter rows however fast or slow the machine is (one round of 96-token requests was over
+    before the base request arrived on a quiet machine; on a loaded one the base arrived first).
     """
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=USER_KEY, max_retries=0, timeout=120)
     done = asyncio.Event()
+    loops = [(a, asyncio.Event()) for a in adapters for _ in range(2)]
 
-    async def keep_busy(adapter: str) -> None:
+    async def keep_busy(adapter: str, decoding: asyncio.Event) -> None:
         while not done.is_set():
-            await client.completions.create(
+            stream = await client.completions.create(
                 model=adapter,
                 prompt=PROMPTS["text"],
                 max_tokens=96,
                 temperature=0,
+                stream=True,
                 extra_body={"ignore_eos": True},
             )
+            async for _ in stream:
+                decoding.set()  # its first token is out: this row is in the engine's batches now
 
-    busy = [asyncio.create_task(keep_busy(a)) for a in adapters for _ in range(2)]
-    await asyncio.sleep(0.3)  # the adapter requests are decoding: the base request joins their batches
+    busy = [asyncio.create_task(keep_busy(a, e)) for a, e in loops]
+    # Every adapter loop is decoding before the base request is sent (a fixed sleep was not enough on a
+    # loaded machine: the base request reached the engine first and ran alone).
     try:
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for _, e in loops)), timeout=120)
         out = await client.completions.create(
             model=base,
             prompt=prompt,
