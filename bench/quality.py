@@ -243,13 +243,12 @@ def routing_table(zoo: Path, n: int) -> dict:
 # ---------------------------------------------------------------- table 3: end to end
 
 
-def e2e_candidates(zoo: Path, work: Path) -> dict[str, Path]:
+def e2e_candidates(zoo: Path, work: Path, config) -> dict[str, Path]:
     """Every expert serve.yaml serves in-process, as a folder transformers loads: vLLM engines as they are,
     a LoRA family's base as its engine's model, each adapter materialised (its merge_and_unload, what the
     engine computes with the adapter applied)."""
-    from serving.config import LoraMember, VllmExpert, load_config
+    from serving.config import LoraMember, VllmExpert
 
-    config = load_config(zoo / "serve.yaml")
     full = materialised(zoo, work, log)
     by_adapter_path = {(zoo / "experts" / name).resolve(): folder for name, folder in full.items()}
     out: dict[str, Path] = {}
@@ -268,13 +267,11 @@ def e2e_candidates(zoo: Path, work: Path) -> dict[str, Path]:
     return out
 
 
-def e2e_routers(zoo: Path) -> dict:
+def e2e_routers(config) -> dict:
     """serve.yaml's trained routers, each loaded as serving loads it (its `serve_as` applied): `learned`
     sends the MoE's domains to the merged MoE, `adapters` the same decisions to the unmerged adapters."""
     from router.artifact import load_router
-    from serving.config import load_config
 
-    config = load_config(zoo / "serve.yaml")
     return {
         name: load_router(Path(spec.artifact), cache_size=0, serve_as=spec.serve_as)
         for name, spec in config.routers.items()
@@ -284,9 +281,11 @@ def e2e_routers(zoo: Path) -> dict:
 
 def e2e_table(zoo: Path, work: Path, n: int) -> dict:
     from router.base import RoutingRequest
+    from serving.config import load_config
 
-    candidates = e2e_candidates(zoo, work)
-    routers = e2e_routers(zoo)
+    config = load_config(zoo / "serve.yaml")  # one read: the served experts and the trained routers
+    candidates = e2e_candidates(zoo, work, config)
+    routers = e2e_routers(config)
     domains = [d for d in domains_of(zoo) if all(r["response"] for r in heldout_rows(zoo, d, 1))]
     rows = {d: heldout_rows(zoo, d, n) for d in domains}
     per_byte: dict[str, dict[str, np.ndarray]] = {d: {} for d in domains}
