@@ -347,10 +347,11 @@ def merge_experts(
                     shared_gate = torch.zeros(1, hidden)
                 if mirrored:
                     ffns = ffns + ffns  # the same tensors, written twice: expert i and i + N
+                arrow = layer_arrow_gate(recipe, inputs, layer) if recipe.gate.init == "arrow" else None
                 if forward is not None:
                     ffn_inputs = forward.attention(shared)
-                    if recipe.gate.init == "arrow":
-                        gate = layer_arrow_gate(recipe, inputs, layer)
+                    if arrow is not None:
+                        gate = arrow
                     elif cheap_gate is not None:
                         gate = cheap_gate
                     else:
@@ -364,8 +365,8 @@ def merge_experts(
                         )
                     top1 = forward.route(gate, ffns, recipe.experts_per_token, shared_ffn, shared_gate)
                     layer_stats.append(_layer_stat(layer, top1 % num_experts, token_labels, expert_labels))
-                elif recipe.gate.init == "arrow":
-                    gate = layer_arrow_gate(recipe, inputs, layer)
+                elif arrow is not None:
+                    gate = arrow
                 else:
                     gate = init_gate(
                         recipe.gate.init,
