@@ -103,20 +103,28 @@ async def load(
     targets: list[tuple[str, str]], requests: int, concurrency: int, tokens: int
 ) -> dict[str, float]:
     """`requests` completions over `targets` (url, model) round robin, `concurrency` at once."""
+    jobs = [(*targets[i % len(targets)], PROMPTS[i % len(PROMPTS)]) for i in range(requests)]
+    return await completion_load(jobs, concurrency, tokens)
+
+
+async def completion_load(
+    jobs: list[tuple[str, str, str]], concurrency: int, tokens: int
+) -> dict[str, float]:
+    """Each (url, model, prompt) of `jobs` once, `concurrency` at once: greedy, `tokens` tokens each
+    (ignore_eos), after one warm-up request per (url, model) (loads every adapter into its slot)."""
     latencies: list[float] = []
     generated = 0
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(requests):
-        queue.put_nowait(i)
+    queue: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue()
+    for job in jobs:
+        queue.put_nowait(job)
 
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal generated
         while not queue.empty():
-            i = queue.get_nowait()
-            url, model = targets[i % len(targets)]
+            url, model, prompt = queue.get_nowait()
             body = {
                 "model": model,
-                "prompt": PROMPTS[i % len(PROMPTS)],
+                "prompt": prompt,
                 "max_tokens": tokens,
                 "temperature": 0,
                 "ignore_eos": True,
@@ -124,13 +132,13 @@ async def load(
             t0 = time.perf_counter()
             async with session.post(url + "/v1/completions", json=body) as resp:
                 data = await resp.json()
-                assert resp.status == 200, data
+                if resp.status != 200:
+                    raise RuntimeError(f"{model} at {url}: HTTP {resp.status}: {data}")
             latencies.append(time.perf_counter() - t0)
             generated += data["usage"]["completion_tokens"]
 
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
-        # warm-up: one request per target (loads every adapter into its slot)
-        for url, model in targets:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
+        for url, model in dict.fromkeys((url, model) for url, model, _ in jobs):
             async with session.post(
                 url + "/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 2}
             ) as r:
