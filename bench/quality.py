@@ -24,6 +24,7 @@ Writes WORK/quality.json, the markdown tables (stdout and WORK/quality.md) and t
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import gc
 import hashlib
 import json
@@ -38,7 +39,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from quality_variants import build, digest, materialised, variants  # noqa: E402
+from quality_variants import base_recipe, build, digest, materialised, variants  # noqa: E402
 
 from merge.evaluate import load_causal_lm, routing_load, score_references  # noqa: E402
 
@@ -77,11 +78,21 @@ def release(*objects) -> None:
 
 
 def merge_table(
-    zoo: Path, work: Path, n: int, with_mergekit: bool, with_tuned: bool, only_domains: list[str]
+    zoo: Path,
+    work: Path,
+    n: int,
+    with_mergekit: bool,
+    with_tuned: bool,
+    only_domains: list[str],
+    only_variants: list[str] | None = None,
 ) -> dict:
     full_experts = materialised(zoo, work, log)
     all_variants = variants(zoo, with_mergekit, with_tuned, full_experts)
-    expert_names = [e["name"] for e in all_variants[0].recipe["experts"]]
+    if only_variants:
+        all_variants = [v for v in all_variants if any(fnmatch.fnmatch(v.name, p) for p in only_variants)]
+        if not all_variants:
+            sys.exit(f"--variants {','.join(only_variants)} matches none of the merge table's variants")
+    expert_names = [e["name"] for e in base_recipe(zoo)["experts"]]
     routed_layers = differing_layers(zoo, expert_names)
     domains = [d for d in ("math", "code", "text", "knowledge", "general") if d in only_domains]
     domains = [d for d in domains if (zoo / "data" / f"{d}.heldout.jsonl").exists()]
@@ -511,6 +522,12 @@ def main() -> None:
         "--domains", default="math,code,text,knowledge,general", help="table 1's columns (comma-separated)"
     )
     parser.add_argument("--skip-tuned", action="store_true", help="leave the tuned-gates MoE out of table 1")
+    parser.add_argument(
+        "--variants",
+        default="",
+        help="table 1's merges to build and score, comma-separated name patterns ('MoE TIES*,dense*'); "
+        "default all. Results are cached per build, so a later run of all reuses them.",
+    )
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tables = [t.strip() for t in args.tables.split(",") if t.strip()]
@@ -536,6 +553,7 @@ def main() -> None:
             not args.skip_mergekit,
             not args.skip_tuned,
             args.domains.split(","),
+            [p.strip() for p in args.variants.split(",") if p.strip()],
         )
     if "routing" in tables:
         results["routing"] = routing_table(args.zoo, max(args.rows, 200))
