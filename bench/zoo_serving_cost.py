@@ -43,7 +43,8 @@ def prompts(zoo: Path, per_domain: int) -> list[tuple[str, str]]:
     """(domain, prompt) pairs, the domains in turn, from the zoo's held-out split."""
     by_domain = {}
     for d in DOMAINS:
-        lines = (zoo / "data" / f"{d}.heldout.jsonl").read_text(encoding="utf-8").splitlines()
+        # split on "\n" only: str.splitlines also breaks at U+2028 and friends inside JSON strings
+        lines = (zoo / "data" / f"{d}.heldout.jsonl").read_text(encoding="utf-8").split("\n")
         rows = [json.loads(line) for line in lines if line.strip()]
         by_domain[d] = [r["prompt"][:1500] for r in rows[:per_domain]]
     return [(d, by_domain[d][i]) for i in range(per_domain) for d in DOMAINS]
