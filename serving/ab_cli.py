@@ -57,7 +57,7 @@ def report_cmd(
         try:
             cfg = load_config(config)
         except ConfigError as err:
-            typer.echo(f"invalid config {config}:\n{err}", err=True)
+            typer.echo(str(err) if err.source else f"invalid config {config}:\n{err}", err=True)
             raise typer.Exit(2) from None
         exp = cfg.experiments.get(experiment)
         if exp is None:

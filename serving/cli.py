@@ -106,7 +106,7 @@ def register_serve_commands(app: typer.Typer) -> None:
             cfg = load_config(config)
             check_runtime(cfg)
         except ConfigError as err:
-            typer.echo(f"invalid config {config}:\n{err}", err=True)
+            typer.echo(str(err) if err.source else f"invalid config {config}:\n{err}", err=True)
             raise typer.Exit(2) from None
         if host is not None:
             cfg.server.host = host

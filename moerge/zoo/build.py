@@ -188,14 +188,14 @@ class ZooBuild:
 
     def _moe(self, tmp: Path) -> dict[str, Any]:
         from merge.build import merge_experts
-        from merge.recipe import Recipe
+        from merge.recipe import parse_recipe
 
         recipe_data = serveconf.moe_recipe(self.cfg)
         text = serveconf.dump(
             recipe_data, "# The MoE of the zoo's experts: moerge merge moe-recipe.yaml moe\n"
         )
         (tmp / "moe-recipe.yaml").write_text(text)
-        recipe = Recipe.model_validate(recipe_data).resolve_paths(self.out)
+        recipe = parse_recipe(recipe_data, base=self.out)
         advance = self.bar("moe: merge experts (layers)", None)
         report = merge_experts(
             recipe,
