@@ -74,3 +74,16 @@ def test_only_the_configuration_base_is_shared_from_moerge() -> None:
     assert not offenders, offenders
     base = _imported_modules(ROOT / "moerge" / "config_base.py")
     assert not [m for m in base if m.split(".")[0] in PACKAGES], base
+
+
+def test_only_the_vllm_boundary_imports_vllm() -> None:
+    """serving/vllm_boundary.py is the one module at the boundary to vLLM (issue 18 item 4)."""
+    offenders = [
+        f"{path.relative_to(ROOT)}: {module}"
+        for package in PACKAGES
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if path != ROOT / "serving" / "vllm_boundary.py"
+        for module in _imported_modules(path)
+        if module == "vllm" or module.startswith("vllm.")
+    ]
+    assert not offenders, offenders
