@@ -1,4 +1,7 @@
-"""`moerge merge` and `moerge tune-gates`: the offline half of recycling experts."""
+"""`moerge merge` and `moerge tune-gates`: the offline half of recycling experts.
+
+May import: merge (inside the commands: torch loads only when a command runs), rich, typer.
+"""
 
 from __future__ import annotations
 

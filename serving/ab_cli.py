@@ -1,4 +1,7 @@
-"""`moerge ab report EXPERIMENT`: the A/B report from the decision log (registered in moerge/cli.py)."""
+"""`moerge ab report EXPERIMENT`: the A/B report from the decision log (registered in moerge/cli.py).
+
+May import: serving.config, serving.report, sqlalchemy, rich, typer.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""`moerge serve CONFIG.yaml` and `moerge keys hash`: registered on the main CLI by `register_serve_commands(app)`."""
+"""`moerge serve CONFIG.yaml` and `moerge keys hash`: registered on the main CLI by `register_serve_commands(app)`.
+
+May import: serving (the server, tracing and vLLM modules only inside the commands that use them), typer.
+"""
 
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 
 data → base → experts/{math,code,text} → moe → hetero/<name> → router → eval → serve.yaml. Heavy
 imports happen inside the stages, so a fully cached build finishes in seconds.
+May import: moerge.zoo, and merge/ and router/ inside the stages that use them (plus transformers).
 """
 
 from __future__ import annotations
