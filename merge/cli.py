@@ -1,4 +1,7 @@
-"""`moerge merge` and `moerge tune-gates`: the offline half of recycling experts."""
+"""`moerge merge` and `moerge tune-gates`: the offline half of recycling experts.
+
+May import: merge (inside the commands: torch loads only when a command runs), rich, typer.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 err_console = Console(stderr=True)
@@ -74,7 +78,7 @@ def merge_command(
                 spec, out_dir, dense=dense, overwrite=overwrite, progress=tick, recipe_text=recipe.read_text()
             )
     except (RecipeError, CheckpointError, LoadCheckError, FileExistsError, FileNotFoundError) as err:
-        err_console.print(f"[red]error:[/red] {err}", markup=False, highlight=False)
+        err_console.print(f"error: {err}", markup=False, highlight=False)
         raise typer.Exit(2) from err
     summary = {
         k: report[k]
@@ -146,7 +150,7 @@ def tune_gates_command(
                 progress=lambda done: bar.update(task, completed=done),
             )
     except (RecipeError, FileExistsError, FileNotFoundError, ValueError) as err:
-        err_console.print(f"[red]error:[/red] {err}")
+        err_console.print(f"[red]error:[/red] {escape(str(err))}")  # `experts[text]` is no markup
         raise typer.Exit(2) from err
     typer.echo(json.dumps(report, indent=2))
 

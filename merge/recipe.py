@@ -1,6 +1,8 @@
 """The merge recipe: a YAML file validated by pydantic, in the spirit of mergekit's configs.
 
-Relative paths are resolved against the recipe's own folder, so a recipe can travel with its experts.
+Relative paths are resolved against the recipe's own folder, so a recipe can travel with its experts
+(moerge/config_base.py: the rule, the error wording and `ConfigError`, shared by every config).
+May import: moerge.config_base, pydantic, yaml.
 """
 
 from __future__ import annotations
@@ -8,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from moerge.config_base import ConfigError, ConfigModel, ConfigPath, read_yaml_mapping, validate_config
 
 MergeMethod = Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
 GateInit = Literal["hidden", "ridge", "cheap_embed", "arrow", "random", "uniform"]
@@ -18,18 +21,18 @@ TASK_VECTOR_METHODS = {"task_arithmetic", "ties", "dare_linear", "dare_ties"}
 CALIBRATED_GATES = {"hidden", "ridge", "cheap_embed"}  # fitted on the experts' calibration prompts
 
 
-class RecipeError(ValueError):
+class RecipeError(ConfigError):
     """A recipe that cannot be merged; the message names the field or expert at fault."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # `weight: .inf` is no weight
+class _Strict(ConfigModel):
+    model_config = ConfigDict(allow_inf_nan=False)  # `weight: .inf` is no weight
 
 
 class DataSource(_Strict):
     """Prompts read from a JSONL file, optionally filtered on other fields (e.g. `domain: math`)."""
 
-    path: Path
+    path: ConfigPath
     field: str = "prompt"
     response_field: str | None = Field(
         default=None,
@@ -43,7 +46,7 @@ class DataSource(_Strict):
 
 class ExpertSpec(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    path: Path
+    path: ConfigPath
     weight: float = Field(default=1.0, gt=0)
     data: list[DataSource] = Field(default_factory=list)
     positive_prompts: list[str] = Field(default_factory=list)
@@ -114,7 +117,7 @@ class OutputSpec(_Strict):
 
 
 class Recipe(_Strict):
-    base: Path | None = None
+    base: ConfigPath | None = None
     experts: list[ExpertSpec] = Field(min_length=1)
     shared: SharedMerge = Field(default_factory=SharedMerge)
     gate: GateSpec = Field(default_factory=GateSpec)
@@ -168,42 +171,19 @@ class Recipe(_Strict):
     def num_experts(self) -> int:
         return len(self.experts) + int(self.base_as_expert)
 
-    def resolve_paths(self, root: Path) -> Recipe:
-        """Return a copy whose relative paths are anchored at `root`."""
 
-        def fix(p: Path) -> Path:
-            return p if p.is_absolute() else (root / p).resolve()
-
-        data = self.model_copy(deep=True)
-        if data.base is not None:
-            data.base = fix(data.base)
-        for expert in data.experts:
-            expert.path = fix(expert.path)
-            for source in expert.data:
-                source.path = fix(source.path)
-        return data
-
-
-def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid recipe"]
-    for item in err.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        lines.append(f"  {where}: {item['msg']}")
-    return "\n".join(lines)
+def parse_recipe(data: object, base: Path | None = None, source: Path | str | None = None) -> Recipe:
+    """A recipe from parsed data; relative paths are taken from `base` (default: the current folder)."""
+    try:
+        return validate_config(Recipe, data, what="merge recipe", source=source, base=base)
+    except ConfigError as err:
+        raise RecipeError(err.message, field=err.field, source=err.source) from None
 
 
 def load_recipe(path: Path) -> Recipe:
-    path = Path(path)
+    """The recipe at `path`; its relative paths are taken from the recipe's own folder."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise RecipeError(f"recipe file not found: {path}") from err
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    try:
-        recipe = Recipe.model_validate(raw)
-    except ValidationError as err:
-        raise RecipeError(format_validation_error(err, str(path))) from err
-    return recipe.resolve_paths(path.parent.resolve())
+        raw = read_yaml_mapping(path, what="recipe")
+    except ConfigError as err:
+        raise RecipeError(err.message, source=err.source) from None
+    return parse_recipe(raw, source=Path(path))

@@ -4,6 +4,8 @@
 router; see `moerge zoo build`), prints example requests, and replaces itself with
 `moerge serve runs/zoo/serve.yaml`. `moerge demo --tiny` runs the old fast offline demo: tiny experts →
 MoE → one vLLM engine → one continuation per domain.
+May import: merge (the tiny zoo and its merge), serving.vllm_boundary (vLLM's offline engine), moerge's
+zoo, openai, rich.
 """
 
 from __future__ import annotations
@@ -108,11 +110,12 @@ def run_tiny_demo(console: Console) -> None:
         f"share of each expert's calibration tokens routed to it: {report['mean_own_share']}"
     )
     console.rule("3. load in vLLM (native Mixtral loader) and generate")
-    from vllm import LLM, SamplingParams
+    from serving.vllm_boundary import generate_offline
 
-    llm = LLM(model=str(out), enforce_eager=True, max_model_len=256, dtype="float32")
-    outputs = llm.generate(list(PROMPTS.values()), SamplingParams(max_tokens=16, temperature=0.0))
+    texts = generate_offline(
+        str(out), list(PROMPTS.values()), 16, enforce_eager=True, max_model_len=256, dtype="float32"
+    )
     table = Table("domain", "prompt", "MoE continuation")
-    for (domain, prompt), result in zip(PROMPTS.items(), outputs, strict=True):
-        table.add_row(domain, prompt, result.outputs[0].text)
+    for (domain, prompt), text in zip(PROMPTS.items(), texts, strict=True):
+        table.add_row(domain, prompt, text)
     console.print(table)

@@ -5,6 +5,9 @@ One `vllm serve` per expert on a loopback port, then the gateway (`moerge serve`
 in its own process group (a vLLM server has an engine-core child), its output is streamed with a
 coloured prefix, and everything is stopped — SIGTERM, then SIGKILL after a grace period — on
 Ctrl-C/SIGTERM or as soon as any child exits. A child that died makes the exit code non-zero.
+Relative paths, the experts' models and the gateway's, are relative to the topology file (moerge's one
+rule, moerge/config_base.py): the generated gateway config says so (`paths_relative_to`).
+May import: moerge.config_base, serving (config, engine arguments, the vLLM version check), httpx, rich.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from typing import IO, Annotated, Any, Literal
 
 import httpx
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from rich.console import Console
 from rich.text import Text
 
-from serving.config import NAME_PATTERN, ConfigError, ServeConfig, format_validation_error, parse_config
+from moerge.config_base import ConfigError, ConfigModel, ModelRef, read_yaml_mapping, validate_config
+from serving.config import NAME_PATTERN, ServeConfig, parse_config
 from serving.engine_args import check_engine_args, engine_flags
 from serving.vllm_boundary import VllmVersionError, check_vllm
 
@@ -38,15 +42,13 @@ COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "bright_red", "bright_c
 # Flags moerge up sets itself; `trust_remote_code` is refused as everywhere in moerge.
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ExpertProcess(_Strict):
+class ExpertProcess(ConfigModel):
     """One `vllm serve` process; `args` are its command-line options (`max_model_len: 256` →
     `--max-model-len 256`, `true` → a bare flag, `false` → left out)."""
 
-    model: str = Field(min_length=1, description="checkpoint folder (./ and ../ relative to the file)")
+    model: ModelRef = Field(
+        min_length=1, description="checkpoint folder (./x, ../x: relative to the file) or model id"
+    )
     port: int | Literal["auto"] = Field("auto", description="loopback port, or auto (a free one)")
     args: dict[str, Any] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for this server")
@@ -67,7 +69,7 @@ class ExpertProcess(_Strict):
         return v
 
 
-class Topology(_Strict):
+class Topology(ConfigModel):
     """Experts as local vLLM servers plus the gateway's serve config (everything but `experts`)."""
 
     experts: dict[Annotated[str, Field(pattern=NAME_PATTERN)], ExpertProcess] = Field(min_length=1)
@@ -76,6 +78,7 @@ class Topology(_Strict):
         description="a `moerge serve` config without `experts` (routers, routing_models, experiments...)",
     )
     grace_s: float = Field(15.0, gt=0, description="SIGTERM → SIGKILL grace period at shutdown")
+    _base: Path = PrivateAttr(default_factory=Path.cwd)  # the gateway's relative paths' folder
 
     @field_validator("gateway")
     @classmethod
@@ -95,49 +98,11 @@ class Topology(_Strict):
         return self
 
 
-def _resolve_relative(value: Any, base: Path) -> Any:
-    """Resolve every `./` or `../` string against the topology file's folder (the generated config
-    lives elsewhere)."""
-    if isinstance(value, str) and value.startswith(("./", "../")):
-        return str((base / value).resolve())
-    if isinstance(value, dict):
-        return {k: _resolve_relative(v, base) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_resolve_relative(v, base) for v in value]
-    return value
-
-
 def load_topology(path: str | Path) -> Topology:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read {path}: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError("(top level): the topology must be a YAML mapping")
-    try:
-        topo = Topology.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err)) from None
-    base = path.resolve().parent
-    for expert in topo.experts.values():
-        expert.model = _resolve_relative(expert.model, base)
-    topo.gateway = _resolve_relative(topo.gateway, base)
-    _place_decision_log(topo.gateway, base)
+    topo = validate_config(Topology, read_yaml_mapping(path, what="topology"), what="topology", source=path)
+    topo._base = path.resolve().parent
     return topo
-
-
-def _place_decision_log(gateway: dict[str, Any], base: Path) -> None:
-    """The decision log's SQLite file lives beside the topology file, as it would beside a serve config
-    (the generated gateway config is in a run folder that may be temporary)."""
-    log_cfg = gateway.get("decision_log")
-    if not isinstance(log_cfg, dict):
-        return
-    url = log_cfg.get("url")
-    if url is None:
-        log_cfg["url"] = f"sqlite:///{base / 'moerge-decisions.db'}"
-    elif isinstance(url, str) and url.startswith(("sqlite:///./", "sqlite:///../")):
-        log_cfg["url"] = "sqlite:///" + str((base / url[len("sqlite:///") :]).resolve())
 
 
 def free_port() -> int:
@@ -196,6 +161,7 @@ def make_plan(topo: Topology, *, gateway_port: int | None = None) -> Plan:
         for name, e in topo.experts.items()
     }
     config = dict(topo.gateway)
+    config["paths_relative_to"] = str(topo._base)  # the file is written elsewhere (a run folder)
     config["server"] = dict(config.get("server") or {})
     if gateway_port is not None:
         config["server"]["port"] = gateway_port
@@ -209,13 +175,16 @@ def make_plan(topo: Topology, *, gateway_port: int | None = None) -> Plan:
         for name, e in topo.experts.items()
     }
     try:
-        serve = parse_config(config)
+        serve = parse_config(config, base=topo._base)
     except ConfigError as err:
         raise ConfigError(
-            f"the generated gateway config is invalid (fix `gateway` or `experts`):\n{err}"
+            f"the generated gateway config is invalid (fix `gateway` or `experts`):\n{err}",
+            field=err.field and f"gateway.{err.field}",
         ) from None
     if serve.server.port in ports.values():
-        raise ConfigError(f"gateway.server.port: {serve.server.port} is also an expert's port")
+        raise ConfigError(
+            f"gateway.server.port: {serve.server.port} is also an expert's port", field="gateway.server.port"
+        )
     return Plan(ports, argv, config, serve)
 
 
@@ -427,7 +396,7 @@ def register_up_command(app: Any) -> None:
                 return
             code = run_up(topo, console=console, gateway_port=port, run_dir=run_dir)
         except ConfigError as err:
-            typer.echo(f"invalid topology {topology}:\n{err}", err=True)
+            typer.echo(str(err) if err.source else f"invalid topology {topology}:\n{err}", err=True)
             raise typer.Exit(2) from None
         except VllmVersionError as err:
             typer.echo(f"error: {err}", err=True)

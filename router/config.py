@@ -3,8 +3,10 @@
 Errors name the field path and what was expected, e.g.
 `experts.math.holdout.fraction: Input should be less than 1 (got 1.5)`.
 Each head's own section (`classifier:`, `knn:` …) comes from its registration (router/heads/).
+Relative paths (`files`, a local `encoder.model`) are relative to the config file, as in every moerge
+config (moerge/config_base.py, which also owns `ConfigError` and the error wording).
 May import: router.heads, router.encoder / router.ngram (constants), router.policy, router.validation,
-pydantic, yaml.
+moerge.config_base, pydantic.
 """
 
 from __future__ import annotations
@@ -13,19 +15,16 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, create_model, field_validator, model_validator
 
+from moerge.config_base import ConfigError as ConfigError  # the one ConfigError, raised here too
+from moerge.config_base import ConfigPath, base_dir, read_yaml_mapping, resolve_path, validate_config
 from router.encoder import Precision, Truncation
 from router.heads import DEFAULT_KIND, check_head_kind, head_kinds, head_types
 from router.heads.base import with_needs
 from router.ngram import Analyzer
 from router.policy import PolicySettings, serve_as_problem
-from router.validation import Strict, format_errors
-
-
-class ConfigError(ValueError):
-    """A config file that cannot be read or does not validate; the message names the field."""
+from router.validation import Strict
 
 
 class GroupHoldout(Strict):
@@ -41,7 +40,7 @@ class Holdout(Strict):
 
 
 class ExpertData(Strict):
-    files: list[Path] = Field(min_length=1, description="JSONL files with a `prompt` field")
+    files: list[ConfigPath] = Field(min_length=1, description="JSONL files with a `prompt` field")
     where: dict[str, str | int | bool] = Field(
         default_factory=dict, description="keep rows with these values"
     )
@@ -68,6 +67,14 @@ class EncoderConfig(Strict):
         description="sentence vector = concatenated mean-pooled states of these layers (0 = embeddings, "
         "'all' = every kept layer); default: the last layer only",
     )
+
+    @field_validator("model")
+    @classmethod
+    def _local_model(cls, model: str, info: ValidationInfo) -> str:
+        """`bundled` / `bundled:NAME` name the packaged encoder; anything else is a folder."""
+        if model == "bundled" or model.startswith("bundled:"):
+            return model
+        return str(resolve_path(model, base_dir(info)))
 
     @field_validator("pool_layers")
     @classmethod
@@ -238,29 +245,11 @@ def _train_config_model(kinds: tuple[str, ...]) -> type[TrainConfig]:
     return create_model("TrainConfig", __base__=TrainConfig, __module__=__name__, **sections)
 
 
-def parse_config(data: object, base_dir: Path) -> TrainConfig:
-    """Validate a parsed YAML mapping; file paths are taken relative to `base_dir` (the config's folder)."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"the config must be a YAML mapping, got {type(data).__name__}")
-    try:
-        config = train_config_model().model_validate(data)
-    except ValidationError as error:
-        raise ConfigError("invalid router config:\n" + format_errors(error)) from None
-    experts = {
-        name: spec.model_copy(update={"files": [(base_dir / f).resolve() for f in spec.files]})
-        for name, spec in config.experts.items()
-    }
-    encoder = config.encoder
-    if encoder.model not in ("bundled",) and not encoder.model.startswith("bundled:"):
-        encoder = encoder.model_copy(update={"model": str((base_dir / encoder.model).resolve())})
-    return config.model_copy(update={"experts": experts, "encoder": encoder})
+def parse_config(data: object, base_dir: Path | None = None, source: Path | str | None = None) -> TrainConfig:
+    """Validate a parsed YAML mapping; file paths are taken relative to `base_dir` (the config's folder;
+    default: that of `source`, else the current folder)."""
+    return validate_config(train_config_model(), data, what="router config", source=source, base=base_dir)
 
 
 def load_config(path: Path) -> TrainConfig:
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    return parse_config(data, Path(path).resolve().parent)
+    return parse_config(read_yaml_mapping(path, what="router config"), source=Path(path))

@@ -1,27 +1,21 @@
 """The pydantic base of router/'s configs and artifact schema, and the one way their errors are worded.
 
-Errors name the field path and what was expected, e.g.
+Both are moerge's one configuration base (moerge/config_base.py), named here as router/ has always
+named them: `Strict` is `ConfigModel`, `format_errors` its error lines, e.g.
 `experts.math.holdout.fraction: Input should be less than 1 (got 1.5)`.
-May import: pydantic only.
+May import: moerge.config_base, pydantic.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
+from moerge.config_base import ConfigModel as Strict
+from moerge.config_base import error_lines
 
-class Strict(BaseModel):
-    """Extra fields are errors (a typo is never ignored); values are frozen."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+__all__ = ["Strict", "format_errors"]  # Strict is re-exported
 
 
 def format_errors(error: ValidationError, prefix: str = "") -> str:
     """One line per error: `field.path: message (got value)`; `prefix` is prepended to every path."""
-    lines = []
-    for item in error.errors():
-        where = ".".join([p for p in [prefix] if p] + [str(p) for p in item["loc"]]) or "(top level)"
-        got = item.get("input")
-        shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
-        lines.append(f"{where}: {item['msg']}{shown}")
-    return "\n".join(lines)
+    return "\n".join(line or "(top level)" for _, line in error_lines(error, prefix))

@@ -1,4 +1,7 @@
-"""`moerge ab report EXPERIMENT`: the A/B report from the decision log (registered in moerge/cli.py)."""
+"""`moerge ab report EXPERIMENT`: the A/B report from the decision log (registered in moerge/cli.py).
+
+May import: serving.config, serving.report, sqlalchemy, rich, typer.
+"""
 
 from __future__ import annotations
 
@@ -57,7 +60,7 @@ def report_cmd(
         try:
             cfg = load_config(config)
         except ConfigError as err:
-            typer.echo(f"invalid config {config}:\n{err}", err=True)
+            typer.echo(str(err) if err.source else f"invalid config {config}:\n{err}", err=True)
             raise typer.Exit(2) from None
         exp = cfg.experiments.get(experiment)
         if exp is None:

@@ -1,4 +1,7 @@
-"""`moerge serve CONFIG.yaml` and `moerge keys hash`: registered on the main CLI by `register_serve_commands(app)`."""
+"""`moerge serve CONFIG.yaml` and `moerge keys hash`: registered on the main CLI by `register_serve_commands(app)`.
+
+May import: serving (the server, tracing and vLLM modules only inside the commands that use them), typer.
+"""
 
 from __future__ import annotations
 
@@ -106,7 +109,7 @@ def register_serve_commands(app: typer.Typer) -> None:
             cfg = load_config(config)
             check_runtime(cfg)
         except ConfigError as err:
-            typer.echo(f"invalid config {config}:\n{err}", err=True)
+            typer.echo(str(err) if err.source else f"invalid config {config}:\n{err}", err=True)
             raise typer.Exit(2) from None
         if host is not None:
             cfg.server.host = host

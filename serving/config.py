@@ -1,10 +1,13 @@
 """The `moerge serve` configuration: one YAML file, validated by pydantic so every error names its field.
 
-Paths in the file are resolved relative to the file itself, so an example config can point at a zoo
-built beside it. Whether those paths exist is checked separately (`missing_paths`), so the schema can be
-validated on a machine that has not built the models.
-May import: pydantic, yaml, serving.engine_args, and router's kind registry (router.base, router.heads)
-to check router kinds by name (serving's other modules import it, not the reverse).
+Paths in the file are relative to the file itself (or to `paths_relative_to`), so an example config can
+point at a zoo built beside it: moerge's one rule (moerge/config_base.py, which also owns `ConfigError`
+and the error wording). A model is a path when written `./x`, `../x`, `~/x` or `/x`, else a model id.
+Whether those paths exist is checked separately (`missing_paths`), so the schema can be validated on a
+machine that has not built the models. The models are not frozen: validation fills in defaults that
+depend on other sections (routing_models, the LoRA families' experts) and the CLI overrides the address.
+May import: moerge.config_base, pydantic, serving.engine_args, and router's kind registry (router.base,
+router.heads) to check router kinds by name (serving's other modules import it, not the reverse).
 """
 
 from __future__ import annotations
@@ -13,26 +16,26 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import (
-    AnyHttpUrl,
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import AnyHttpUrl, Field, SecretStr, ValidationInfo, field_validator, model_validator
 
+from moerge.config_base import ConfigError as ConfigError  # the one ConfigError, raised here too
+from moerge.config_base import (
+    ConfigPathStr,
+    ModelRef,
+    MutableConfigModel,
+    base_dir,
+    read_yaml_mapping,
+    resolve_path,
+    validate_config,
+)
 from serving.engine_args import check_engine_args
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Strict(MutableConfigModel):
+    """Extra fields are errors; not frozen (see the module's first lines)."""
 
 
 class ServerConfig(_Strict):
@@ -138,7 +141,9 @@ class VllmExpert(_ExpertBase):
     """An in-process vLLM async engine (the embedded default)."""
 
     backend: Literal["vllm"]
-    model: str = Field(min_length=1, description="checkpoint directory (or model id)")
+    model: ModelRef = Field(
+        min_length=1, description="checkpoint folder (./x, ../x: relative to this file) or model id"
+    )
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="`vllm serve` options, e.g. max_model_len: 256, enforce_eager: true"
     )
@@ -215,7 +220,7 @@ LORA_ENGINE_ARGS = ("enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras"
 class LoraAdapterConfig(_Strict):
     """One PEFT LoRA adapter of a family: an expert of its own, named by its key."""
 
-    path: str | None = Field(
+    path: ConfigPathStr | None = Field(
         None,
         description="PEFT folder (adapter_config.json + adapter_model.safetensors); required in-process, "
         "checked when local for a remote engine",
@@ -339,7 +344,7 @@ class RouterConfig(_Strict):
     """A built-in router kind (`fixed`, `random`, ...) or a trained router artifact directory."""
 
     kind: str | None = None
-    artifact: str | None = None
+    artifact: ConfigPathStr | None = Field(None, description="a trained router's folder")
     params: dict[str, Any] = Field(default_factory=dict)
     experts: list[Name] | None = Field(
         None, description="experts a built-in kind chooses from (default: all)"
@@ -487,7 +492,7 @@ class DecisionLogConfig(_Strict):
     enabled: bool = False
     url: str | None = Field(
         None,
-        description="SQLAlchemy URL, e.g. sqlite:///./decisions.db (relative to the config file) or "
+        description="SQLAlchemy URL, e.g. sqlite:///decisions.db (relative to the config file) or "
         "postgresql://user@host:5432/moerge (default: sqlite next to the config)",
     )
     url_env: str | None = Field(None, description="environment variable holding the URL (wins over url)")
@@ -524,6 +529,16 @@ class DecisionLogConfig(_Strict):
             except ValueError as err:
                 raise ValueError(f"decision_log.url_env ({self.url_env}): {err}") from None
         return check_db_url(self.url or "sqlite:///moerge-decisions.db")
+
+    @field_validator("url")
+    @classmethod
+    def _sqlite_beside_config(cls, url: str | None, info: ValidationInfo) -> str | None:
+        """A relative SQLite file is relative to the config file, as every path in it."""
+        if url is not None and url.startswith("sqlite:///"):
+            file = url[len("sqlite:///") :]
+            if file and file != ":memory:" and not file.startswith(("/", "file:")):
+                return "sqlite:///" + str(resolve_path(file, base_dir(info)))
+        return url
 
     @model_validator(mode="after")
     def _valid_url(self) -> DecisionLogConfig:
@@ -565,10 +580,15 @@ class ServeConfig(_Strict):
         default_factory=dict,
         description="LoRA families: one engine (base) and its adapters, each adapter an expert",
     )
-    lora_state_file: str | None = Field(
+    lora_state_file: ConfigPathStr | None = Field(
         None,
         description="where adapters registered at runtime are saved (default: CONFIG.lora-state.json beside "
         "the config file; null with a config given as data: not saved)",
+    )
+    paths_relative_to: str | None = Field(
+        None,
+        description="the folder this file's relative paths are relative to (default: the file's own; "
+        "`moerge up` sets it to the topology's folder in the gateway config it generates)",
     )
     routers: dict[Name, RouterConfig] = Field(default_factory=dict)
     routing_models: dict[Name, Name] = Field(
@@ -624,6 +644,14 @@ class ServeConfig(_Strict):
                 self.experts[name] = member
 
     @model_validator(mode="after")
+    def _decision_log_beside_config(self, info: ValidationInfo) -> ServeConfig:
+        """The decision log's default SQLite file lies beside the config file (the current folder
+        for a config given as data), never in a process's working folder by accident."""
+        if self.decision_log.url is None:
+            self.decision_log.url = f"sqlite:///{base_dir(info) / 'moerge-decisions.db'}"
+        return self
+
+    @model_validator(mode="after")
     def _cross_references(self) -> ServeConfig:
         self._expand_lora()
         if not self.experts:
@@ -672,59 +700,18 @@ class ServeConfig(_Strict):
         caps = [self.server.max_tokens, self.auth.keys[key].max_tokens if key in self.auth.keys else None]
         return min((c for c in caps if c is not None), default=None)
 
-    def resolve_paths(self, base: Path) -> ServeConfig:
-        """Resolve `./` and `../` model and artifact paths against `base` (the config file's folder)."""
 
-        def fix(p: str) -> str:
-            if p.startswith(("./", "../")):
-                return str((base / p).resolve())
-            return str(Path(p).expanduser()) if p.startswith("~") else p  # absolute, cwd-relative or an id
-
-        for expert in self.experts.values():
-            if isinstance(expert, VllmExpert):
-                expert.model = fix(expert.model)
-        for fam in self.lora.values():
-            if isinstance(fam.base, VllmExpert):
-                fam.base.model = fix(fam.base.model)
-            for adapter in fam.adapters.values():
-                if adapter.path is not None:
-                    adapter.path = fix(adapter.path)
-        for router in self.routers.values():
-            if router.artifact is not None:
-                router.artifact = fix(router.artifact)
-        if self.lora_state_file is not None:
-            self.lora_state_file = fix(self.lora_state_file)
-        url = self.decision_log.url
-        if url is None:
-            self.decision_log.url = f"sqlite:///{base / 'moerge-decisions.db'}"
-        elif url.startswith(("sqlite:///./", "sqlite:///../")):
-            self.decision_log.url = "sqlite:///" + fix(url[len("sqlite:///") :])
-        return self
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names each offending field."""
-
-
-def format_validation_error(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"{loc}: {e['msg']}")
-    return "\n".join(lines)
-
-
-def parse_config(data: Any, base: Path | None = None) -> ServeConfig:
-    if not isinstance(data, dict):
-        raise ConfigError("(top level): the config must be a YAML mapping")
-    try:
-        config = ServeConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err)) from None
-    config = config.resolve_paths(base) if base is not None else config
+def parse_config(data: Any, base: Path | None = None, source: Path | str | None = None) -> ServeConfig:
+    """A serve config from parsed data; relative paths are taken from `base` (default: the folder of
+    `source`, else the current folder), or from `paths_relative_to` relative to it."""
+    if base is None:
+        base = Path(source).resolve().parent if source is not None else Path.cwd()
+    if isinstance(data, dict) and isinstance(data.get("paths_relative_to"), str):
+        base = resolve_path(data["paths_relative_to"], base)
+    config = validate_config(ServeConfig, data, what="serve config", source=source, base=base)
     problems = adapter_problems(config)
     if problems:
-        raise ConfigError("\n".join(problems))
+        raise ConfigError("\n".join(problems), field=problems[0].split(":")[0], source=source)
     return config
 
 
@@ -744,21 +731,31 @@ def adapter_problems(config: ServeConfig) -> list[str]:
 
 def load_config(path: str | Path) -> ServeConfig:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read {path}: {err}") from None
-    if isinstance(data, dict) and data.get("lora"):
+    data = read_yaml_mapping(path, what="serve config")
+    if data.get("lora"):
         from serving.lora_admin import apply_state, state_path
 
         state = data.get("lora_state_file")
-        state_file = (path.resolve().parent / state) if isinstance(state, str) else state_path(path.resolve())
+        state_file = (
+            resolve_path(state, _paths_base(data, path))
+            if isinstance(state, str)
+            else state_path(path.resolve())
+        )
         data.setdefault("lora_state_file", str(state_file))
         try:
             data = apply_state(data, state_file)
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ConfigError(f"lora_state_file: cannot read {state_file}: {err}") from None
-    return parse_config(data, base=path.resolve().parent)
+            raise ConfigError(
+                f"lora_state_file: cannot read {state_file}: {err}", field="lora_state_file", source=path
+            ) from None
+    return parse_config(data, source=path)
+
+
+def _paths_base(data: dict[str, Any], path: Path) -> Path:
+    """The folder the relative paths of the file at `path` are relative to."""
+    base = path.resolve().parent
+    relative_to = data.get("paths_relative_to")
+    return resolve_path(relative_to, base) if isinstance(relative_to, str) else base
 
 
 def missing_paths(config: ServeConfig) -> list[str]:

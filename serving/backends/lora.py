@@ -6,6 +6,8 @@ decision-log rows, as any expert), and all of them send their requests to the fa
 `LoRARequest`, in-process through its own `OpenAIServingModels` exactly as `vllm serve` does), and for
 the base either a zero adapter (`base_mode: zero-adapter`, the default; see serving/lora.py for why) or
 the engine's base model name (`plain`).
+May import: serving.backends, serving.config, serving.lora, serving.errors, serving.vllm_boundary (the
+only way to vLLM), httpx, starlette.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from starlette.requests import Request
 
 from serving.backends.base import Backend, BackendUnavailable, Endpoint, JSONResult, StreamResult
 from serving.config import LoraAdapterConfig, LoraFamilyConfig, OpenAIExpert, VllmExpert
+from serving.vllm_boundary import load_lora_request, unload_lora_request
 
 log = logging.getLogger("moerge.serving")
 
@@ -117,12 +120,8 @@ class LoraEngine:
         from serving.errors import OpenAIError
 
         if self.in_process:
-            from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
-
             models = self.inner.state.openai_serving_models
-            result = await models.load_lora_adapter(
-                LoadLoRAAdapterRequest(lora_name=name, lora_path=str(adapter.path))
-            )
+            result = await models.load_lora_adapter(load_lora_request(name, str(adapter.path)))
             if not isinstance(result, str):
                 raise OpenAIError(
                     400 if int(result.error.code) < 500 else 502,
@@ -136,11 +135,9 @@ class LoraEngine:
 
     async def unload_adapter(self, name: str, adapter: LoraAdapterConfig) -> None:
         if self.in_process:
-            from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
-
             models = self.inner.state.openai_serving_models
             lora = models.lora_requests.get(name)
-            await models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
+            await models.unload_lora_adapter(unload_lora_request(name))
             if lora is not None:  # the serving layer forgets the name; the engine frees its weights
                 await self.inner.engine.remove_lora(lora.lora_int_id)
             return
