@@ -33,12 +33,12 @@ from merge.calibration import (
 )
 from merge.card import input_hashes, write_model_card
 from merge.checkpoint import TOKENIZER_FILES, CheckpointError, DenseCheckpoint, check_compatible
-from merge.completeness import check_checkpoint
+from merge.completeness import LoadCheck, check_checkpoint
 from merge.gates import arrow_gate, arrow_prototype, init_gate
 from merge.layout import in_layer_name, is_ffn, layer_of
 from merge.methods import kth_smallest_magnitude, merge_task_vectors, merge_tensor, trim_threshold
 from merge.outputs import ModelClass, MoEPlan, moe_class_for
-from merge.recipe import Recipe, RecipeError
+from merge.recipe import CALIBRATED_GATES, Recipe, RecipeError
 from merge.resources import PeakRSS
 from merge.writer import DTYPES, ShardWriter, atomic_output_dir, check_output_dir
 
@@ -46,6 +46,7 @@ FFN_PROJS = ("gate_proj", "up_proj", "down_proj")
 CHUNK_ELEMENTS = 4 * 1024 * 1024  # rows of a big matrix merged at once (16 MiB per float32 copy)
 BLOCK_ELEMENTS = 128 * 1024  # entries merged at once on the block path: every float32 temporary fits in cache
 BLOCKWISE_METHODS = {"ties", "task_arithmetic"}  # deterministic: the block size cannot change the result
+EMBED_NAME = "model.embed_tokens.weight"
 UNUSED_SHARE = 0.01  # an expert getting under 1% of a layer's calibration tokens is flagged as unused
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -242,6 +243,282 @@ def _same_ffn(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     )
 
 
+@dataclass
+class MergePlan:
+    """What a merge writes, fixed before the first tensor is read: the inputs, the output class and sizes."""
+
+    recipe: Recipe
+    inputs: MergeInputs
+    cls: ModelClass
+    dense: bool
+    names: list[str]  # every tensor name of the reference expert
+    layers: int
+    hidden: int
+    expert_labels: list[str]  # the recipe's experts, then "base" if it joins as one
+    shared_expert: bool  # the base's FFN is each layer's shared expert
+    wants_base_ffn: bool  # the base's FFN is read in every layer (shared expert, or dense-layer detection)
+    mirrored: bool  # Arrow with mirrored experts: each expert is written twice, under +v and −v
+
+    @property
+    def num_experts(self) -> int:
+        return self.recipe.num_experts
+
+    @property
+    def routed_experts(self) -> int:
+        return self.num_experts * (2 if self.mirrored else 1)
+
+
+def plan_merge(recipe: Recipe, dense: bool) -> MergePlan:
+    """Open and check the inputs and fix the output's class and options (step 1 of a merge)."""
+    inputs = open_inputs(recipe)
+    ref = inputs.reference
+    cls = output_class(recipe, inputs)
+    shared_expert = recipe.output.shared_expert == "base"
+    if not dense and recipe.gate.init in CALIBRATED_GATES and not _has_data(recipe):
+        raise ValueError(f"gate.init={recipe.gate.init} needs calibration data")
+    return MergePlan(
+        recipe=recipe,
+        inputs=inputs,
+        cls=cls,
+        dense=dense,
+        names=list(ref.weight_map),
+        layers=int(ref.value("num_hidden_layers")),
+        hidden=int(ref.value("hidden_size")),
+        expert_labels=recipe.expert_names + (["base"] if recipe.base_as_expert else []),
+        shared_expert=shared_expert,
+        wants_base_ffn=shared_expert or (cls.supports_dense_layers and recipe.output.dense_unchanged_layers),
+        mirrored=not dense and recipe.gate.init == "arrow" and recipe.gate.arrow_mirror,
+    )
+
+
+def _has_data(recipe: Recipe) -> bool:
+    return any(e.data or e.positive_prompts for e in recipe.experts)
+
+
+def start_calibration(plan: MergePlan) -> LayerwiseForward | None:
+    """The layer-by-layer forward over every expert's calibration prompts, or None for a merge without
+    them (a dense merge, or data-free gates)."""
+    recipe = plan.recipe
+    if plan.dense or not _has_data(recipe):
+        return None
+    ref = plan.inputs.reference
+    prompts = load_calibration_prompts(recipe.experts, recipe.gate.max_prompts)
+    calibration = tokenize_calibration(
+        tokenizer_for(ref.path), prompts, recipe.gate.max_tokens, recipe.gate.use_chat_template
+    )
+    compute = torch.float32 if recipe.dtype == "float32" else torch.bfloat16
+    return LayerwiseForward(ref.config, calibration, compute)
+
+
+class Gates:
+    """Each layer's router matrix, by the recipe's `gate.init`: Arrow's from the weights, cheap_embed's once
+    from the token embeddings, the others fitted on the layer's FFN inputs (or data-free: random, uniform)."""
+
+    def __init__(self, plan: MergePlan, forward: LayerwiseForward | None) -> None:
+        self.plan = plan
+        self.spec = plan.recipe.gate
+        self.forward = forward
+        self.rng = torch.Generator().manual_seed(self.spec.seed)
+        self.from_embeddings: torch.Tensor | None = None
+
+    def at_embeddings(self, embed: torch.Tensor) -> None:
+        """Start the calibration forward at the merged embeddings (cheap_embed's gate is fitted there)."""
+        if self.forward is None:
+            return
+        features = self.forward.embed(embed)
+        if self.spec.init == "cheap_embed":
+            self.from_embeddings = self._fit(features)
+
+    def for_layer(self, layer: int, ffn_inputs: torch.Tensor | None) -> torch.Tensor:
+        """The gate of `layer`, whose FFN inputs are `ffn_inputs` (None without calibration data)."""
+        if self.spec.init == "arrow":
+            return layer_arrow_gate(self.plan.recipe, self.plan.inputs, layer)
+        if self.from_embeddings is not None:
+            return self.from_embeddings
+        return self._fit(ffn_inputs)
+
+    def _fit(self, x: torch.Tensor | None) -> torch.Tensor:
+        if x is None:  # data-free inits only look at the hidden size
+            x, labels = torch.zeros(1, self.plan.hidden), torch.zeros(1, dtype=torch.long)
+        else:
+            assert self.forward is not None
+            labels = self.forward.cal.token_labels
+        return init_gate(
+            self.spec.init,
+            x,
+            labels,
+            self.plan.num_experts,
+            ridge_lambda=self.spec.ridge_lambda,
+            generator=self.rng,
+        )
+
+
+@dataclass
+class LayerOutcome:
+    """What the per-layer loop found: the layers kept dense and each routed layer's gate statistics."""
+
+    dense_layers: list[int]
+    gate_stats: list[dict[str, Any]]
+
+
+def write_tensors(plan: MergePlan, gates: Gates, writer: ShardWriter, tick: Progress) -> LayerOutcome:
+    """Steps 2-4: the embeddings, then each layer's shared weights, FFNs and gate, then the rest."""
+    merger = SharedMerger(plan.recipe, plan.inputs)
+    embed = merger(EMBED_NAME)
+    writer.add(EMBED_NAME, embed)
+    gates.at_embeddings(embed)
+    del embed
+    outcome = LayerOutcome(dense_layers=[], gate_stats=[])
+    for layer in range(plan.layers):
+        tick("layers", layer, plan.layers)
+        in_layer = _layer_names(plan.names, layer)
+        shared = {}
+        for name in in_layer:
+            if not is_ffn(name):
+                shared[in_layer_name(name)] = merger(name)
+                writer.add(name, shared[in_layer_name(name)])
+        if plan.dense:
+            for name in in_layer:
+                if is_ffn(name):
+                    writer.add(name, merger(name))
+        else:
+            write_moe_ffn(plan, layer, shared, gates, writer, outcome)
+        del shared
+    if not plan.dense and len(outcome.dense_layers) == plan.layers:
+        raise RecipeError(
+            "every layer's expert FFNs equal the base's: an MoE would route between identical "
+            "experts; write a dense merge (--dense) or set output.dense_unchanged_layers: false"
+        )
+    tick("layers", plan.layers, plan.layers)
+    for name in plan.names:
+        if layer_of(name) is None and name != EMBED_NAME:
+            writer.add(name, merger(name))
+    writer.close()
+    return outcome
+
+
+@dataclass
+class LayerFFNs:
+    """One MoE layer's FFN tensors as written: routed experts, optional shared expert and its gate."""
+
+    routed: list[dict[str, torch.Tensor]]
+    shared: dict[str, torch.Tensor] | None
+    shared_gate: torch.Tensor | None
+
+
+def write_moe_ffn(
+    plan: MergePlan,
+    layer: int,
+    shared: dict[str, torch.Tensor],
+    gates: Gates,
+    writer: ShardWriter,
+    outcome: LayerOutcome,
+) -> None:
+    """One layer's FFN part of an MoE: kept dense where every expert has the base's FFN, else the routed
+    experts (run through the calibration forward with the layer's gate) and the gate."""
+    recipe, cls, forward = plan.recipe, plan.cls, gates.forward
+    ffns = [_read_ffn(src, layer) for src in plan.inputs.ffn_sources[: plan.num_experts]]
+    base = plan.inputs.base
+    base_ffn = _read_ffn(base, layer) if base is not None and plan.wants_base_ffn else None
+    if (
+        base_ffn is not None
+        and cls.supports_dense_layers
+        and recipe.output.dense_unchanged_layers
+        and all(_same_ffn(ffn, base_ffn) for ffn in ffns[: len(recipe.experts)])
+    ):
+        outcome.dense_layers.append(layer)  # every expert kept the base's FFN here: no routing needed
+        for proj, tensor in base_ffn.items():
+            writer.add(cls.dense_ffn_name(layer, proj), tensor)
+        if forward is not None:
+            forward.attention(shared)
+            forward.dense(base_ffn)
+        return
+    parts = _layer_ffns(plan, ffns, base_ffn)
+    if forward is not None:
+        gate = gates.for_layer(layer, forward.attention(shared))
+        top1 = forward.route(gate, parts.routed, recipe.experts_per_token, parts.shared, parts.shared_gate)
+        labels = forward.cal.token_labels
+        outcome.gate_stats.append(_layer_stat(layer, top1 % plan.num_experts, labels, plan.expert_labels))
+    else:
+        gate = gates.for_layer(layer, None)
+    writer.add(cls.gate_name(layer), gate)
+    for e, ffn in enumerate(parts.routed):
+        for proj, tensor in ffn.items():
+            writer.add(cls.expert_name(layer, e, proj), tensor)
+    if parts.shared is not None:
+        for proj, tensor in parts.shared.items():
+            writer.add(cls.shared_expert_name(layer, proj), tensor)
+    if parts.shared_gate is not None:
+        writer.add(cls.shared_gate_name(layer), parts.shared_gate)
+
+
+def _layer_ffns(
+    plan: MergePlan, ffns: list[dict[str, torch.Tensor]], base_ffn: dict[str, torch.Tensor] | None
+) -> LayerFFNs:
+    """The routed experts (scaled by 1-β beside a shared expert; twice over when mirrored) and the shared
+    expert with its gate."""
+    shared_ffn, shared_gate = None, None
+    if plan.shared_expert and base_ffn is not None:
+        # Each token's FFN output = (1-β)·routed experts + β·base FFN at init: the shared expert
+        # gate is 0 (sigmoid = 1/2), so the base's down projection carries 2β, the experts' 1-β.
+        beta = plan.recipe.output.shared_expert_weight
+        shared_ffn = {**base_ffn, "down_proj": base_ffn["down_proj"].float() * (2 * beta)}
+        ffns = [{**f, "down_proj": f["down_proj"].float() * (1 - beta)} for f in ffns]
+    if plan.cls.shared_gate_always or shared_ffn is not None:
+        shared_gate = torch.zeros(1, plan.hidden)
+    if plan.mirrored:
+        ffns = ffns + ffns  # the same tensors, written twice: expert i and i + N
+    return LayerFFNs(routed=ffns, shared=shared_ffn, shared_gate=shared_gate)
+
+
+def finish_checkpoint(tmp: Path, plan: MergePlan, outcome: LayerOutcome) -> LoadCheck:
+    """Step 5: config.json, the load-completeness check, the tokenizer."""
+    ref, recipe = plan.inputs.reference, plan.recipe
+    moe = MoEPlan(
+        num_experts=plan.routed_experts,
+        experts_per_token=recipe.experts_per_token,
+        dtype=recipe.dtype,
+        dense_layers=tuple(outcome.dense_layers),
+        shared_expert_intermediate_size=int(ref.value("intermediate_size")) if plan.shared_expert else 0,
+    )
+    _write_config(tmp, ref, recipe, plan.dense, plan.cls, moe)
+    check = check_checkpoint(tmp)
+    check.raise_if_incomplete()
+    _copy_tokenizer(ref.path, tmp)
+    return check
+
+
+def merge_report(
+    plan: MergePlan, outcome: LayerOutcome, check: LoadCheck, writer: ShardWriter
+) -> dict[str, Any]:
+    """Step 6: what was written and how the gates route the calibration tokens (no timing yet)."""
+    recipe, dense, stats = plan.recipe, plan.dense, outcome.gate_stats
+    layer_shared = [n for n in plan.names if n.startswith("model.layers.") and not is_ffn(n)]
+    report: dict[str, Any] = {
+        "mode": "dense" if dense else "moe",
+        "architecture": check.architecture,
+        "dense_layers": [] if dense else outcome.dense_layers,
+        "shared_expert": None if dense else recipe.output.shared_expert,
+        "experts": plan.expert_labels,
+        "lora_experts": [e.name for e in plan.inputs.experts if isinstance(e, AdapterCheckpoint)],
+        "num_experts": 1 if dense else plan.num_experts,
+        "routed_experts": 1 if dense else plan.routed_experts,
+        "experts_per_token": recipe.experts_per_token,
+        "shared_method": recipe.shared.method,
+        "gate_init": None if dense else recipe.gate.init,
+        "dtype": recipe.dtype,
+        "layers": plan.layers,
+        "shared_tensors_per_layer": len(layer_shared) // max(plan.layers, 1),
+        "output_bytes": writer.total_bytes,
+        "gate_stats": stats,
+        "unused_experts": sorted({u for s in stats for u in s["unused"]}),
+        "mean_own_share": _mean_own_share(stats, plan.expert_labels),
+    }
+    report["load_check"] = {k: v for k, v in check.summary().items() if k != "problems"}
+    report["inputs"] = input_hashes(recipe)
+    return report
+
+
 def merge_experts(
     recipe: Recipe,
     out_dir: Path,
@@ -251,191 +528,29 @@ def merge_experts(
     progress: Progress | None = None,
     recipe_text: str | None = None,
 ) -> dict[str, Any]:
-    """Merge `recipe` into `out_dir` atomically; returns the merge report (also written as merge-report.json)."""
+    """Merge `recipe` into `out_dir` atomically; returns the merge report (also written as merge-report.json).
+
+    The steps: open and check the inputs (`plan_merge`), start the calibration forward, write every tensor
+    layer by layer (`write_tensors`: shared weights, expert FFNs, gates), finish the checkpoint (config,
+    load check, tokenizer), then the report; the folder is put in place only once all of it succeeded.
+    """
     out_dir = Path(out_dir).resolve()
     check_output_dir(out_dir, overwrite)
     started = time.perf_counter()
     tick = progress or (lambda stage, done, total: None)
     with PeakRSS() as rss:
-        inputs = open_inputs(recipe)
-        ref = inputs.reference
-        names = list(ref.weight_map)
-        layers = int(ref.value("num_hidden_layers"))
-        num_experts = recipe.num_experts
-        expert_labels = recipe.expert_names + (["base"] if recipe.base_as_expert else [])
-        merger = SharedMerger(recipe, inputs)
-        cls = output_class(recipe, inputs)
-        hidden = int(ref.value("hidden_size"))
-        shared_expert = recipe.output.shared_expert == "base"
-        wants_base_ffn = shared_expert or (cls.supports_dense_layers and recipe.output.dense_unchanged_layers)
-        mirrored = not dense and recipe.gate.init == "arrow" and recipe.gate.arrow_mirror
-        routed_experts = num_experts * (2 if mirrored else 1)  # mirrored Arrow: each expert under ±v
-        dense_layers: list[int] = []
-        forward = None
-        has_data = any(e.data or e.positive_prompts for e in recipe.experts)
-        if not dense and has_data:
-            tokenizer = tokenizer_for(ref.path)
-            prompts = load_calibration_prompts(recipe.experts, recipe.gate.max_prompts)
-            calibration = tokenize_calibration(
-                tokenizer, prompts, recipe.gate.max_tokens, recipe.gate.use_chat_template
-            )
-            compute = torch.float32 if recipe.dtype == "float32" else torch.bfloat16
-            forward = LayerwiseForward(ref.config, calibration, compute)
-            token_labels = calibration.token_labels
-        elif not dense and recipe.gate.init not in {"random", "uniform", "arrow"}:
-            raise ValueError(f"gate.init={recipe.gate.init} needs calibration data")
-        gate_rng = torch.Generator().manual_seed(recipe.gate.seed)
-        layer_stats: list[dict[str, Any]] = []
-        cheap_gate: torch.Tensor | None = None
-
+        plan = plan_merge(recipe, dense)
+        gates = Gates(plan, start_calibration(plan))
         with atomic_output_dir(out_dir, overwrite) as tmp:
             writer = ShardWriter(tmp, recipe.dtype)
-            embed_name = "model.embed_tokens.weight"
-            embed = merger(embed_name)
-            writer.add(embed_name, embed)
-            if forward is not None:
-                embed_features = forward.embed(embed)
-                if recipe.gate.init == "cheap_embed":
-                    cheap_gate = init_gate(
-                        "cheap_embed",
-                        embed_features,
-                        token_labels,
-                        num_experts,
-                        ridge_lambda=recipe.gate.ridge_lambda,
-                        generator=gate_rng,
-                    )
-            del embed
-            for layer in range(layers):
-                tick("layers", layer, layers)
-                in_layer = _layer_names(names, layer)
-                shared = {}
-                for name in in_layer:
-                    if not is_ffn(name):
-                        shared[in_layer_name(name)] = merger(name)
-                        writer.add(name, shared[in_layer_name(name)])
-                if dense:
-                    for name in in_layer:
-                        if is_ffn(name):
-                            writer.add(name, merger(name))
-                    continue
-                ffns = [_read_ffn(src, layer) for src in inputs.ffn_sources[:num_experts]]
-                base_ffn = (
-                    _read_ffn(inputs.base, layer) if inputs.base is not None and wants_base_ffn else None
-                )
-                if (
-                    base_ffn is not None
-                    and cls.supports_dense_layers
-                    and recipe.output.dense_unchanged_layers
-                    and all(_same_ffn(ffn, base_ffn) for ffn in ffns[: len(recipe.experts)])
-                ):
-                    dense_layers.append(layer)  # every expert kept the base's FFN here: no routing needed
-                    for proj, tensor in base_ffn.items():
-                        writer.add(cls.dense_ffn_name(layer, proj), tensor)
-                    if forward is not None:
-                        forward.attention(shared)
-                        forward.dense(base_ffn)
-                    del ffns, shared, base_ffn
-                    continue
-                shared_ffn, shared_gate = None, None
-                if shared_expert and base_ffn is not None:
-                    # Each token's FFN output = (1-β)·routed experts + β·base FFN at init: the shared expert
-                    # gate is 0 (sigmoid = 1/2), so the base's down projection carries 2β, the experts' 1-β.
-                    beta = recipe.output.shared_expert_weight
-                    shared_ffn = {**base_ffn, "down_proj": base_ffn["down_proj"].float() * (2 * beta)}
-                    ffns = [{**f, "down_proj": f["down_proj"].float() * (1 - beta)} for f in ffns]
-                if cls.shared_gate_always or shared_ffn is not None:
-                    shared_gate = torch.zeros(1, hidden)
-                if mirrored:
-                    ffns = ffns + ffns  # the same tensors, written twice: expert i and i + N
-                arrow = layer_arrow_gate(recipe, inputs, layer) if recipe.gate.init == "arrow" else None
-                if forward is not None:
-                    ffn_inputs = forward.attention(shared)
-                    if arrow is not None:
-                        gate = arrow
-                    elif cheap_gate is not None:
-                        gate = cheap_gate
-                    else:
-                        gate = init_gate(
-                            recipe.gate.init,
-                            ffn_inputs,
-                            token_labels,
-                            num_experts,
-                            ridge_lambda=recipe.gate.ridge_lambda,
-                            generator=gate_rng,
-                        )
-                    top1 = forward.route(gate, ffns, recipe.experts_per_token, shared_ffn, shared_gate)
-                    layer_stats.append(_layer_stat(layer, top1 % num_experts, token_labels, expert_labels))
-                elif arrow is not None:
-                    gate = arrow
-                else:
-                    gate = init_gate(
-                        recipe.gate.init,
-                        torch.zeros(1, hidden),
-                        torch.zeros(1, dtype=torch.long),
-                        num_experts,
-                        ridge_lambda=recipe.gate.ridge_lambda,
-                        generator=gate_rng,
-                    )
-                writer.add(cls.gate_name(layer), gate)
-                for e, ffn in enumerate(ffns):
-                    for proj, tensor in ffn.items():
-                        writer.add(cls.expert_name(layer, e, proj), tensor)
-                if shared_ffn is not None:
-                    for proj, tensor in shared_ffn.items():
-                        writer.add(cls.shared_expert_name(layer, proj), tensor)
-                if shared_gate is not None:
-                    writer.add(cls.shared_gate_name(layer), shared_gate)
-                del ffns, shared, base_ffn, shared_ffn
-            if not dense and len(dense_layers) == layers:
-                raise RecipeError(
-                    "every layer's expert FFNs equal the base's: an MoE would route between identical "
-                    "experts; write a dense merge (--dense) or set output.dense_unchanged_layers: false"
-                )
-            tick("layers", layers, layers)
-            for name in names:
-                if layer_of(name) is None and name != embed_name:
-                    writer.add(name, merger(name))
-            writer.close()
-            layer_shared = [n for n in names if n.startswith("model.layers.") and not is_ffn(n)]
-            plan = MoEPlan(
-                num_experts=routed_experts,
-                experts_per_token=recipe.experts_per_token,
-                dtype=recipe.dtype,
-                dense_layers=tuple(dense_layers),
-                shared_expert_intermediate_size=int(ref.value("intermediate_size")) if shared_expert else 0,
-            )
-            _write_config(tmp, ref, recipe, dense, cls, plan)
-            check = check_checkpoint(tmp)
-            check.raise_if_incomplete()
-            _copy_tokenizer(ref.path, tmp)
-            report: dict[str, Any] = {
-                "mode": "dense" if dense else "moe",
-                "architecture": check.architecture,
-                "dense_layers": [] if dense else dense_layers,
-                "shared_expert": None if dense else recipe.output.shared_expert,
-                "experts": expert_labels,
-                "lora_experts": [e.name for e in inputs.experts if isinstance(e, AdapterCheckpoint)],
-                "num_experts": 1 if dense else num_experts,
-                "routed_experts": 1 if dense else routed_experts,
-                "experts_per_token": recipe.experts_per_token,
-                "shared_method": recipe.shared.method,
-                "gate_init": None if dense else recipe.gate.init,
-                "dtype": recipe.dtype,
-                "layers": layers,
-                "shared_tensors_per_layer": len(layer_shared) // max(layers, 1),
-                "output_bytes": writer.total_bytes,
-                "gate_stats": layer_stats,
-                "unused_experts": sorted({u for s in layer_stats for u in s["unused"]}),
-                "mean_own_share": _mean_own_share(layer_stats, expert_labels),
-            }
-            report["load_check"] = {k: v for k, v in check.summary().items() if k != "problems"}
-            report["inputs"] = input_hashes(recipe)
+            outcome = write_tensors(plan, gates, writer, tick)
+            check = finish_checkpoint(tmp, plan, outcome)
+            report = merge_report(plan, outcome, check, writer)
             report["seconds"] = round(time.perf_counter() - started, 3)
-            report["peak_rss_mib"] = round(rss.peak_mib, 1)
+            report["peak_rss_mib"] = round(rss.peak_mib, 1)  # the peak up to the report, as written in it
             report["rss_before_mib"] = round(rss.start_mib, 1)
             (tmp / "merge-report.json").write_text(json.dumps(report, indent=2))
             write_model_card(tmp, recipe, report, recipe_text)
-    report["peak_rss_mib"] = round(rss.peak_mib, 1)
     return report
 
 
