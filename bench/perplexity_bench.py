@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/perplexity_bench.py [--zoo runs/zoo] [--work runs/ppl-bench] [--rows 24]
         [--learned adapters] [--max-tokens 8]
+    .venv/bin/python bench/perplexity_bench.py --tiny --learned learned --work runs/ppl-bench-tiny
 
 The gateway is the zoo's serve.yaml (its in-process engines) plus a `perplexity` router whose candidates
 are the experts the learned router (`--learned`, a router of serve.yaml) may send a request to, so both
@@ -219,6 +220,43 @@ def latency(passed: dict[str, Any], learned: str, max_tokens: int) -> dict[str, 
     }
 
 
+def tiny_zoo(work: Path) -> Path:
+    """A zoo-shaped folder from merge/tiny.py's zoo (math, code, text experts), for a run without the real
+    zoo: a hybrid router trained on the experts' own training prompts, held-out sentences (seed 7; the
+    experts trained on seeds 1 and 2) cut in two at the middle word (prompt, reference answer), and a
+    serve.yaml of three in-process engines."""
+    from merge.tiny import TINY_DOMAINS, build_tiny_zoo, domain_prompts
+    from router.config import parse_config as router_config
+    from router.train import train_router
+
+    zoo = build_tiny_zoo(work / "tiny")
+    folder = work / "tiny-zoo"
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    for domain in TINY_DOMAINS:
+        with open(folder / "data" / f"{domain}.heldout.jsonl", "w") as fh:
+            for j, text in enumerate(domain_prompts(domain, 200, seed=7)):
+                words = text.split(" ")
+                half = len(words) // 2
+                row = {"id": f"{domain}-{j}", "domain": domain, "prompt": " ".join(words[:half])}
+                fh.write(json.dumps({**row, "response": " " + " ".join(words[half:])}) + "\n")
+    if not (folder / "router" / "router.json").exists():
+        spec = {
+            "kind": "hybrid",
+            "experts": {d: {"files": [str(zoo.data[d])], "holdout": {"fraction": 0.0}} for d in TINY_DOMAINS},
+            "encoder": {"model": "bundled", "max_seq_length": 64},
+        }
+        train_router(router_config(spec, folder), folder / "router", log=log)
+    engine = {"max_model_len": 256, "enforce_eager": True}
+    serve = {
+        "experts": {
+            d: {"backend": "vllm", "model": str(zoo.experts[d]), "engine_args": engine} for d in TINY_DOMAINS
+        },
+        "routers": {"learned": {"artifact": "./router"}},
+    }
+    (folder / "serve.yaml").write_text(yaml.safe_dump(serve, sort_keys=False))
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--zoo", type=Path, default=ROOT / "runs" / "zoo")
@@ -226,14 +264,18 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=24, help="held-out prompts per domain")
     parser.add_argument("--learned", default="adapters", help="serve.yaml's trained router to compare with")
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument(
+        "--tiny", action="store_true", help="merge/tiny.py's zoo, laid out in WORK (no --zoo)"
+    )
     args = parser.parse_args()
     from quality import domains_of, heldout_rows
 
     from serving.app import create_app
     from tests.helpers import ThreadedServer, wait_http_ok
 
-    zoo, work = args.zoo.resolve(), args.work.resolve()
+    work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
+    zoo = tiny_zoo(work) if args.tiny else args.zoo.resolve()
     config, candidates, expected = bench_config(zoo, work, args.learned)
     rows = {d: heldout_rows(zoo, d, args.rows) for d in domains_of(zoo)}
     log(f"candidates {candidates}; domain experts {expected}")
