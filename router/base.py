@@ -58,6 +58,18 @@ class Router(ABC):
         return self.decide_batch([request])[0]
 
 
+class AsyncRouter(Router):
+    """A router whose decision waits on I/O (the experts' own engines scoring the prompt), not on the CPU.
+
+    Serving awaits `decide_async` on its event loop, each request on its own and all concurrently, rather
+    than batching requests on a worker thread: batching would only queue one request's I/O behind
+    another's. Like `decide_batch`, it must never raise.
+    """
+
+    @abstractmethod
+    async def decide_async(self, request: RoutingRequest) -> Decision: ...
+
+
 RouterFactory = Callable[..., Router]
 _REGISTRY: dict[str, RouterFactory] = {}
 

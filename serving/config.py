@@ -340,8 +340,22 @@ class LoraFamilyConfig(_Strict):
         return args
 
 
+class PerplexityParams(_Strict):
+    """`params` of a `perplexity` router: the softmax, and how each candidate's engine is asked."""
+
+    temperature: float = Field(1.0, gt=0, description="softmax temperature over the negated mean NLLs")
+    timeout_s: float = Field(10.0, gt=0, description="a candidate that has not scored by then is skipped")
+    max_chars: int = Field(4096, ge=1, description="the routing text is cut (middle out) to this length")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="each engine keeps the prompt's last N tokens (vLLM truncate_prompt_tokens)"
+    )
+
+
 class RouterConfig(_Strict):
-    """A built-in router kind (`fixed`, `random`, ...) or a trained router artifact directory."""
+    """A built-in router kind (`fixed`, `random`, ...) or a trained router artifact directory.
+
+    For `perplexity`, `experts` are the candidates whose engines score the prompt (default: all served
+    experts) and `params` are `PerplexityParams`."""
 
     kind: str | None = None
     artifact: ConfigPathStr | None = Field(None, description="a trained router's folder")
@@ -388,7 +402,21 @@ class RouterConfig(_Strict):
             raise ValueError("`digest` pins a trained `artifact`; a built-in kind has none")
         if self.serve_as is not None and self.artifact is None:
             raise ValueError("`serve_as` re-maps a trained `artifact`'s classes; a built-in kind has none")
+        if self.kind == "perplexity":
+            self.perplexity_params()
         return self
+
+    def perplexity_params(self) -> PerplexityParams:
+        """The checked `params` of a perplexity router (errors name `params.FIELD`)."""
+        try:
+            return PerplexityParams.model_validate(self.params)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ValueError(
+                f"params.{where}: {first['msg']} (a perplexity router takes "
+                f"{', '.join(PerplexityParams.model_fields)})"
+            ) from None
 
 
 SHA256_HEX = r"^[0-9a-f]{64}$"
@@ -663,9 +691,13 @@ class ServeConfig(_Strict):
             if expert.fallback == name:
                 raise ValueError(f"experts.{name}.fallback: an expert cannot fall back to itself")
         for name, router in self.routers.items():
-            for e in [*(router.experts or []), *([router.fallback] if router.fallback else [])]:
+            for e in router.experts or []:
                 if e not in experts:
-                    raise ValueError(f"routers.{name}: unknown expert {e!r}")
+                    raise ValueError(
+                        f"routers.{name}.experts: unknown expert {e!r}; served experts: {', '.join(self.experts)}"
+                    )
+            if router.fallback is not None and router.fallback not in experts:
+                raise ValueError(f"routers.{name}.fallback: unknown expert {router.fallback!r}")
         for name in self.experiments:
             if name in self.routers:
                 raise ValueError(f"experiments.{name}: the name is already a router's")

@@ -22,7 +22,7 @@ from router.base import Decision, RoutingRequest
 from serving.accounting import Accountant, Routed
 from serving.auth import KeyRing, RateLimiter
 from serving.backends.base import Backend, BackendUnavailable, Endpoint, JSONResult, StreamResult
-from serving.config import ConfigError, LoraMember, OpenAIExpert, ServeConfig, VllmExpert
+from serving.config import ConfigError, LoraMember, OpenAIExpert, RouterConfig, ServeConfig, VllmExpert
 from serving.decision_log import DecisionLog
 from serving.errors import OpenAIError
 from serving.experiments import Experiment, assignment_key
@@ -33,6 +33,7 @@ from serving.tracing import Tracer
 
 if TYPE_CHECKING:
     from serving.backends.lora import LoraEngine
+    from serving.perplexity import BackendScorer
 
 log = logging.getLogger("moerge.serving")
 
@@ -186,7 +187,8 @@ class Gateway:
         """Load routers, start backends (engines one after the other: each load uses every core)."""
         experts = list(self.backends)
         for name, rcfg in self.config.routers.items():
-            router = await asyncio.to_thread(load_router, name, rcfg, experts)
+            scorer = self._perplexity_scorer(rcfg) if rcfg.kind == "perplexity" else None
+            router = await asyncio.to_thread(load_router, name, rcfg, experts, scorer)
             fallback = rcfg.fallback or router.experts[0]
             self.batchers[name] = MicroBatcher(
                 name,
@@ -215,6 +217,22 @@ class Gateway:
             self._metrics_server, _ = start_http_server(port, self.config.server.host, self.metrics.registry)
         if self.decision_log is not None:
             self.decision_log.start()
+
+    def _perplexity_scorer(self, rcfg: RouterConfig) -> BackendScorer:
+        """A perplexity router's scorer: its candidates' own backends, skipping any that cannot serve now."""
+        from serving.perplexity import BackendScorer
+
+        p = rcfg.perplexity_params()
+        return BackendScorer(self.backends, p.timeout_s, self._unscorable, p.max_prompt_tokens)
+
+    def _unscorable(self, expert: str) -> str | None:
+        """Why `expert` must not score a prompt now (None: it may)."""
+        backend, breaker = self.backends.get(expert), self.breakers.get(expert)
+        if backend is None or not backend.available():
+            return "unregistered"
+        if breaker is not None and not breaker.up:
+            return f"circuit {breaker.state.value}" if breaker.healthy is not False else "health probe failed"
+        return None
 
     async def _sync_remote_lora(self) -> None:
         """Remote LoRA families learn their engine's adapters at start (best effort: logged)."""

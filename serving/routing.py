@@ -1,10 +1,11 @@
 """Routing: turn the `model` a client sent into a Decision, off the event loop and in micro-batches.
 
 A client naming an expert goes direct. A client naming a routing model (`auto`, ...) gets its router's
-decision. Routers are CPU-bound (sentence embeddings), so each runs in its own worker thread; requests
+decision. Most routers are CPU-bound (sentence embeddings), so each runs in its own worker thread; requests
 that arrive while a batch is being decided queue up and are decided together in the next
 `decide_batch` call: under load one encoder call serves many requests, and a lone request waits for
-nothing (unless `max_wait_ms` asks to grow batches).
+nothing (unless `max_wait_ms` asks to grow batches). An I/O-bound router (`AsyncRouter`: `perplexity`, whose
+experts' engines score the prompt) is awaited on the loop instead, each request concurrently.
 May import: router.* (trained routers lazily), serving.config.
 """
 
@@ -20,7 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from router.base import Decision, Router, RoutingRequest, create_router
+from router.base import AsyncRouter, Decision, Router, RoutingRequest, create_router
+from router.perplexity import PromptNLLScorer
 from serving.config import RouterConfig
 
 log = logging.getLogger("moerge.serving")
@@ -30,8 +32,12 @@ log = logging.getLogger("moerge.serving")
 ARTIFACT_PARAMS = {"kind", "fast_path", "cache_size"}
 
 
-def load_router(name: str, cfg: RouterConfig, experts: Sequence[str]) -> Router:
-    """A built-in kind over the configured experts, or a trained artifact (its experts must be served)."""
+def load_router(
+    name: str, cfg: RouterConfig, experts: Sequence[str], scorer: PromptNLLScorer | None = None
+) -> Router:
+    """A built-in kind over the configured experts, or a trained artifact (its experts must be served).
+
+    `scorer`: what a `perplexity` router scores prompts with (the gateway's, over its backends)."""
     if cfg.artifact is not None:
         from router.artifact import load_router as load_artifact  # lazy: trained routers pull in torch & co
 
@@ -53,7 +59,14 @@ def load_router(name: str, cfg: RouterConfig, experts: Sequence[str]) -> Router:
     else:
         importlib.import_module("router.fixed")  # registers the built-in kinds
         assert cfg.kind is not None
-        router = create_router(cfg.kind, experts=list(cfg.experts or experts), **cfg.params)
+        params = dict(cfg.params)
+        if cfg.kind == "perplexity":
+            if scorer is None:
+                raise ValueError(f"routers.{name}: a perplexity router needs the gateway's scorer")
+            p = cfg.perplexity_params()
+            params = {"scorer": scorer, "temperature": p.temperature, "max_chars": p.max_chars}
+            params["fallback"] = cfg.fallback
+        router = create_router(cfg.kind, experts=list(cfg.experts or experts), **params)
     unknown = sorted(set(router.experts) - set(experts))
     if unknown:
         raise ValueError(f"routers.{name}: the router chooses experts that are not served: {unknown}")
@@ -113,11 +126,14 @@ class MicroBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"router-{name}")
         self.inline_below_s = inline_below_s
         self._slowest = float("inf")  # the router's slowest time per request so far; inf until measured
+        self._awaiting = 0  # an AsyncRouter's decisions in flight (it is awaited, not queued)
 
     def queued(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + self._awaiting
 
     async def decide(self, request: RoutingRequest, shadow: bool = False) -> Decision:
+        if isinstance(self.router, AsyncRouter):
+            return await self._decide_async(self.router, request, shadow)
         if len(self._queue) >= self.max_queue:
             self._queue = deque(item for item in self._queue if not item[1].done())  # drop abandoned ones
             if len(self._queue) >= self.max_queue:
@@ -131,6 +147,27 @@ class MicroBatcher:
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._drain())
         return await fut
+
+    async def _decide_async(self, router: AsyncRouter, request: RoutingRequest, shadow: bool) -> Decision:
+        """An I/O-bound router, awaited here concurrently with every other request; at most `max_queue`
+        decisions in flight (beyond: shed, as a full queue)."""
+        if self._awaiting >= self.max_queue:
+            self.on_shed("shadow" if shadow else "serving")
+            if shadow:
+                raise RouterOverloaded(f"router {self.name}: {self.max_queue} decisions in flight")
+            return self._fallback_decision(RouterOverloaded(), "router-overloaded→fallback")
+        self._awaiting += 1
+        start = time.perf_counter()
+        try:
+            decision = await router.decide_async(request)
+        except Exception as err:  # a router must not raise; if it does, serve from its fallback expert
+            log.exception("router %s failed", self.name)
+            decision = self._fallback_decision(err)
+        finally:
+            self._awaiting -= 1
+        if self.observe is not None:
+            self.observe(1, time.perf_counter() - start)
+        return decision
 
     def _next_batch(self) -> list[tuple[RoutingRequest, asyncio.Future[Decision]]]:
         batch: list[tuple[RoutingRequest, asyncio.Future[Decision]]] = []

@@ -171,6 +171,8 @@ def gateway(zoo: TinyZoo, servers: dict[str, VllmServer], decision_db: Path) -> 
                 "rand": {"kind": "random", "params": {"seed": 0}},
                 "to-code": {"kind": "fixed", "params": {"expert": "code"}},
                 "to-math": {"kind": "fixed", "params": {"expert": "math"}},
+                # live perplexity routing: each candidate's own engine (in-process, remote) scores the prompt
+                "ppl": {"kind": "perplexity", "experts": ["math", "code"], "params": {"timeout_s": 60}},
             },
             "experiments": {
                 "ab": {
@@ -178,7 +180,7 @@ def gateway(zoo: TinyZoo, servers: dict[str, VllmServer], decision_db: Path) -> 
                     "shadow": ["to-code", "rand"],
                 }
             },
-            "routing_models": {"auto": "rand", "coder": "to-code", "ab-test": "ab"},
+            "routing_models": {"auto": "rand", "coder": "to-code", "ab-test": "ab", "ppl": "ppl"},
             "decision_log": {"enabled": True, "url": f"sqlite:///{decision_db}", "flush_interval_s": 0.05},
             "circuit_breaker": {"health_interval_s": 0.5},
         }

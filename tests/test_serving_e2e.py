@@ -178,7 +178,7 @@ def test_completions(client: openai.OpenAI, model: str) -> None:
 
 def test_models_ready_metrics(client: openai.OpenAI, gateway: ThreadedServer) -> None:
     ids = {m.id for m in client.models.list()}
-    assert ids == {"math", "code", "auto", "coder", "ab-test"}
+    assert ids == {"math", "code", "auto", "coder", "ab-test", "ppl"}
     ready = httpx.get(gateway.url + "/ready")
     assert ready.status_code == 200 and ready.json()["backends"]["math"]["up"]
     metrics = httpx.get(gateway.url + "/metrics").text
