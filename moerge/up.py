@@ -54,6 +54,16 @@ class ExpertProcess(ConfigModel):
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for this server")
     fallback: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
     startup_timeout_s: float = Field(600.0, gt=0)
+    tool_call_parser: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="vLLM's tool-call parser (`--tool-call-parser`: hermes, llama3_json, pythonic...): "
+        "tool_choice `required` or a named function needs one; checked against the installed vLLM's",
+    )
+    enable_auto_tool_choice: bool = Field(
+        False, description="tool_choice `auto` (`--enable-auto-tool-choice`; needs tool_call_parser)"
+    )
 
     @field_validator("port")
     @classmethod
@@ -66,7 +76,24 @@ class ExpertProcess(ConfigModel):
     @classmethod
     def _no_reserved(cls, v: dict[str, Any]) -> dict[str, Any]:
         check_engine_args(v, set_by="moerge up")
+        if both := sorted({k.replace("-", "_") for k in v} & {"tool_call_parser", "enable_auto_tool_choice"}):
+            raise ValueError(f"{', '.join(both)}: set it on the expert, not in args")
         return v
+
+    @model_validator(mode="after")
+    def _auto_needs_parser(self) -> ExpertProcess:
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice needs tool_call_parser")
+        return self
+
+    def server_options(self) -> dict[str, Any]:
+        """`args` plus the tool-calling options, as `vllm serve` gets them."""
+        out = dict(self.args)
+        if self.tool_call_parser is not None:
+            out["tool_call_parser"] = self.tool_call_parser
+        if self.enable_auto_tool_choice:
+            out["enable_auto_tool_choice"] = True
+        return out
 
 
 class Topology(ConfigModel):
@@ -126,6 +153,20 @@ def free_port() -> int:
     raise OSError("no free loopback port")
 
 
+def check_tool_parsers(topo: Topology) -> None:
+    """ConfigError naming `experts.X.tool_call_parser` when the installed vLLM has no such parser (a
+    `tool_parser_plugin` in `args` registers its own names, so those are left to vLLM)."""
+    from serving.vllm_boundary import check_tool_parser
+
+    for name, e in topo.experts.items():
+        plugin = "tool_parser_plugin" in {k.replace("-", "_") for k in e.args}
+        if e.tool_call_parser is not None and not plugin:
+            try:
+                check_tool_parser(e.tool_call_parser, f"experts.{name}.tool_call_parser")
+            except ValueError as err:
+                raise ConfigError(str(err), field=f"experts.{name}.tool_call_parser") from None
+
+
 def cli_flags(args: dict[str, Any]) -> list[str]:
     """The expert's `args` as `vllm serve` flags: the same mapping as in-process engines use."""
     return engine_flags(args)
@@ -156,7 +197,7 @@ def make_plan(topo: Topology, *, gateway_port: int | None = None) -> Plan:
             LOOPBACK,
             "--port",
             str(ports[name]),
-            *cli_flags(e.args),
+            *cli_flags(e.server_options()),
         ]
         for name, e in topo.experts.items()
     }
@@ -386,6 +427,7 @@ def register_up_command(app: Any) -> None:
             ]
             if missing:
                 raise ConfigError("missing paths:\n" + "\n".join(missing))
+            check_tool_parsers(topo)
             if check:
                 plan = make_plan(topo, gateway_port=port)
                 for name, argv in plan.expert_argv.items():

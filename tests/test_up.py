@@ -51,6 +51,28 @@ def test_example_topology_is_valid() -> None:
     assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert argv[argv.index("--served-model-name") :][:2] == ["--served-model-name", "code"]
     assert "--enforce-eager" in argv and argv[argv.index("--max-model-len") + 1] == "256"
+    math = plan.expert_argv["math"]
+    assert math[math.index("--tool-call-parser") + 1] == "pythonic" and "--enable-auto-tool-choice" in math
+    assert "--tool-call-parser" not in argv and "--enable-auto-tool-choice" not in argv
+
+
+def test_tool_options_are_checked(tmp_path: Path) -> None:
+    """The tool options live on the expert (not in `args`), auto needs a parser, and the parser must be
+    one the installed vLLM has: each error names its field."""
+    with pytest.raises(ValueError, match="tool_call_parser: set it on the expert"):
+        ExpertProcess(model="/m", args={"tool-call-parser": "hermes"})
+    with pytest.raises(ValueError, match="enable_auto_tool_choice needs tool_call_parser"):
+        ExpertProcess(model="/m", enable_auto_tool_choice=True)
+    from moerge.up import check_tool_parsers
+
+    check_tool_parsers(Topology(experts={"a": ExpertProcess(model="/m", tool_call_parser="hermes")}))
+    bad = Topology(experts={"a": ExpertProcess(model="/m", tool_call_parser="no-such-parser")})
+    with pytest.raises(ConfigError, match=r"experts\.a\.tool_call_parser: unknown tool-call parser.*hermes"):
+        check_tool_parsers(bad)
+    plugin = {"tool_parser_plugin": "/p.py"}
+    check_tool_parsers(
+        Topology(experts={"a": ExpertProcess(model="/m", tool_call_parser="mine", args=plugin)})
+    )
 
 
 def test_cli_flags() -> None:
@@ -281,6 +303,28 @@ def test_up_serves_routes_and_stops_on_ctrl_c(up: Up) -> None:
         assert response.headers["x-moerge-router"]  # the deciding router reports itself
         chunks = list(response.parse())
     assert any(c.choices and c.choices[0].delta.content for c in chunks)
+    # tool calling on a `vllm serve` expert: the topology's tool options reached the server
+    tool: Any = {
+        "type": "function",
+        "function": {
+            "name": "pick",
+            "parameters": {
+                "type": "object",
+                "properties": {"n": {"enum": [1, 2, 3]}},
+                "required": ["n"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    resp = client.chat.completions.create(
+        model="math",
+        messages=[{"role": "user", "content": "pick"}],
+        max_tokens=64,
+        tools=[tool],
+        tool_choice="required",
+    )
+    calls = resp.choices[0].message.tool_calls or []
+    assert calls and all(c.function.name == "pick" for c in calls), calls  # type: ignore[union-attr]
 
     up.proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers
     assert up.proc.wait(timeout=120) == 0
