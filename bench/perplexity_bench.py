@@ -68,7 +68,10 @@ def bench_config(zoo: Path, work: Path, learned: str) -> tuple[Any, list[str], d
     candidates = list(dict.fromkeys(router.experts))  # several classes may be served by one expert
     meta = getattr(router, "meta", {})
     serve_as = {**meta.get("serve_as", {}), **(plain.routers[learned].serve_as or {})}
-    expected = {d: serve_as.get(c, c) for d, c in meta.get("label_map", {}).items()}
+    # label_map is label → served expert through the artifact's own serve_as; the class of a label is the
+    # label itself when the classes are the domains, else the expert it names (then serve.yaml re-maps it)
+    classes = set(meta.get("experts", []))
+    expected = {d: serve_as.get(d if d in classes else c, c) for d, c in meta.get("label_map", {}).items()}
     data["routers"]["ppl"] = {
         "kind": "perplexity",
         "experts": candidates,
