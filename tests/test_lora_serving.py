@@ -450,6 +450,79 @@ def test_base_in_mixed_batch_equals_alone(
     assert mixed == pytest.approx(alone, abs=1e-4)
 
 
+def prompt_nll(body: dict[str, Any]) -> float:
+    """The summed NLL of a completion's prompt tokens from its `prompt_logprobs` (the first is None)."""
+    entries = body["choices"][0]["prompt_logprobs"]
+    return -sum(next(iter(e.values()))["logprob"] for e in entries if e)
+
+
+async def prompt_logprobs_beside_streams(url: str, members: list[str], busy: list[str]) -> list[dict]:
+    """Every member's prompt logprobs, all sent at once while `busy` adapters stream (two loops each)."""
+    import httpx
+
+    headers = {"authorization": f"Bearer {USER_KEY}"}
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=USER_KEY, max_retries=0, timeout=120)
+    done = asyncio.Event()
+    loops = [(a, asyncio.Event()) for a in busy for _ in range(2)]
+
+    async def keep_busy(adapter: str, decoding: asyncio.Event) -> None:
+        while not done.is_set():
+            stream = await client.completions.create(
+                model=adapter, prompt=PROMPTS["text"], max_tokens=48, temperature=0, stream=True
+            )
+            async for _ in stream:
+                decoding.set()
+
+    tasks = [asyncio.create_task(keep_busy(a, e)) for a, e in loops]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for _, e in loops)), timeout=120)
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120) as http:
+            replies = await asyncio.gather(
+                *(
+                    http.post(
+                        "/v1/completions",
+                        json={"model": m, "prompt": PROMPTS["math"], "max_tokens": 1, "prompt_logprobs": 0},
+                    )
+                    for m in members
+                )
+            )
+    finally:
+        done.set()
+        await asyncio.gather(*tasks)
+        await client.close()
+    for reply in replies:
+        assert reply.status_code == 200, reply.text
+    return [r.json() for r in replies]
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("family", ["tiny", "remote"])
+def test_prompt_logprobs_beside_adapter_traffic(
+    lclient: openai.OpenAI, lora_gateway: Any, family: str
+) -> None:
+    """Prompt logprobs of the base and every adapter, asked all at once while other adapters stream: each
+    is answered, equal to the same request alone, and the engine still serves. vLLM 0.32 fails a LoRA
+    engine on a batch of several requests with prompt logprobs (tests/test_lora_alone_gate.py); the
+    family's gate runs each alone."""
+    import httpx
+
+    members = [family, *(f"{family}-{d}" for d in DOMAINS)]
+    headers = {"authorization": f"Bearer {USER_KEY}"}
+    alone = []
+    for m in members:
+        body = {"model": m, "prompt": PROMPTS["math"], "max_tokens": 1, "prompt_logprobs": 0}
+        reply = httpx.post(lora_gateway.url + "/v1/completions", json=body, headers=headers, timeout=120)
+        assert reply.status_code == 200, reply.text
+        alone.append(prompt_nll(reply.json()))
+    assert len(set(alone)) == len(alone)  # each adapter changes the prompt's NLL: they are applied
+    busy = [f"{family}-math", f"{family}-code"]
+    together = asyncio.run(prompt_logprobs_beside_streams(lora_gateway.url, members, busy))
+    assert [prompt_nll(b) for b in together] == pytest.approx(alone, abs=1e-4)
+    _, generated, _ = complete(lclient, f"{family}-text", PROMPTS["text"])  # the engine still serves
+    assert generated
+
+
 @pytest.mark.vllm
 @pytest.mark.timeout(600)
 def test_plain_base_in_mixed_batch_is_changed(lclient: openai.OpenAI, lora_gateway: Any) -> None:

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import shutil
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,92 @@ from starlette.requests import Request
 
 from serving.backends.base import Backend, BackendUnavailable, Endpoint, JSONResult, StreamResult
 from serving.config import LoraAdapterConfig, LoraFamilyConfig, OpenAIExpert, VllmExpert
+from serving.errors import OpenAIError
 from serving.vllm_boundary import load_lora_request, unload_lora_request
 
 log = logging.getLogger("moerge.serving")
+
+
+def runs_alone(payload: dict[str, Any]) -> bool:
+    """Does this request need the engine to itself? Prompt logprobs do (asked for directly, or through
+    `echo` with logprobs, which vLLM turns into prompt logprobs): vLLM 0.32's LoRA logits layer maps one
+    adapter index per request onto one row per prompt token, so a batch of several requests fails the
+    whole engine (`einsum(): subscript b has size 2 ... 19` in punica_cpu.add_lora_logits; vllm#29955,
+    #16668); one request alone is computed right (its index broadcasts)."""
+    if payload.get("prompt_logprobs") is not None:
+        return True
+    return bool(payload.get("echo")) and (
+        payload.get("logprobs") is not None or payload.get("top_logprobs") is not None
+    )
+
+
+class AloneGate:
+    """Admission to one engine: ordinary requests share it, a `runs_alone` one waits until nothing else
+    runs and keeps new requests out while it runs (and while it waits, so it is never starved).
+    Synchronous `leave` so that it can run in any `finally`, cancellation included."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.alone = False
+        self.waiting_alone = 0
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def _may_enter(self, alone: bool) -> bool:
+        if alone:
+            return self.running == 0
+        return not self.alone and self.waiting_alone == 0
+
+    async def enter(self, alone: bool) -> None:
+        if alone:
+            self.waiting_alone += 1
+        try:
+            while not self._may_enter(alone):
+                waiter = asyncio.get_running_loop().create_future()
+                self._waiters.append(waiter)
+                await waiter
+        finally:
+            if alone:
+                self.waiting_alone -= 1
+                self._wake()  # ordinary requests held back for it may go (it now runs, or gave up)
+        self.running += 1
+        self.alone = alone
+
+    def leave(self, alone: bool) -> None:
+        self.running -= 1
+        if alone:
+            self.alone = False
+        self._wake()
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def hold_stream(self, result: StreamResult, alone: bool) -> StreamResult:
+        """The stream keeps its place until it ends or is closed, whichever comes first."""
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.leave(alone)
+
+        async def rest() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in result.rest:
+                    yield chunk
+            finally:
+                release()
+
+        async def close() -> None:
+            try:
+                await result.close()
+            finally:
+                release()
+
+        return StreamResult(result.first, rest(), close)
 
 
 class LoraEngine:
@@ -42,6 +126,7 @@ class LoraEngine:
         self._zero_dir: Path | None = None
         self._started = False
         self._lock = asyncio.Lock()
+        self.gate = AloneGate()
         self.inner: Any
         if isinstance(cfg.base, VllmExpert):
             from serving.backends.inprocess import InProcessBackend
@@ -117,7 +202,6 @@ class LoraEngine:
 
     async def load_adapter(self, name: str, adapter: LoraAdapterConfig) -> None:
         """Load an adapter into the running engine (OpenAIError if the engine refuses it)."""
-        from serving.errors import OpenAIError
 
         if self.in_process:
             models = self.inner.state.openai_serving_models
@@ -146,8 +230,6 @@ class LoraEngine:
         )
 
     async def _remote_call(self, path: str, body: dict[str, Any], name: str, what: str) -> None:
-        from serving.errors import OpenAIError
-
         root = self.inner.base_url.removesuffix("/v1")
         try:
             resp = await self.inner.client.post(
@@ -227,14 +309,32 @@ class LoraMemberBackend(Backend):
             raise BackendUnavailable(
                 f"{self.name}: the engine of LoRA family {self.engine.family} is not running"
             )
-        result: JSONResult | StreamResult = await self.engine.inner.request(
-            endpoint,
-            payload,
-            raw,
-            first_token_s=first_token_s,
-            total_s=total_s,
-            model=self.engine.upstream_model(self.adapter),
-        )
+        gate, alone = self.engine.gate, runs_alone(payload)
+        try:
+            await asyncio.wait_for(gate.enter(alone), first_token_s)
+        except TimeoutError:
+            raise OpenAIError(
+                503,
+                f"The engine of LoRA family `{self.engine.family}` stayed busy for {first_token_s:g} s: a "
+                "request with prompt logprobs runs alone on a LoRA engine (vLLM fails a batch of several).",
+                type="server_error",
+                code="engine_busy",
+            ) from None
+        try:
+            result: JSONResult | StreamResult = await self.engine.inner.request(
+                endpoint,
+                payload,
+                raw,
+                first_token_s=first_token_s,
+                total_s=total_s,
+                model=self.engine.upstream_model(self.adapter),
+            )
+        except BaseException:
+            gate.leave(alone)
+            raise
+        if isinstance(result, StreamResult):
+            return gate.hold_stream(result, alone)
+        gate.leave(alone)
         return result
 
     def forget_response(self, response_id: str) -> None:
