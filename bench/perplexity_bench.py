@@ -94,6 +94,7 @@ def routing_pass(http: httpx.Client, rows: dict[str, list[dict]], max_tokens: in
     """Every prompt through both routers (alternating the order): picks, request times, decision times."""
     picks: dict[str, dict[str, list[str]]] = {PPL: {}, LEARNED: {}}
     wall: dict[str, list[float]] = {PPL: [], LEARNED: []}
+    errors: list[dict[str, Any]] = []
     before = router_seconds(http.get("/metrics").text)
     i = 0
     for domain, domain_rows in rows.items():
@@ -110,12 +111,13 @@ def routing_pass(http: httpx.Client, rows: dict[str, list[dict]], max_tokens: in
                 start = time.perf_counter()
                 resp = http.post("/v1/chat/completions", json=body)
                 wall[model].append(time.perf_counter() - start)
-                resp.raise_for_status()
-                picks[model].setdefault(domain, []).append(
-                    resp.headers["x-moerge-routed-expert"]
-                    if "x-moerge-routed-expert" in resp.headers
-                    else resp.headers["x-moerge-expert"]
-                )
+                picked = resp.headers.get("x-moerge-routed-expert") or resp.headers.get("x-moerge-expert")
+                if resp.status_code != 200:  # e.g. a prompt longer than the picked expert's context
+                    errors.append({"router": model, "domain": domain, "status": resp.status_code})
+                    log(f"{model} → {picked}: HTTP {resp.status_code} {resp.text[:200]}")
+                if picked is None:
+                    resp.raise_for_status()
+                picks[model].setdefault(domain, []).append(str(picked))
         log(f"routed {domain}")
     after = router_seconds(http.get("/metrics").text)
     decision = {}
@@ -123,7 +125,7 @@ def routing_pass(http: httpx.Client, rows: dict[str, list[dict]], max_tokens: in
         s0, n0 = before.get(name, (0.0, 0.0))
         if n > n0:
             decision[name] = {"mean_s": (s - s0) / (n - n0), "n": n - n0}
-    return {"picks": picks, "wall": wall, "decision": decision}
+    return {"picks": picks, "wall": wall, "decision": decision, "errors": errors}
 
 
 def reference_nll(http: httpx.Client, config: Any, rows: list[dict], expert: str) -> list[float]:
@@ -297,6 +299,7 @@ def main() -> None:
         "latency": latency(passed, args.learned, args.max_tokens),
         "domains": summarise(rows, passed, nll, expected, candidates),
         "picks": passed["picks"],
+        "request_errors": passed["errors"],
     }
     (work / "perplexity_bench.json").write_text(json.dumps(result, indent=2))
     print(markdown(result))

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, PreTrainedTokenizerBase
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from merge.recipe import DataSource, ExpertSpec, RecipeError
 
@@ -148,6 +147,31 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
+def rope_cos_sin(cfg: Any, head_dim: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE's cos and sin for positions 0..length-1 ([1, length, head_dim], float32), exactly as transformers'
+    LlamaRotaryEmbedding gives them, from the inverse frequencies of `modeling_rope_utils` (a light module)
+    rather than the modelling code: importing modeling_llama pulls in generation and scikit-learn, seconds
+    and ~250 MiB of every merge. Types whose frequencies depend on the sequence length (dynamic, longrope)
+    still go through LlamaRotaryEmbedding itself."""
+    rope_type = cfg.rope_parameters["rope_type"]
+    if rope_type in ("dynamic", "longrope"):
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        probe = torch.zeros(1, 1, head_dim)
+        return LlamaRotaryEmbedding(cfg)(probe, torch.arange(length).unsqueeze(0))  # type: ignore[no-any-return]
+    if rope_type == "default":
+        theta = cfg.rope_parameters["rope_theta"]
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        scaling = 1.0
+    else:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg)
+    freqs = torch.arange(length).unsqueeze(0)[..., None].float() * inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * scaling, emb.sin() * scaling
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -171,9 +195,7 @@ class LayerwiseForward:
         self.head_dim = getattr(self.cfg, "head_dim", None) or self.cfg.hidden_size // self.heads
         self.eps = self.cfg.rms_norm_eps
         self.cal = calibration
-        positions = torch.arange(calibration.input_ids.shape[1]).unsqueeze(0)
-        probe = torch.zeros(1, 1, self.head_dim)
-        cos, sin = LlamaRotaryEmbedding(self.cfg)(probe, positions)
+        cos, sin = rope_cos_sin(self.cfg, self.head_dim, calibration.input_ids.shape[1])
         # [1, T, 1, head_dim] in the compute dtype, to broadcast over [B, T, heads, head_dim].
         self.cos, self.sin = (c.to(compute_dtype).unsqueeze(2) for c in (cos, sin))
         self.hidden: torch.Tensor | None = None
