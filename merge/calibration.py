@@ -158,7 +158,7 @@ def rope_cos_sin(cfg: Any, head_dim: int, length: int) -> tuple[torch.Tensor, to
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
         probe = torch.zeros(1, 1, head_dim)
-        return LlamaRotaryEmbedding(cfg)(probe, torch.arange(length).unsqueeze(0))  # type: ignore[no-any-return]
+        return LlamaRotaryEmbedding(cfg)(probe, torch.arange(length).unsqueeze(0))
     if rope_type == "default":
         theta = cfg.rope_parameters["rope_theta"]
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))

