@@ -132,28 +132,6 @@ def test_backend_scorer_asks_each_candidate_concurrently_and_skips_failures() ->
     assert not backends["open"].payloads  # type: ignore[attr-defined]  # an open breaker costs nothing
 
 
-def test_a_nan_logprob_is_asked_once_more_then_skipped() -> None:
-    nan = JSONResult(200, answer([None, float("nan")]))
-    good = JSONResult(200, answer([None, -1.5]))
-
-    class Sequence(FakeBackend):
-        def __init__(self, name: str, outcomes: list[JSONResult]) -> None:
-            super().__init__(name, None)
-            self.outcomes = outcomes
-
-        async def request(self, endpoint: Any, payload: Any, raw: Any, **kw: Any) -> JSONResult:
-            self.payloads.append(payload)
-            return self.outcomes[len(self.payloads) - 1]
-
-    backends: dict[str, Backend] = {
-        "once": Sequence("once", [nan, good]),
-        "twice": Sequence("twice", [nan, nan]),
-    }
-    result = asyncio.run(BackendScorer(backends, timeout_s=5.0)("2+2", list(backends)))
-    assert result.nll == {"once": 1.5} and result.skipped == {"twice": "invalid logprob nan"}
-    assert [len(b.payloads) for b in backends.values()] == [2, 2]  # type: ignore[attr-defined]
-
-
 # -- serving: config and the awaited (not batched) path ----------------------------------------------------
 def serve_config(router: dict[str, Any]) -> dict[str, Any]:
     experts = {e: {"backend": "openai", "url": f"http://127.0.0.1:9/{e}/v1"} for e in EXPERTS}

@@ -1,8 +1,12 @@
 """Live perplexity routing on real tiny engines: each candidate's own engine scores the prompt.
 
-The session's gateway (tests/conftest.py) serves the tiny zoo's `math` expert in-process and its `code`
-expert through `vllm serve`, with a `ppl` router over both; the failure test adds a gateway of remote
-experts only (no engine of its own): one whose server does not know its model, one that is not there.
+A gateway of this module's own serves the tiny zoo's `math` expert in-process (a fresh engine) and its
+`code` expert through the session's `vllm serve`, with a `ppl` router over both. Its own engine because
+the session gateway's in-process math engine, after tests/test_serving_e2e.py (its fuzz cases included),
+answered NaN prompt logprobs for these prompts in two of two full runs (`pytest tests/test_serving_e2e.py
+tests/test_serving_perplexity.py` reproduces it; with `-k "not fuzz"` it passed): an open bug, not found
+yet, that the remote engine, given the same traffic, does not show. The failure test adds a gateway of
+remote experts only: one whose server does not know its model, one that is not there.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from serving.decision_log import decisions, make_engine
 from tests.helpers import ThreadedServer, VllmServer, free_port, wait_http_ok
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
-DOMAINS = ("math", "code")  # the session gateway's experts: math in-process, code remote
+DOMAINS = ("math", "code")  # the module gateway's experts: math in-process, code remote
 HELD_OUT_SEED = 7  # the tiny zoo trains on seeds 1 and 2
 
 
@@ -48,12 +52,42 @@ def logged(db: Path, ids: set[str], timeout_s: float = 20) -> dict[str, dict[str
     return found
 
 
+@pytest.fixture(scope="module")
+def ppl_gateway(
+    zoo: Any, code_server: VllmServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ThreadedServer, Path]]:
+    db = tmp_path_factory.mktemp("ppl-live") / "decisions.db"
+    config = parse_config(
+        {
+            "experts": {
+                "math": {
+                    "backend": "vllm",
+                    "model": str(zoo.experts["math"]),
+                    "fallback": "code",
+                    "engine_args": {"max_model_len": 512, "enforce_eager": True},
+                },
+                "code": {"backend": "openai", "url": code_server.url + "/v1"},
+            },
+            "routers": {
+                "ppl": {"kind": "perplexity", "experts": ["math", "code"], "params": {"timeout_s": 60}}
+            },
+            "routing_models": {"ppl": "ppl"},
+            "decision_log": {"enabled": True, "url": f"sqlite:///{db}", "flush_interval_s": 0.05},
+        }
+    )
+    with ThreadedServer(create_app(config)) as server:
+        wait_http_ok(server.url + "/ready", 300)
+        yield server, db
+
+
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_perplexity_router_picks_the_domain_expert(
-    client: openai.OpenAI, gateway: ThreadedServer, decision_db: Path, domain: str
+    ppl_gateway: tuple[ThreadedServer, Path], domain: str
 ) -> None:
     """Held-out prompts of each domain go to that domain's expert, chat and completions alike, and the
     headers, the `moerge` field and the decision-log row say it was the perplexity router."""
+    gateway, decision_db = ppl_gateway
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=120)
     ids: set[str] = set()
     raw: Any
     for i, prompt in enumerate(domain_prompts(domain, 4, seed=HELD_OUT_SEED)):
