@@ -15,9 +15,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from merge.outputs.base import rope_of
 from merge.recipe import DataSource, ExpertSpec, RecipeError
+from merge.tokenizer import load_tokenizer
 
 BATCH = 32
 
@@ -147,26 +149,28 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
-def rope_cos_sin(cfg: Any, head_dim: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE's cos and sin for positions 0..length-1 ([1, length, head_dim], float32), exactly as transformers'
-    LlamaRotaryEmbedding gives them, from the inverse frequencies of `modeling_rope_utils` (a light module)
-    rather than the modelling code: importing modeling_llama pulls in generation and scikit-learn, seconds
-    and ~250 MiB of every merge. Types whose frequencies depend on the sequence length (dynamic, longrope)
-    still go through LlamaRotaryEmbedding itself."""
-    rope_type = cfg.rope_parameters["rope_type"]
-    if rope_type in ("dynamic", "longrope"):
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-        probe = torch.zeros(1, 1, head_dim)
-        return LlamaRotaryEmbedding(cfg)(probe, torch.arange(length).unsqueeze(0))
-    if rope_type == "default":
-        theta = cfg.rope_parameters["rope_theta"]
+def rope_cos_sin(dense: dict[str, Any], head_dim: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE's cos and sin for positions 0..length-1 ([1, length, head_dim], float32) of the dense model whose
+    config.json is `dense`, exactly as transformers' LlamaRotaryEmbedding gives them. Plain RoPE (SmolLM2,
+    Mistral, Qwen2, Qwen3) is computed here: transformers' config and modelling code would cost every merge
+    seconds of imports (generation, scikit-learn). Scaled types use its `modeling_rope_utils` frequencies
+    (and pay that import); those that depend on the sequence length (dynamic, longrope) its module itself."""
+    rope = rope_of(dense)
+    if rope["rope_type"] == "default" and "partial_rotary_factor" not in rope:
+        theta = rope["rope_theta"]
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
         scaling = 1.0
     else:
+        from transformers import LlamaConfig
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg)
+        cfg = LlamaConfig.from_dict({k: v for k, v in dense.items() if k != "architectures"})
+        if rope["rope_type"] in ("dynamic", "longrope"):
+            from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+            probe = torch.zeros(1, 1, head_dim)
+            return LlamaRotaryEmbedding(cfg)(probe, torch.arange(length).unsqueeze(0))
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope["rope_type"]](cfg)
     freqs = torch.arange(length).unsqueeze(0)[..., None].float() * inv_freq.float()
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos() * scaling, emb.sin() * scaling
@@ -189,13 +193,12 @@ class LayerwiseForward:
         """`compute_dtype` is that of the checkpoint being written (bf16 for a bf16 MoE): the gates are fitted
         on the hidden states the served model will produce, and bf16 matmuls are ~2x faster on this CPU."""
         self.compute_dtype = compute_dtype
-        self.cfg = LlamaConfig.from_dict({k: v for k, v in dense_config.items() if k != "architectures"})
-        self.heads = self.cfg.num_attention_heads
-        self.kv_heads = self.cfg.num_key_value_heads or self.heads
-        self.head_dim = getattr(self.cfg, "head_dim", None) or self.cfg.hidden_size // self.heads
-        self.eps = self.cfg.rms_norm_eps
+        self.heads = int(dense_config["num_attention_heads"])
+        self.kv_heads = int(dense_config.get("num_key_value_heads") or self.heads)
+        self.head_dim = int(dense_config.get("head_dim") or dense_config["hidden_size"] // self.heads)
+        self.eps = float(dense_config.get("rms_norm_eps", 1e-6))  # Llama's, Qwen2's and Qwen3's default
         self.cal = calibration
-        cos, sin = rope_cos_sin(self.cfg, self.head_dim, calibration.input_ids.shape[1])
+        cos, sin = rope_cos_sin(dense_config, self.head_dim, calibration.input_ids.shape[1])
         # [1, T, 1, head_dim] in the compute dtype, to broadcast over [B, T, heads, head_dim].
         self.cos, self.sin = (c.to(compute_dtype).unsqueeze(2) for c in (cos, sin))
         self.hidden: torch.Tensor | None = None
@@ -310,6 +313,5 @@ def load_calibration_prompts(
 
 
 def tokenizer_for(path: Path) -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    """The experts' tokenizer, as vLLM will load it (AutoTokenizer's class, without its import cost)."""
+    return load_tokenizer(path)

@@ -162,10 +162,10 @@ class DenseCheckpoint:
 
 
 def _vocab(path: Path, name: str) -> dict[str, int]:
-    from transformers import AutoTokenizer
+    from merge.tokenizer import load_tokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        tok = load_tokenizer(path)
     except Exception as err:  # tokenizer loading raises many error types
         raise CheckpointError(f"{name}: cannot load the tokenizer in {path}: {err}") from err
     return tok.get_vocab()

@@ -3,6 +3,7 @@ Mistral, Qwen2 or Qwen3 checkpoint uses (it is computed without importing the mo
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -38,15 +39,17 @@ ROPES = {
 @pytest.mark.parametrize("name", list(ROPES))
 @pytest.mark.parametrize("length", [7, 300])
 def test_rope_equals_transformers(name: str, length: int) -> None:
-    cfg = LlamaConfig(
-        hidden_size=256,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rope_parameters=ROPES[name],
+    dense = {
+        "hidden_size": 256,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "rope_parameters": dict(ROPES[name]),
+    }
+    want = LlamaRotaryEmbedding(LlamaConfig(**copy.deepcopy(dense)))(
+        torch.zeros(1, 1, 64), torch.arange(length).unsqueeze(0)
     )
-    want = LlamaRotaryEmbedding(cfg)(torch.zeros(1, 1, 64), torch.arange(length).unsqueeze(0))
-    got = rope_cos_sin(cfg, 64, length)
+    got = rope_cos_sin(dense, 64, length)
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape == (1, length, 64)
         assert torch.equal(g, w)

@@ -9,20 +9,6 @@ from functools import partial
 from typing import Any
 
 FFN_PROJS = ("gate_proj", "up_proj", "down_proj")
-# Config keys that transformers adds to every config and that describe no model.
-GENERIC_CONFIG_KEYS = (
-    "id2label",
-    "label2id",
-    "problem_type",
-    "chunk_size_feed_forward",
-    "output_hidden_states",
-    "output_attentions",
-    "return_dict",
-    "is_encoder_decoder",
-    "transformers_version",
-    "_name_or_path",
-    "torch_dtype",
-)
 # vLLM 0.32 stacks these checkpoint tensors into one parameter (its `stacked_params_mapping` /
 # `hf_to_vllm_mapper.orig_to_new_stacked`): q/k/v → qkv_proj, a dense FFN's gate/up → gate_up_proj.
 STACKED = (
@@ -202,35 +188,51 @@ def _ffn_tensors(name: Callable[[str], str], d: Dims, intermediate: int) -> dict
     }
 
 
-def clean_config(config: dict[str, Any], architecture: str, dtype: str) -> dict[str, Any]:
-    """A transformers config dict without the generic fields, naming `architecture` and `dtype`."""
-    out = {k: v for k, v in config.items() if k not in GENERIC_CONFIG_KEYS}
-    out["architectures"] = [architecture]
-    out["dtype"] = dtype
-    return out
+# Fields every transformers MoE config class writes with these defaults (moerge does not train the model:
+# initialisation, dropout and router losses are training settings, kept at the class defaults).
+MOE_DEFAULTS: dict[str, Any] = {
+    "initializer_range": 0.02,
+    "use_cache": True,
+    "attention_dropout": 0.0,
+    "output_router_logits": False,
+    "router_aux_loss_coef": 0.001,
+}
+
+
+def moe_config(architecture: str, model_type: str, dtype: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """An output's config.json, written as data: transformers' config classes would fill the same fields,
+    but importing any of them costs a merge seconds (their module pulls in generation and scikit-learn)."""
+    return {"architectures": [architecture], "dtype": dtype, **fields, "model_type": model_type}
 
 
 def rope_of(dense: Mapping[str, Any]) -> dict[str, Any]:
-    """The dense model's RoPE settings in transformers 5's `rope_parameters` form."""
-    return dict(
-        dense.get("rope_parameters")
-        or {
-            "rope_type": "default",
-            "rope_theta": dense.get("rope_theta", 10000.0),
-            **(dense.get("rope_scaling") or {}),
-        }
-    )
+    """The dense model's RoPE settings in transformers 5's `rope_parameters` form, standardised the way its
+    config classes do (`standardize_rope_params`: legacy `rope_scaling` and `type`, `rope_theta` and
+    `partial_rotary_factor` moved in, the pretraining length for the scaled types). Not validated here: the
+    experts' own configs carry these values, and vLLM validates them when it loads the output."""
+    rope = dict(dense.get("rope_scaling") or dense.get("rope_parameters") or {})
+    rope.setdefault("rope_theta", dense.get("rope_theta", 10000.0))
+    if dense.get("partial_rotary_factor") is not None:
+        rope.setdefault("partial_rotary_factor", dense["partial_rotary_factor"])
+    rope.setdefault("rope_type", rope.get("type", "default"))
+    if rope["rope_type"] in ("llama3", "yarn", "longrope"):
+        rope.setdefault("original_max_position_embeddings", dense.get("max_position_embeddings", 2048))
+    return rope
 
 
 def common_fields(dense: Mapping[str, Any]) -> dict[str, Any]:
-    """Shape and token fields every output copies from its dense experts."""
+    """Shape and token fields every output copies from its dense experts (RoPE keys kept at the top level
+    where the experts have them, as transformers keeps them)."""
+    top_level_rope = {
+        k: dense[k] for k in ("partial_rotary_factor", "original_max_position_embeddings") if k in dense
+    }
     return {
         "vocab_size": dense["vocab_size"],
         "hidden_size": dense["hidden_size"],
         "intermediate_size": dense["intermediate_size"],
         "num_hidden_layers": dense["num_hidden_layers"],
         "num_attention_heads": dense["num_attention_heads"],
-        "num_key_value_heads": dense.get("num_key_value_heads", dense["num_attention_heads"]),
+        "num_key_value_heads": dense.get("num_key_value_heads") or dense["num_attention_heads"],
         "hidden_act": dense.get("hidden_act", "silu"),
         "max_position_embeddings": dense.get("max_position_embeddings", 2048),
         "rms_norm_eps": dense.get("rms_norm_eps", 1e-6),
@@ -239,4 +241,5 @@ def common_fields(dense: Mapping[str, Any]) -> dict[str, Any]:
         "eos_token_id": dense.get("eos_token_id"),
         "pad_token_id": dense.get("pad_token_id"),
         "rope_parameters": rope_of(dense),
+        **top_level_rope,
     }

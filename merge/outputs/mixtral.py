@@ -9,24 +9,29 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import MixtralConfig
-
-from merge.outputs.base import ModelClass, MoEPlan, clean_config, common_fields
+from merge.outputs.base import MOE_DEFAULTS, ModelClass, MoEPlan, common_fields, moe_config
 
 MIXTRAL_PROJ = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 
 
 def mixtral_config(dense: dict[str, Any], plan: MoEPlan) -> dict[str, Any]:
-    """The dense model's shape with Mixtral's MoE fields, validated by transformers' MixtralConfig."""
+    """The dense model's shape with Mixtral's MoE fields: what transformers' MixtralConfig writes for them
+    (tests/test_output_configs.py checks it field for field)."""
     head_dim = dense.get("head_dim") or dense["hidden_size"] // dense["num_attention_heads"]
-    config = MixtralConfig(
-        **common_fields(dense),
-        head_dim=head_dim,
-        sliding_window=dense.get("sliding_window"),
-        num_local_experts=plan.num_experts,
-        num_experts_per_tok=plan.experts_per_token,
+    return moe_config(
+        "MixtralForCausalLM",
+        "mixtral",
+        plan.dtype,
+        {
+            **common_fields(dense),
+            **MOE_DEFAULTS,
+            "head_dim": head_dim,
+            "sliding_window": dense.get("sliding_window"),
+            "num_local_experts": plan.num_experts,
+            "num_experts_per_tok": plan.experts_per_token,
+            "router_jitter_noise": 0.0,
+        },
     )
-    return clean_config(config.to_dict(), "MixtralForCausalLM", plan.dtype)
 
 
 MIXTRAL = ModelClass(

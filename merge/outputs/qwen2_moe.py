@@ -13,30 +13,34 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import Qwen2MoeConfig
-
-from merge.outputs.base import ModelClass, MoEPlan, clean_config, common_fields
+from merge.outputs.base import MOE_DEFAULTS, ModelClass, MoEPlan, common_fields, moe_config
 
 
 def qwen2_moe_config(dense: dict[str, Any], plan: MoEPlan) -> dict[str, Any]:
+    """What transformers' Qwen2MoeConfig writes for these fields (checked by tests/test_output_configs.py),
+    less `layer_types`: transformers derives it from use_sliding_window, and vLLM ignores it."""
     fields = common_fields(dense)
-    config = Qwen2MoeConfig(
-        **fields,
-        use_sliding_window=bool(dense.get("use_sliding_window", False)),
-        sliding_window=dense.get("sliding_window"),
-        max_window_layers=dense.get("max_window_layers", fields["num_hidden_layers"]),
-        num_experts=plan.num_experts,
-        num_experts_per_tok=plan.experts_per_token,
-        moe_intermediate_size=dense["intermediate_size"],
-        shared_expert_intermediate_size=plan.shared_expert_intermediate_size,
-        norm_topk_prob=True,
-        decoder_sparse_step=1,
-        mlp_only_layers=list(plan.dense_layers),
-        qkv_bias=True,
+    sliding = bool(dense.get("use_sliding_window", False))
+    return moe_config(
+        "Qwen2MoeForCausalLM",
+        "qwen2_moe",
+        plan.dtype,
+        {
+            **fields,
+            **MOE_DEFAULTS,
+            "use_sliding_window": sliding,
+            "sliding_window": dense.get("sliding_window") if sliding else 0,  # Qwen2MoeConfig's own rule
+            "max_window_layers": dense.get("max_window_layers", fields["num_hidden_layers"]),
+            "decoder_sparse_step": 1,
+            "moe_intermediate_size": dense["intermediate_size"],
+            "shared_expert_intermediate_size": plan.shared_expert_intermediate_size,
+            "num_experts_per_tok": plan.experts_per_token,
+            "num_experts": plan.num_experts,
+            "norm_topk_prob": True,
+            "mlp_only_layers": list(plan.dense_layers),
+            "qkv_bias": True,
+        },
     )
-    out = clean_config(config.to_dict(), "Qwen2MoeForCausalLM", plan.dtype)
-    out.pop("layer_types", None)  # recomputed from use_sliding_window by transformers and ignored by vLLM
-    return out
 
 
 QWEN2_MOE = ModelClass(

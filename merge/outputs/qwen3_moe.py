@@ -11,30 +11,34 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import Qwen3MoeConfig
-
-from merge.outputs.base import ModelClass, MoEPlan, clean_config, common_fields
+from merge.outputs.base import MOE_DEFAULTS, ModelClass, MoEPlan, common_fields, moe_config
 
 
 def qwen3_moe_config(dense: dict[str, Any], plan: MoEPlan) -> dict[str, Any]:
-    fields = common_fields(dense)
+    """What transformers' Qwen3MoeConfig writes for these fields (checked by tests/test_output_configs.py),
+    with `num_experts` beside its `num_local_experts` and `head_dim`, which it keeps as an attribute."""
     head_dim = dense.get("head_dim") or dense["hidden_size"] // dense["num_attention_heads"]
-    config = Qwen3MoeConfig(  # head_dim is no declared field of Qwen3MoeConfig; kept as an attribute
-        **fields,
-        **{"head_dim": head_dim},
-        attention_bias=bool(dense.get("attention_bias", False)),
-        use_sliding_window=bool(dense.get("use_sliding_window", False)),
-        sliding_window=dense.get("sliding_window"),
-        num_experts=plan.num_experts,
-        num_experts_per_tok=plan.experts_per_token,
-        moe_intermediate_size=dense["intermediate_size"],
-        norm_topk_prob=True,
-        decoder_sparse_step=1,
-        mlp_only_layers=list(plan.dense_layers),
+    sliding = bool(dense.get("use_sliding_window", False))
+    return moe_config(
+        "Qwen3MoeForCausalLM",
+        "qwen3_moe",
+        plan.dtype,
+        {
+            **common_fields(dense),
+            **MOE_DEFAULTS,
+            "head_dim": head_dim,
+            "attention_bias": bool(dense.get("attention_bias", False)),
+            "use_sliding_window": sliding,
+            "sliding_window": dense.get("sliding_window") if sliding else None,  # Qwen3MoeConfig's own rule
+            "decoder_sparse_step": 1,
+            "moe_intermediate_size": dense["intermediate_size"],
+            "num_experts_per_tok": plan.experts_per_token,
+            "num_local_experts": plan.num_experts,
+            "num_experts": plan.num_experts,
+            "norm_topk_prob": True,
+            "mlp_only_layers": list(plan.dense_layers),
+        },
     )
-    out = clean_config(config.to_dict(), "Qwen3MoeForCausalLM", plan.dtype)
-    out["num_experts"] = plan.num_experts
-    return out
 
 
 QWEN3_MOE = ModelClass(
