@@ -31,7 +31,7 @@ from merge.calibration import (
     tokenize_calibration,
     tokenizer_for,
 )
-from merge.card import input_hashes, write_model_card
+from merge.card import hash_inputs_in_background, write_model_card
 from merge.checkpoint import TOKENIZER_FILES, CheckpointError, DenseCheckpoint, check_compatible
 from merge.completeness import LoadCheck, check_checkpoint
 from merge.gates import arrow_gate, arrow_prototype, init_gate
@@ -428,7 +428,7 @@ def write_moe_ffn(
     ):
         outcome.dense_layers.append(layer)  # every expert kept the base's FFN here: no routing needed
         for proj, tensor in base_ffn.items():
-            writer.add(cls.dense_ffn_name(layer, proj), tensor)
+            writer.add(cls.dense_ffn_name(layer, proj), tensor, finite=type(base) is DenseCheckpoint)
         if forward is not None:
             forward.attention(shared)
             forward.dense(base_ffn)
@@ -442,9 +442,17 @@ def write_moe_ffn(
     else:
         gate = gates.for_layer(layer, None)
     writer.add(cls.gate_name(layer), gate)
+    # Tensors copied through from dense checkpoints were checked for NaN/Inf when read (`raw`).
+    sources = plan.inputs.ffn_sources[: plan.num_experts]
+    as_read = {
+        id(t)
+        for src, ffn in zip(sources, ffns, strict=True)
+        if type(src) is DenseCheckpoint
+        for t in ffn.values()
+    }
     for e, ffn in enumerate(parts.routed):
         for proj, tensor in ffn.items():
-            writer.add(cls.expert_name(layer, e, proj), tensor)
+            writer.add(cls.expert_name(layer, e, proj), tensor, finite=id(tensor) in as_read)
     if parts.shared is not None:
         for proj, tensor in parts.shared.items():
             writer.add(cls.shared_expert_name(layer, proj), tensor)
@@ -489,7 +497,11 @@ def finish_checkpoint(tmp: Path, plan: MergePlan, outcome: LayerOutcome) -> Load
 
 
 def merge_report(
-    plan: MergePlan, outcome: LayerOutcome, check: LoadCheck, writer: ShardWriter
+    plan: MergePlan,
+    outcome: LayerOutcome,
+    check: LoadCheck,
+    writer: ShardWriter,
+    inputs: dict[str, dict[str, str]],
 ) -> dict[str, Any]:
     """Step 6: what was written and how the gates route the calibration tokens (no timing yet)."""
     recipe, dense, stats = plan.recipe, plan.dense, outcome.gate_stats
@@ -515,7 +527,7 @@ def merge_report(
         "mean_own_share": _mean_own_share(stats, plan.expert_labels),
     }
     report["load_check"] = {k: v for k, v in check.summary().items() if k != "problems"}
-    report["inputs"] = input_hashes(recipe)
+    report["inputs"] = inputs
     return report
 
 
@@ -540,12 +552,13 @@ def merge_experts(
     tick = progress or (lambda stage, done, total: None)
     with PeakRSS() as rss:
         plan = plan_merge(recipe, dense)
+        hashes = hash_inputs_in_background(recipe)  # the inputs are checked: hash them beside the merge
         gates = Gates(plan, start_calibration(plan))
         with atomic_output_dir(out_dir, overwrite) as tmp:
             writer = ShardWriter(tmp, recipe.dtype)
             outcome = write_tensors(plan, gates, writer, tick)
             check = finish_checkpoint(tmp, plan, outcome)
-            report = merge_report(plan, outcome, check, writer)
+            report = merge_report(plan, outcome, check, writer, hashes())
             report["seconds"] = round(time.perf_counter() - started, 3)
             report["peak_rss_mib"] = round(rss.peak_mib, 1)  # the peak up to the report, as written in it
             report["rss_before_mib"] = round(rss.start_mib, 1)

@@ -45,12 +45,15 @@ class ShardWriter:
         self.total_bytes = 0
         self._shards = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def add(self, name: str, tensor: torch.Tensor, *, finite: bool = False) -> None:
+        """Buffer `tensor` as `name`. `finite=True`: the caller has checked it for NaN/Inf already (an input
+        tensor copied through as read); it is checked again only if the output dtype changes it."""
         if name in self.weight_map or name in self._buffer:
             raise ValueError(f"tensor {name} written twice")
         t = tensor.detach()
         if t.dtype != self.dtype:
             t = t.to(self.dtype).contiguous()  # a fresh tensor
+            finite = False  # a narrower dtype can overflow to Inf
         else:
             # Kept without a copy: the caller hands the tensor over and does not modify it afterwards. A
             # view into a bigger storage, or a storage already buffered, is copied (safetensors refuses aliases).
@@ -59,7 +62,12 @@ class ShardWriter:
             if storage.data_ptr() in self._storages or storage.nbytes() != t.numel() * t.element_size():
                 t = t.clone()
         # A sum is finite iff every entry is (barring overflow near the dtype's max, which the full check sees).
-        if t.is_floating_point() and not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
+        if (
+            not finite
+            and t.is_floating_point()
+            and not torch.isfinite(t.sum())
+            and not torch.isfinite(t).all()
+        ):
             bad = "NaN" if torch.isnan(t).any() else "Inf"
             raise ValueError(f"merged tensor {name} contains {bad} (in {self.dtype}): nothing was written")
         self._buffer[name] = t
