@@ -265,28 +265,27 @@ class LayerwiseForward:
     ) -> torch.Tensor:
         """Route every token through its top-k experts (softmax, top-k, renormalised: Mixtral's routing and
         Qwen's with norm_topk_prob), plus sigmoid(shared_gate · x) times the shared expert if there is one;
-        returns top-1 ids."""
-        x = self._ffn_in
+        returns top-1 ids. Works on the real tokens only, packed [N, H]: padding never reaches an expert."""
+        mask = self.cal.mask
+        x = self._ffn_in[mask]
         probs = torch.softmax(x @ gate.T, dim=-1)
         weights, chosen = probs.topk(top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
+        x_compute = x.to(self.compute_dtype)  # once, not once per expert
         out = torch.zeros_like(x)
         for e, ffn in enumerate(experts):
-            hit = chosen == e  # [B, T, k]
-            token_mask = hit.any(-1) & self.cal.mask  # padding never reaches an expert
-            if not token_mask.any():
+            hit = chosen == e  # [N, k]
+            rows = hit.any(-1).nonzero().squeeze(1)
+            if rows.numel() == 0:
                 continue
-            y = swiglu(
-                x[token_mask].to(self.compute_dtype), ffn["gate_proj"], ffn["up_proj"], ffn["down_proj"]
-            ).float()
-            out[token_mask] += y * (weights * hit).sum(-1)[token_mask].unsqueeze(-1)
+            y = swiglu(x_compute[rows], ffn["gate_proj"], ffn["up_proj"], ffn["down_proj"]).float()
+            out.index_add_(0, rows, y * (weights * hit).sum(-1)[rows].unsqueeze(-1))
         if shared is not None and shared_gate is not None:
-            real = x[self.cal.mask].to(self.compute_dtype)
-            y = swiglu(real, shared["gate_proj"], shared["up_proj"], shared["down_proj"]).float()
-            out[self.cal.mask] += torch.sigmoid(real.float() @ shared_gate.float().T) * y
+            y = swiglu(x_compute, shared["gate_proj"], shared["up_proj"], shared["down_proj"]).float()
+            out += torch.sigmoid(x_compute.float() @ shared_gate.float().T) * y
         assert self.hidden is not None
-        self.hidden = self.hidden + out
-        return chosen[..., 0][self.cal.mask]
+        self.hidden[mask] += out
+        return chosen[:, 0]
 
 
 def routing_shares(top1: torch.Tensor, labels: torch.Tensor, num_experts: int) -> list[list[float]]:
