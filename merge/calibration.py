@@ -202,6 +202,10 @@ class LayerwiseForward:
         # [1, T, 1, head_dim] in the compute dtype, to broadcast over [B, T, heads, head_dim].
         self.cos, self.sin = (c.to(compute_dtype).unsqueeze(2) for c in (cos, sin))
         self.hidden: torch.Tensor | None = None
+        lengths = calibration.mask.sum(dim=1)
+        self._batches = [
+            (start, int(lengths[start : start + BATCH].max())) for start in range(0, len(lengths), BATCH)
+        ]
 
     @torch.inference_mode()
     def embed(self, embed_tokens: torch.Tensor) -> torch.Tensor:
@@ -238,11 +242,11 @@ class LayerwiseForward:
         """Apply one layer's attention block; returns the FFN inputs of real tokens [N, H]."""
         assert self.hidden is not None, "call embed() first"
         weights = {k: v.to(self.compute_dtype) for k, v in shared.items()}  # once per layer, not per batch
-        outs = []
-        for start in range(0, len(self.hidden), BATCH):
-            h = self.hidden[start : start + BATCH]
-            outs.append(h + self._attention(rms_norm(h, shared["input_layernorm.weight"], self.eps), weights))
-        self.hidden = torch.cat(outs)
+        for start, width in self._batches:
+            # Only as wide as the batch's longest prompt: right padding is never attended to (causal).
+            h = self.hidden[start : start + BATCH, :width]
+            attended = h + self._attention(rms_norm(h, shared["input_layernorm.weight"], self.eps), weights)
+            self.hidden[start : start + BATCH, :width] = attended
         self._ffn_in = rms_norm(self.hidden, shared["post_attention_layernorm.weight"], self.eps)
         return self._ffn_in[self.cal.mask]
 
