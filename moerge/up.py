@@ -182,7 +182,19 @@ class Plan:
     serve_config: ServeConfig
 
 
+def check_positions(topo: Topology) -> None:
+    """ConfigError naming `experts.X.args` where a server would run its model past its RoPE table."""
+    from serving.engine_args import check_rope_positions
+
+    for name, e in topo.experts.items():
+        try:
+            check_rope_positions(e.model, e.args, {**os.environ, **e.env}, field=f"experts.{name}.args")
+        except ValueError as err:
+            raise ConfigError(str(err), field=f"experts.{name}.args") from None
+
+
 def make_plan(topo: Topology, *, gateway_port: int | None = None) -> Plan:
+    check_positions(topo)
     ports = {n: e.port if isinstance(e.port, int) else free_port() for n, e in topo.experts.items()}
     argv = {
         name: [

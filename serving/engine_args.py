@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from serving.vllm_boundary import negatable_flags
@@ -60,3 +61,47 @@ def engine_flags(args: Mapping[str, Any], negatable: Callable[[str], bool] | Non
         else:
             out += [flag, str(value)]
     return out
+
+
+def check_rope_positions(
+    model: str, args: Mapping[str, Any], env: Mapping[str, str], field: str = "engine_args"
+) -> None:
+    """ValueError when an engine would run a RoPE model past its position table.
+
+    vLLM refuses a `max_model_len` beyond the model's `max_position_embeddings` unless
+    VLLM_ALLOW_LONG_MAX_MODEL_LEN is set; with it, positions past the table read outside it (vLLM 0.32's
+    CPU rotary kernel has no bounds check): NaN keys and values land in the KV cache, and later requests
+    that reuse those blocks answer NaN logprobs. Extending the table (`hf_overrides`) is safe: plain RoPE
+    has no weights. Checked for local checkpoint folders with plain (unscaled) RoPE.
+    """
+    if env.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "").strip().lower() not in ("1", "true"):
+        return
+    keys = {normalized(k): v for k, v in args.items()}
+    length = keys.get("max_model_len")
+    config_file = Path(model) / "config.json"
+    if not isinstance(length, int) or not config_file.is_file():
+        return
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # vLLM reports an unreadable config itself
+    overrides = keys.get("hf_overrides")
+    if isinstance(overrides, str):
+        try:
+            overrides = json.loads(overrides)
+        except ValueError:
+            overrides = None
+    if isinstance(overrides, dict):
+        config = {**config, **overrides}
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    scaled = isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) != "default"
+    table = config.get("max_position_embeddings")
+    if scaled or not isinstance(table, int) or length <= table:
+        return
+    raise ValueError(
+        f"{field}.max_model_len={length} is past the model's max_position_embeddings={table} "
+        "(VLLM_ALLOW_LONG_MAX_MODEL_LEN is set): positions past its RoPE table write NaN into the KV cache, "
+        "which later requests read; extend the table with "
+        f"{field}.hf_overrides: {{max_position_embeddings: {length}}} (RoPE has no weights) or lower "
+        "max_model_len"
+    )

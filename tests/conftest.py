@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Callable, Iterator
@@ -89,13 +90,20 @@ def postgres(postgres_factory: Callable[[], PostgresServer]) -> PostgresServer:
 # (they run last: test_serving_e2e.py sorts after test_serving_api.py).
 # Long generations that a test can interrupt for sure: the engine core of a tiny model can run
 # thousands of tokens per second ahead of the HTTP frontend, so "long" must be very long.
-LONG = {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
 LONG_LEN = 8192
 LONG_TOKENS = 8000
 # The victim of the kill test streams far longer than any socket buffer and any frontend lag can hold:
 # it cannot have sent its whole answer before it is killed (≈1 KB of KV cache per token: 60 MB).
 VICTIM_LEN = 65536
 VICTIM_TOKENS = 60000
+# The tiny checkpoints say max_position_embeddings=256, so vLLM builds their RoPE table with 256 rows.
+# Engines that run longer get a table that long (hf_overrides: RoPE has no weights, positions below 256
+# are unchanged). Not VLLM_ALLOW_LONG_MAX_MODEL_LEN: with it, vLLM's CPU rotary kernel reads past the
+# table from position 256 on and writes NaN keys and values into the KV cache; the CPU attention kernel
+# reads the NaN slots a later request leaves unwritten in a reused block, and that request's logits are
+# NaN (test_serving_e2e.py::test_long_generation_logprobs_stay_finite).
+LONG_POSITIONS = {"max_position_embeddings": VICTIM_LEN}
+LONG_SERVE_ARGS = ["--hf-overrides", json.dumps(LONG_POSITIONS)]
 
 
 @pytest.fixture(scope="session")
@@ -112,13 +120,22 @@ def servers(zoo: TinyZoo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     from tests.helpers import VllmServer
 
     logs = tmp_path_factory.mktemp("vllm-logs")
-    store = {**LONG, "VLLM_ENABLE_RESPONSES_API_STORE": "1"}  # `previous_response_id` needs the store
+    store = {"VLLM_ENABLE_RESPONSES_API_STORE": "1"}  # `previous_response_id` needs the store
     started = {
         "code": VllmServer(
-            zoo.experts["code"], ["code"], max_model_len=VICTIM_LEN, env=store, log_path=logs / "code.log"
+            zoo.experts["code"],
+            ["code"],
+            max_model_len=VICTIM_LEN,
+            extra_args=LONG_SERVE_ARGS,
+            env=store,
+            log_path=logs / "code.log",
         ).start(),
         "victim": VllmServer(
-            zoo.experts["math"], ["victim"], max_model_len=VICTIM_LEN, env=LONG, log_path=logs / "victim.log"
+            zoo.experts["math"],
+            ["victim"],
+            max_model_len=VICTIM_LEN,
+            extra_args=LONG_SERVE_ARGS,
+            log_path=logs / "victim.log",
         ).start(),
     }
     yield started
@@ -147,7 +164,6 @@ def gateway(zoo: TinyZoo, servers: dict[str, VllmServer], decision_db: Path) -> 
     from serving.config import parse_config
     from tests.helpers import ThreadedServer, wait_http_ok
 
-    os.environ.update(LONG)
     config = parse_config(
         {
             "experts": {
@@ -157,6 +173,7 @@ def gateway(zoo: TinyZoo, servers: dict[str, VllmServer], decision_db: Path) -> 
                     "fallback": "code",
                     "engine_args": {
                         "max_model_len": LONG_LEN,
+                        "hf_overrides": LONG_POSITIONS,
                         "enforce_eager": True,
                         # compact JSON under a schema: a random tiny model would otherwise pad tool
                         # arguments with whitespace until max_tokens cuts them off

@@ -14,6 +14,7 @@ from transformers import LlamaForCausalLM, MixtralForCausalLM
 
 from merge.build import merge_experts
 from merge.calibration import CalibrationText, tokenize_calibration
+from merge.card import hash_inputs_in_background, input_hashes
 from merge.checkpoint import CheckpointError
 from merge.evaluate import load_causal_lm, routing_shares
 from merge.recipe import Recipe, RecipeError, load_recipe
@@ -310,14 +311,30 @@ def test_differing_tokenizer_is_refused(tiny_zoo: TinyZoo, tmp_path: Path) -> No
     _merge_expecting(tiny_zoo, tmp_path, broken, "code: tokenizer vocabulary differs")
 
 
-def test_nan_weights_are_refused(tiny_zoo: TinyZoo, tmp_path: Path) -> None:
+@pytest.mark.parametrize("tensor", ["self_attn.q_proj", "mlp.down_proj"])  # merged / copied through
+def test_nan_weights_are_refused(tiny_zoo: TinyZoo, tmp_path: Path, tensor: str) -> None:
     broken = _copy_expert(tiny_zoo, tmp_path)
     tensors = load_file(str(broken / "model.safetensors"))
-    tensors["model.layers.1.self_attn.q_proj.weight"][0, 0] = float("nan")
+    tensors[f"model.layers.1.{tensor}.weight"][0, 0] = float("nan")
     save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    name = tensor.replace(".", r"\.")
     _merge_expecting(
-        tiny_zoo, tmp_path, broken, r"code: tensor model\.layers\.1\.self_attn\.q_proj\.weight contains NaN"
+        tiny_zoo, tmp_path, broken, rf"code: tensor model\.layers\.1\.{name}\.weight contains NaN"
     )
+
+
+def test_input_hashes_in_background(tiny_zoo: TinyZoo, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report's sha256 come from a thread beside the merge: the same as hashing in line, errors re-raised."""
+    recipe = make_recipe(tiny_zoo)
+    assert hash_inputs_in_background(recipe)() == input_hashes(recipe)
+
+    def unreadable(_: Recipe) -> dict:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr("merge.card.input_hashes", unreadable)
+    wait = hash_inputs_in_background(recipe)
+    with pytest.raises(OSError, match="disk gone"):
+        wait()
 
 
 def test_unsupported_architecture_lists_supported(tiny_zoo: TinyZoo, tmp_path: Path) -> None:

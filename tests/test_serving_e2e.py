@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import signal
 import time
@@ -24,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
+from merge.tiny import domain_prompts
 from serving.app import create_app
 from serving.config import parse_config
 from serving.decision_log import decisions, make_engine
@@ -174,6 +176,28 @@ def test_completions(client: openai.OpenAI, model: str) -> None:
         chunks[0].model_extra["moerge"]["requested_model"] == model
         and chunks[-1].usage.completion_tokens == 4
     )
+
+
+@pytest.mark.parametrize("expert", EXPERTS)
+def test_long_generation_logprobs_stay_finite(client: openai.OpenAI, expert: str) -> None:
+    """Past the tiny checkpoints' 256 positions (conftest.LONG_POSITIONS), every logprob is finite, and so
+    are the prompt logprobs of the next prompt, as the perplexity router asks for them. A generation that
+    ran past the model's RoPE table (VLLM_ALLOW_LONG_MAX_MODEL_LEN) wrote NaN keys and values from
+    position 256 on, and the CPU attention kernel reads the NaN slots that a later request leaves
+    unwritten in a reused block: NaN prompt logprobs, request after request, in the whole session."""
+    long = client.completions.create(
+        model=expert, prompt="x", max_tokens=1013, temperature=0, logprobs=0, extra_body={"ignore_eos": True}
+    )
+    values = long.choices[0].logprobs.token_logprobs
+    assert len(values) == 1013 and all(math.isfinite(v) for v in values), next(
+        i for i, v in enumerate(values) if not math.isfinite(v)
+    )
+    for prompt in ["2 +", *domain_prompts("math", 2, seed=7)]:
+        scored = client.completions.create(
+            model=expert, prompt=prompt, max_tokens=1, temperature=0, extra_body={"prompt_logprobs": 0}
+        )
+        entries = scored.choices[0].model_extra["prompt_logprobs"][1:]
+        assert all(math.isfinite(item["logprob"]) for e in entries for item in e.values()), prompt
 
 
 def test_models_ready_metrics(client: openai.OpenAI, gateway: ThreadedServer) -> None:

@@ -2,10 +2,10 @@
 
 A gateway of this module's own serves the tiny zoo's `math` expert in-process (a fresh engine) and its
 `code` expert through the session's `vllm serve`, with a `ppl` router over both. Its own engine because
-the session gateway's in-process math engine, after tests/test_serving_e2e.py (its fuzz cases included),
-answered NaN prompt logprobs for these prompts in two of two full runs (`pytest tests/test_serving_e2e.py
-tests/test_serving_perplexity.py` reproduces it; with `-k "not fuzz"` it passed): an open bug, not found
-yet, that the remote engine, given the same traffic, does not show. The failure test adds a gateway of
+the session gateway's in-process math engine once answered NaN prompt logprobs after
+tests/test_serving_e2e.py: its generations ran past the tiny checkpoints' 256-row RoPE table (then
+VLLM_ALLOW_LONG_MAX_MODEL_LEN, now conftest.LONG_POSITIONS) and left NaN in reused KV cache blocks
+(test_serving_e2e.py::test_long_generation_logprobs_stay_finite). The failure test adds a gateway of
 remote experts only: one whose server does not know its model, one that is not there.
 """
 
@@ -29,6 +29,8 @@ from serving.decision_log import decisions, make_engine
 from tests.helpers import ThreadedServer, VllmServer, free_port, wait_http_ok
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
+from conftest import LONG_POSITIONS  # noqa: E402
+
 DOMAINS = ("math", "code")  # the module gateway's experts: math in-process, code remote
 HELD_OUT_SEED = 7  # the tiny zoo trains on seeds 1 and 2
 
@@ -64,7 +66,11 @@ def ppl_gateway(
                     "backend": "vllm",
                     "model": str(zoo.experts["math"]),
                     "fallback": "code",
-                    "engine_args": {"max_model_len": 512, "enforce_eager": True},
+                    "engine_args": {
+                        "max_model_len": 512,
+                        "hf_overrides": LONG_POSITIONS,
+                        "enforce_eager": True,
+                    },
                 },
                 "code": {"backend": "openai", "url": code_server.url + "/v1"},
             },

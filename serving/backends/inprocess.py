@@ -33,7 +33,7 @@ from serving.backends.base import (
     is_error_event,
     make_event,
 )
-from serving.engine_args import engine_flags
+from serving.engine_args import check_rope_positions, engine_flags
 from serving.errors import error_body, validation_message
 from serving.vllm_boundary import (
     async_engine_client,
@@ -100,6 +100,10 @@ def parse_engine_args(model: str, served_name: str, engine_args: dict[str, Any])
         raise ValueError(f"invalid engine_args for expert {served_name!r}: {err}") from None
     if getattr(args, "trust_remote_code", False):
         raise ValueError("trust_remote_code is refused")
+    try:
+        check_rope_positions(model, engine_args, os.environ)
+    except ValueError as err:
+        raise ValueError(f"expert {served_name!r}: {err}") from None
     return args
 
 
