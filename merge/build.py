@@ -16,6 +16,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ from merge.writer import DTYPES, ShardWriter, atomic_output_dir, check_output_di
 FFN_PROJS = ("gate_proj", "up_proj", "down_proj")
 CHUNK_ELEMENTS = 4 * 1024 * 1024  # rows of a big matrix merged at once (16 MiB per float32 copy)
 BLOCK_ELEMENTS = 128 * 1024  # entries merged at once on the block path: every float32 temporary fits in cache
+BLOCK_WORKERS = 4  # threads merging blocks (at most torch's thread count)
 BLOCKWISE_METHODS = {"ties", "task_arithmetic"}  # deterministic: the block size cannot change the result
 EMBED_NAME = "model.embed_tokens.weight"
 UNUSED_SHARE = 0.01  # an expert getting under 1% of a layer's calibration tokens is flagged as unused
@@ -83,12 +85,22 @@ class SharedMerger:
         self.inputs = inputs
         self.weights = [e.weight for e in recipe.experts]
         self.generator = torch.Generator().manual_seed(recipe.shared.seed)
+        # Blocks are merged on a few threads, each block's ops on one (torch releases the GIL): the same
+        # per-block arithmetic, so the same bits, on every core (OpenMP inside each tiny op was 2x slower).
+        self.pool = ThreadPoolExecutor(max_workers=min(BLOCK_WORKERS, torch.get_num_threads()))
+        self._map = self.pool.map
+
+    def __enter__(self) -> SharedMerger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
     def __call__(self, name: str) -> torch.Tensor:
         shape = self.inputs.reference.shape(name)
         if self._blockwise():
-            # One thread: each block's element-wise ops are too short to split, and on a shared machine
-            # every parallel region waits for the slowest thread (measured 2x slower with two threads).
+            # One OpenMP thread per op: each block's element-wise ops are too short to split, and on a
+            # shared machine every parallel region waits for its slowest thread (2x slower with two).
             with one_thread():
                 return self._merge_blocks(name, shape)
         if len(shape) != 2 or shape[0] * shape[1] <= CHUNK_ELEMENTS:
@@ -137,17 +149,21 @@ class SharedMerger:
             thresholds = []
             for expert in experts:
 
-                def magnitudes(expert: torch.Tensor = expert) -> Iterator[torch.Tensor]:
-                    for a, b in blocks:
-                        yield (expert[a:b].float() - base[a:b].float()).abs_()
+                def magnitude(i: int, expert: torch.Tensor = expert) -> torch.Tensor:
+                    a, b = blocks[i]
+                    return (expert[a:b].float() - base[a:b].float()).abs_()
 
                 thresholds.append(
-                    kth_smallest_magnitude(magnitudes, n - keep + 1) if keep > 0 else float("inf")
+                    kth_smallest_magnitude(magnitude, len(blocks), n - keep + 1, self._map)
+                    if keep > 0
+                    else float("inf")
                 )
         # Same output dtype as the row-chunked path: big matrices come back in the output dtype.
         big = len(shape) == 2 and shape[0] * shape[1] > CHUNK_ELEMENTS
         out = torch.empty(n, dtype=DTYPES[self.recipe.dtype] if big else torch.float32)
-        for a, b in blocks:
+
+        def merge_block(i: int) -> None:
+            a, b = blocks[i]
             base32 = base[a:b].float()
             out[a:b] = merge_task_vectors(
                 spec.method,
@@ -158,6 +174,9 @@ class SharedMerger:
                 density=spec.density,
                 trim_thresholds=thresholds,
             )
+
+        for _ in self._map(merge_block, range(len(blocks))):
+            pass
         return out.view(shape)
 
     def _merge(self, name: str, rows: tuple[int, int] | None, thresholds: list[float] | None) -> torch.Tensor:
@@ -363,7 +382,13 @@ class LayerOutcome:
 
 def write_tensors(plan: MergePlan, gates: Gates, writer: ShardWriter, tick: Progress) -> LayerOutcome:
     """Steps 2-4: the embeddings, then each layer's shared weights, FFNs and gate, then the rest."""
-    merger = SharedMerger(plan.recipe, plan.inputs)
+    with SharedMerger(plan.recipe, plan.inputs) as merger:
+        return _write_all(plan, gates, writer, tick, merger)
+
+
+def _write_all(
+    plan: MergePlan, gates: Gates, writer: ShardWriter, tick: Progress, merger: SharedMerger
+) -> LayerOutcome:
     embed = merger(EMBED_NAME)
     writer.add(EMBED_NAME, embed)
     gates.at_embeddings(embed)

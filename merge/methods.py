@@ -38,18 +38,34 @@ def trim_threshold(tau: torch.Tensor, density: float) -> float:
     return float(tau.abs().flatten().kthvalue(tau.numel() - k + 1).values)
 
 
-def kth_smallest_magnitude(blocks: Callable[[], Iterable[torch.Tensor]], rank: int) -> float:
-    """The `rank`-th smallest (1-based) of non-negative float32 values given block by block, exactly as
-    `kthvalue` on their concatenation, without holding them all: non-negative floats order as their int32
-    bits, so a histogram of the top 16 bits finds the bucket holding the answer, and only that bucket's
-    values are kept for the final `kthvalue`. `blocks()` is called twice and must yield the same values."""
+def kth_smallest_magnitude(
+    block: Callable[[int], torch.Tensor],
+    blocks: int,
+    rank: int,
+    map_blocks: Callable[[Callable[[int], torch.Tensor], range], Iterable[torch.Tensor]] = map,
+) -> float:
+    """The `rank`-th smallest (1-based) of non-negative float32 values given block by block (`block(i)`,
+    i < `blocks`, computed twice each), exactly as `kthvalue` on their concatenation, without holding them
+    all: non-negative floats order as their int32 bits, so a histogram of the top 16 bits finds the bucket
+    holding the answer, and only that bucket's values are kept for the final `kthvalue`. `map_blocks`
+    (`map`, or a thread pool's) runs the per-block work; integer counts and one `kthvalue` over the picked
+    values make the result the same whatever the order or threads."""
+
+    def histogram(i: int) -> torch.Tensor:
+        return torch.bincount(block(i).view(torch.int32) >> 16, minlength=1 << 15)
+
     counts = torch.zeros(1 << 15, dtype=torch.int64)
-    for block in blocks():
-        counts += torch.bincount(block.view(torch.int32) >> 16, minlength=1 << 15)
+    for part in map_blocks(histogram, range(blocks)):
+        counts += part
     cumulative = counts.cumsum(0)
     bucket = int(torch.searchsorted(cumulative, rank))
     below = int(cumulative[bucket - 1]) if bucket else 0
-    picked = torch.cat([b[(b.view(torch.int32) >> 16) == bucket] for b in blocks()])
+
+    def in_bucket(i: int) -> torch.Tensor:
+        values = block(i)
+        return values[(values.view(torch.int32) >> 16) == bucket]
+
+    picked = torch.cat(list(map_blocks(in_bucket, range(blocks))))
     return float(picked.kthvalue(rank - below).values)
 
 

@@ -1,5 +1,7 @@
 """Merge methods on small tensors against values computed by hand."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -160,5 +162,7 @@ def test_block_kth_magnitude_equals_kthvalue(rank_share: float) -> None:
     values[1::7] = values[5]
     rank = max(1, int(rank_share * values.numel()))
     blocks = [values[i : i + 4096] for i in range(0, values.numel(), 4096)]
-    got = kth_smallest_magnitude(lambda: iter(blocks), rank)
-    assert got == float(values.kthvalue(rank).values)
+    want = float(values.kthvalue(rank).values)
+    assert kth_smallest_magnitude(blocks.__getitem__, len(blocks), rank) == want
+    with ThreadPoolExecutor(3) as pool:  # on threads, blocks done in any order: the same value
+        assert kth_smallest_magnitude(blocks.__getitem__, len(blocks), rank, pool.map) == want
