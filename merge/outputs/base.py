@@ -199,6 +199,20 @@ MOE_DEFAULTS: dict[str, Any] = {
 }
 
 
+def qwen_moe_fields(dense: Mapping[str, Any], plan: MoEPlan) -> dict[str, Any]:
+    """The MoE fields Qwen2-MoE and Qwen3-MoE share: every layer sparse but `mlp_only_layers`, each expert
+    the dense FFN's size, Mixtral's routing (`norm_topk_prob`: softmax, top-k, renormalised)."""
+    return {
+        "use_sliding_window": bool(dense.get("use_sliding_window", False)),
+        "decoder_sparse_step": 1,
+        "moe_intermediate_size": dense["intermediate_size"],
+        "num_experts_per_tok": plan.experts_per_token,
+        "num_experts": plan.num_experts,
+        "norm_topk_prob": True,
+        "mlp_only_layers": list(plan.dense_layers),
+    }
+
+
 def moe_config(architecture: str, model_type: str, dtype: str, fields: dict[str, Any]) -> dict[str, Any]:
     """An output's config.json, written as data: transformers' config classes would fill the same fields,
     but importing any of them costs a merge seconds (their module pulls in generation and scikit-learn)."""

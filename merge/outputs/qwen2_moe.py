@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from merge.outputs.base import MOE_DEFAULTS, ModelClass, MoEPlan, common_fields, moe_config
+from merge.outputs.base import MOE_DEFAULTS, ModelClass, MoEPlan, common_fields, moe_config, qwen_moe_fields
 
 
 def qwen2_moe_config(dense: dict[str, Any], plan: MoEPlan) -> dict[str, Any]:
     """What transformers' Qwen2MoeConfig writes for these fields (checked by tests/test_output_configs.py),
     less `layer_types`: transformers derives it from use_sliding_window, and vLLM ignores it."""
     fields = common_fields(dense)
-    sliding = bool(dense.get("use_sliding_window", False))
+    moe = qwen_moe_fields(dense, plan)
     return moe_config(
         "Qwen2MoeForCausalLM",
         "qwen2_moe",
@@ -28,16 +28,11 @@ def qwen2_moe_config(dense: dict[str, Any], plan: MoEPlan) -> dict[str, Any]:
         {
             **fields,
             **MOE_DEFAULTS,
-            "use_sliding_window": sliding,
-            "sliding_window": dense.get("sliding_window") if sliding else 0,  # Qwen2MoeConfig's own rule
+            **moe,
+            # Qwen2MoeConfig's own rule: no window unless use_sliding_window.
+            "sliding_window": dense.get("sliding_window") if moe["use_sliding_window"] else 0,
             "max_window_layers": dense.get("max_window_layers", fields["num_hidden_layers"]),
-            "decoder_sparse_step": 1,
-            "moe_intermediate_size": dense["intermediate_size"],
             "shared_expert_intermediate_size": plan.shared_expert_intermediate_size,
-            "num_experts_per_tok": plan.experts_per_token,
-            "num_experts": plan.num_experts,
-            "norm_topk_prob": True,
-            "mlp_only_layers": list(plan.dense_layers),
             "qkv_bias": True,
         },
     )

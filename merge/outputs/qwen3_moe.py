@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from merge.outputs.base import MOE_DEFAULTS, ModelClass, MoEPlan, common_fields, moe_config
+from merge.outputs.base import MOE_DEFAULTS, ModelClass, MoEPlan, common_fields, moe_config, qwen_moe_fields
 
 
 def qwen3_moe_config(dense: dict[str, Any], plan: MoEPlan) -> dict[str, Any]:
     """What transformers' Qwen3MoeConfig writes for these fields (checked by tests/test_output_configs.py),
     with `num_experts` beside its `num_local_experts` and `head_dim`, which it keeps as an attribute."""
     head_dim = dense.get("head_dim") or dense["hidden_size"] // dense["num_attention_heads"]
-    sliding = bool(dense.get("use_sliding_window", False))
+    moe = qwen_moe_fields(dense, plan)
     return moe_config(
         "Qwen3MoeForCausalLM",
         "qwen3_moe",
@@ -26,17 +26,12 @@ def qwen3_moe_config(dense: dict[str, Any], plan: MoEPlan) -> dict[str, Any]:
         {
             **common_fields(dense),
             **MOE_DEFAULTS,
+            **moe,
             "head_dim": head_dim,
             "attention_bias": bool(dense.get("attention_bias", False)),
-            "use_sliding_window": sliding,
-            "sliding_window": dense.get("sliding_window") if sliding else None,  # Qwen3MoeConfig's own rule
-            "decoder_sparse_step": 1,
-            "moe_intermediate_size": dense["intermediate_size"],
-            "num_experts_per_tok": plan.experts_per_token,
+            # Qwen3MoeConfig's own rule: no window unless use_sliding_window.
+            "sliding_window": dense.get("sliding_window") if moe["use_sliding_window"] else None,
             "num_local_experts": plan.num_experts,
-            "num_experts": plan.num_experts,
-            "norm_topk_prob": True,
-            "mlp_only_layers": list(plan.dense_layers),
         },
     )
 
