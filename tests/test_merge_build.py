@@ -440,3 +440,52 @@ def test_block_merge_equals_the_row_chunked_merge(
     assert chunked.keys() == blocks.keys()
     for name in chunked:
         assert torch.equal(chunked[name].view(torch.uint8), blocks[name].view(torch.uint8)), name
+
+
+def test_calibration_forward_is_the_written_moes_forward(tiny_zoo: TinyZoo, tmp_path: Path) -> None:
+    """The layer-by-layer pass that fits the gates (attention on batches cut to their longest prompt,
+    top-2 routing on the packed real tokens) gives the hidden states transformers computes for the MoE
+    that was written: else each gate would be fitted on states the served model never produces."""
+    from safetensors import safe_open
+
+    from merge.calibration import BATCH, LayerwiseForward, rms_norm
+    from merge.tokenizer import load_tokenizer
+
+    out = tmp_path / "moe"
+    merge_experts(make_recipe(tiny_zoo, experts_per_token=2), out)
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    weights = {}
+    for name, file in index.items():
+        with safe_open(str(out / file), framework="pt") as fh:
+            weights[name] = fh.get_tensor(name)
+    texts = [CalibrationText(p) for d in TINY_DOMAINS for p in domain_prompts(d, 16, seed=3)]
+    cal = tokenize_calibration(load_tokenizer(out), list(enumerate(texts)), 64, use_chat_template=False)
+    forward = LayerwiseForward(json.loads((out / "config.json").read_text()), cal, torch.float32)
+    assert len(texts) > BATCH and any(width < cal.input_ids.shape[1] for _, width in forward._batches)
+    model = MixtralForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        states = model(cal.input_ids, attention_mask=cal.mask.long(), output_hidden_states=True).hidden_states
+    forward.embed(weights["model.embed_tokens.weight"])
+    layers = model.config.num_hidden_layers
+    for layer in range(layers):
+        prefix = f"model.layers.{layer}."
+        shared = {
+            n[len(prefix) :]: t
+            for n, t in weights.items()
+            if n.startswith(prefix) and "block_sparse" not in n
+        }
+        experts = [
+            {
+                proj: weights[f"{prefix}block_sparse_moe.experts.{e}.{w}.weight"]
+                for proj, w in (("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3"))
+            }
+            for e in range(3)
+        ]
+        forward.attention(shared)
+        forward.route(weights[f"{prefix}block_sparse_moe.gate.weight"], experts, 2)
+        assert forward.hidden is not None
+        got = forward.hidden[cal.mask]
+        if layer == layers - 1:  # transformers' last hidden state is after the final norm
+            got = rms_norm(got, weights["model.norm.weight"], model.config.rms_norm_eps)
+        want = states[layer + 1][cal.mask]
+        assert torch.allclose(got, want, atol=1e-4), (layer, (got - want).abs().max())
