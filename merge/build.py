@@ -30,7 +30,6 @@ from merge.calibration import (
     load_calibration_prompts,
     routing_shares,
     tokenize_calibration,
-    tokenizer_for,
 )
 from merge.card import hash_inputs_in_background, write_model_card
 from merge.checkpoint import TOKENIZER_FILES, CheckpointError, DenseCheckpoint, check_compatible
@@ -41,6 +40,7 @@ from merge.methods import kth_smallest_magnitude, merge_task_vectors, merge_tens
 from merge.outputs import ModelClass, MoEPlan, moe_class_for
 from merge.recipe import CALIBRATED_GATES, Recipe, RecipeError
 from merge.resources import PeakRSS
+from merge.tokenizer import load_tokenizer
 from merge.writer import DTYPES, ShardWriter, atomic_output_dir, check_output_dir
 
 FFN_PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -88,7 +88,6 @@ class SharedMerger:
         # Blocks are merged on a few threads, each block's ops on one (torch releases the GIL): the same
         # per-block arithmetic, so the same bits, on every core (OpenMP inside each tiny op was 2x slower).
         self.pool = ThreadPoolExecutor(max_workers=min(BLOCK_WORKERS, torch.get_num_threads()))
-        self._map = self.pool.map
 
     def __enter__(self) -> SharedMerger:
         return self
@@ -154,7 +153,7 @@ class SharedMerger:
                     return (expert[a:b].float() - base[a:b].float()).abs_()
 
                 thresholds.append(
-                    kth_smallest_magnitude(magnitude, len(blocks), n - keep + 1, self._map)
+                    kth_smallest_magnitude(magnitude, len(blocks), n - keep + 1, self.pool.map)
                     if keep > 0
                     else float("inf")
                 )
@@ -175,7 +174,7 @@ class SharedMerger:
                 trim_thresholds=thresholds,
             )
 
-        for _ in self._map(merge_block, range(len(blocks))):
+        for _ in self.pool.map(merge_block, range(len(blocks))):
             pass
         return out.view(shape)
 
@@ -323,7 +322,7 @@ def start_calibration(plan: MergePlan) -> LayerwiseForward | None:
     ref = plan.inputs.reference
     prompts = load_calibration_prompts(recipe.experts, recipe.gate.max_prompts)
     calibration = tokenize_calibration(
-        tokenizer_for(ref.path), prompts, recipe.gate.max_tokens, recipe.gate.use_chat_template
+        load_tokenizer(ref.path), prompts, recipe.gate.max_tokens, recipe.gate.use_chat_template
     )
     compute = torch.float32 if recipe.dtype == "float32" else torch.bfloat16
     return LayerwiseForward(ref.config, calibration, compute)

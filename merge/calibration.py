@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +18,6 @@ from transformers import PreTrainedTokenizerBase
 
 from merge.outputs.base import rope_of
 from merge.recipe import DataSource, ExpertSpec, RecipeError
-from merge.tokenizer import load_tokenizer
 
 BATCH = 32
 
@@ -313,8 +311,3 @@ def load_calibration_prompts(
         positive, negative = expert_prompts(expert, max_prompts)
         labelled += [(index, p) for p in positive] + [(-(index + 1), p) for p in negative]
     return labelled
-
-
-def tokenizer_for(path: Path) -> PreTrainedTokenizerBase:
-    """The experts' tokenizer, as vLLM will load it (AutoTokenizer's class, without its import cost)."""
-    return load_tokenizer(path)

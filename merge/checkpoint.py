@@ -161,6 +161,14 @@ class DenseCheckpoint:
         return shape
 
 
+def _same_tokenizer_files(a: Path, b: Path) -> bool:
+    files = [name for name in TOKENIZER_FILES if (a / name).is_file() or (b / name).is_file()]
+    return all(
+        (a / name).is_file() and (b / name).is_file() and (a / name).read_bytes() == (b / name).read_bytes()
+        for name in files
+    )
+
+
 def _vocab(path: Path, name: str) -> dict[str, int]:
     from merge.tokenizer import load_tokenizer
 
@@ -198,7 +206,8 @@ def check_compatible(models: list[DenseCheckpoint]) -> None:
                 )
     ref_vocab = _vocab(ref.path, ref.name)
     for other in models[1:]:
-        if _vocab(other.path, other.name) != ref_vocab:
+        # Fine-tunes mostly carry their base's tokenizer files unchanged: the same bytes, the same vocabulary.
+        if not _same_tokenizer_files(ref.path, other.path) and _vocab(other.path, other.name) != ref_vocab:
             raise CheckpointError(f"{other.name}: tokenizer vocabulary differs from {ref.name}'s")
     layers = ref.value("num_hidden_layers")
     if not isinstance(layers, int) or layers <= 0 or not math.isfinite(layers):

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from merge.calibration import load_calibration_prompts, tokenize_calibration, tokenizer_for
+from merge.calibration import load_calibration_prompts, tokenize_calibration
 from merge.layout import gate_name
 from merge.recipe import Recipe
+from merge.tokenizer import load_tokenizer
 from merge.writer import atomic_output_dir, check_output_dir
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ def tune_gates(
     num_experts = config["num_local_experts"]
     if len(recipe.experts) > num_experts:
         raise ValueError(f"recipe has {len(recipe.experts)} experts, the MoE only {num_experts}")
-    tokenizer = tokenizer_for(moe_dir)
+    tokenizer = load_tokenizer(moe_dir)
     prompts = [
         (label, p)
         for label, p in load_calibration_prompts(recipe.experts, recipe.gate.max_prompts)

@@ -7,7 +7,7 @@ import os
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -106,6 +106,22 @@ LONG_POSITIONS = {"max_position_embeddings": VICTIM_LEN}
 LONG_SERVE_ARGS = ["--hf-overrides", json.dumps(LONG_POSITIONS)]
 
 
+def math_expert(zoo: TinyZoo, max_model_len: int, **engine_args: Any) -> dict[str, Any]:
+    """The tiny zoo's math expert as an in-process engine (falling back to `code`), RoPE table as long as
+    its context."""
+    return {
+        "backend": "vllm",
+        "model": str(zoo.experts["math"]),
+        "fallback": "code",
+        "engine_args": {
+            "max_model_len": max_model_len,
+            "hf_overrides": LONG_POSITIONS,
+            "enforce_eager": True,
+            **engine_args,
+        },
+    }
+
+
 @pytest.fixture(scope="session")
 def zoo(request: pytest.FixtureRequest) -> TinyZoo:
     """The session's tiny zoo; MOERGE_TEST_ZOO=/path reuses one built earlier (for local iteration)."""
@@ -168,17 +184,13 @@ def gateway(zoo: TinyZoo, servers: dict[str, VllmServer], decision_db: Path) -> 
         {
             "experts": {
                 "math": {
-                    "backend": "vllm",
-                    "model": str(zoo.experts["math"]),
-                    "fallback": "code",
-                    "engine_args": {
-                        "max_model_len": LONG_LEN,
-                        "hf_overrides": LONG_POSITIONS,
-                        "enforce_eager": True,
+                    **math_expert(
+                        zoo,
+                        LONG_LEN,
                         # compact JSON under a schema: a random tiny model would otherwise pad tool
                         # arguments with whitespace until max_tokens cuts them off
-                        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
-                    },
+                        structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
+                    ),
                     "tool_call_parser": "pythonic",  # tool_choice required / named / auto
                     "enable_auto_tool_choice": True,
                 },

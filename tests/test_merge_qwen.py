@@ -14,11 +14,12 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from merge.build import merge_experts
-from merge.calibration import CalibrationText, LayerwiseForward, tokenize_calibration, tokenizer_for
+from merge.calibration import CalibrationText, LayerwiseForward, tokenize_calibration
 from merge.checkpoint import CheckpointError, DenseCheckpoint
 from merge.completeness import check_checkpoint
 from merge.recipe import Recipe, RecipeError
 from merge.tiny import TINY_DOMAINS, TINY_FAMILIES, TinyFamily, TinyZoo
+from merge.tokenizer import load_tokenizer
 from moerge.cli import app
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 300, 12, 64, 3, 250]])
@@ -164,7 +165,7 @@ def test_calibration_forward_is_the_models_forward(tiny_families: dict[str, Tiny
 
     fam = tiny_families[family]
     ckpt = DenseCheckpoint.open("base", fam.base)
-    tok = tokenizer_for(fam.base)
+    tok = load_tokenizer(fam.base)
     texts = [CalibrationText(p) for p in ("If we compute 3 + 4 we get 7.", "def f(x):\n    return x")]
     cal = tokenize_calibration(tok, list(enumerate(texts)), 32, use_chat_template=True)
     forward = LayerwiseForward(ckpt.config, cal, torch.float32)

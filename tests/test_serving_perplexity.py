@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from conftest import math_expert  # the one module pytest loaded (tests/ is on sys.path)
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
@@ -29,7 +30,6 @@ from serving.decision_log import decisions, make_engine
 from tests.helpers import ThreadedServer, VllmServer, free_port, wait_http_ok
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
-from conftest import LONG_POSITIONS  # noqa: E402
 
 DOMAINS = ("math", "code")  # the module gateway's experts: math in-process, code remote
 HELD_OUT_SEED = 7  # the tiny zoo trains on seeds 1 and 2
@@ -62,16 +62,7 @@ def ppl_gateway(
     config = parse_config(
         {
             "experts": {
-                "math": {
-                    "backend": "vllm",
-                    "model": str(zoo.experts["math"]),
-                    "fallback": "code",
-                    "engine_args": {
-                        "max_model_len": 512,
-                        "hf_overrides": LONG_POSITIONS,
-                        "enforce_eager": True,
-                    },
-                },
+                "math": math_expert(zoo, 512),
                 "code": {"backend": "openai", "url": code_server.url + "/v1"},
             },
             "routers": {
